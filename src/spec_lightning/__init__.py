@@ -1,0 +1,19 @@
+"""spec_lightning: spectral fine-tuning of pretrained language models with PyTorch Lightning."""
+
+from spec_lightning.data import GLUEDataModule
+from spec_lightning.methods import AdaLoRA, BitFit, DoRA, FineTuningMethod, FullFineTuning, HoulsbyAdapter, LoRA, PiSSA
+from spec_lightning.modules import SequenceClassificationModule
+
+__version__ = "0.1.0"
+__all__ = [
+    "AdaLoRA",
+    "BitFit",
+    "DoRA",
+    "FineTuningMethod",
+    "FullFineTuning",
+    "GLUEDataModule",
+    "HoulsbyAdapter",
+    "LoRA",
+    "PiSSA",
+    "SequenceClassificationModule",
+]

@@ -1,0 +1,3 @@
+from spec_lightning.cli import main
+
+main()

@@ -1,0 +1,72 @@
+"""The ``spec-lightning`` command: LightningCLI (fit/validate/test/predict) plus ``export``.
+
+Examples::
+
+    spec-lightning fit --config configs/quickstart.yaml
+    spec-lightning fit --config configs/trainer/cpu.yaml --config configs/glue/sst2.yaml \\
+        --config configs/method/lora.yaml
+    spec-lightning export --config logs/quickstart/version_0/config.yaml \\
+        --ckpt_path logs/quickstart/version_0/checkpoints/last.ckpt --output_dir exports/sst2-lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from spec_lightning.data import GLUEDataModule
+from spec_lightning.modules import SequenceClassificationModule
+
+
+class SpecLightningCLI(LightningCLI):
+    """LightningCLI with the datamodule's task facts linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
+        parser.link_arguments("data.init_args.task", "model.init_args.task")
+        parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> SpecLightningCLI:
+    return SpecLightningCLI(
+        SequenceClassificationModule,
+        GLUEDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def export(argv: list[str]) -> None:
+    """``spec-lightning export``: a merged ``save_pretrained`` folder, or the adapter alone."""
+    parser = argparse.ArgumentParser(
+        prog="spec-lightning export",
+        description="Export a fine-tuned checkpoint. Other arguments (--config ...) describe the run, as for fit.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
+    parser.add_argument("--output_dir", required=True, help="folder to write")
+    parser.add_argument("--adapter_only", action="store_true", help="write the adapter alone, unmerged")
+    known, rest = parser.parse_known_args(argv)
+    cli = build_cli(rest, run=False)
+    module: Any = cli.model
+    checkpoint = torch.load(known.ckpt_path, map_location="cpu", weights_only=False)
+    module.configure_model()
+    module.on_load_checkpoint(checkpoint)
+    if checkpoint["state_dict"]:
+        module.load_state_dict(checkpoint["state_dict"])
+    out = module.export(known.output_dir, adapter_only=known.adapter_only)
+    print(f"exported {'adapter' if known.adapter_only else 'merged model'} to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["export"]:
+        export(args[1:])
+        return
+    build_cli(argv)  # None: LightningCLI reads sys.argv itself

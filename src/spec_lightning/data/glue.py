@@ -1,0 +1,177 @@
+"""GLUE as a LightningDataModule: from the hub, a GLUE TSV folder, or CSV/JSON/parquet files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import lightning as L
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from spec_lightning.data.glue_tasks import GlueTaskName, get_task, read_glue_tsv
+from spec_lightning.pretrained import resolve_pretrained
+
+LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class GLUEDataModule(L.LightningDataModule):
+    """A GLUE task, tokenised once, batched with dynamic padding.
+
+    Sources, first match wins: ``data_files`` (split -> file; ``.tsv`` in the GLUE layout, or
+    ``.csv``/``.json``/``.jsonl``/``.parquet`` with the hub's column names), ``data_dir`` (a GLUE TSV
+    folder such as ``glue_data/SST-2``), else ``datasets.load_dataset(hub_name, task)``.
+
+    GLUE's test labels are not public, so ``test`` evaluates the validation split; ``predict`` runs
+    on the unlabelled test split where one is present.
+
+    Args:
+        task: the GLUE task.
+        tokenizer: tokenizer name or path (linked from ``model.backbone`` in the CLI).
+        data_dir: a folder in the GLUE TSV layout.
+        data_files: split name -> local file, overriding ``data_dir``.
+        hub_name: dataset id on the hub.
+        max_length: truncation length in tokens.
+        batch_size: examples per training batch (also used for evaluation).
+        train_limit: keep the first N training examples.
+        train_fraction: then keep this seeded random fraction of them (few-shot subsets).
+        validation_size: carve a validation split of this many training examples when the source
+            has none (e.g. the QQP subset, which ships train lines only).
+        num_workers: DataLoader workers.
+        seed: seed of the subset draw and of the per-epoch shuffle.
+    """
+
+    def __init__(
+        self,
+        task: GlueTaskName = "sst2",
+        tokenizer: str = "bert-base-uncased",
+        data_dir: str | None = None,
+        data_files: dict[str, str] | None = None,
+        hub_name: str = "nyu-mll/glue",
+        max_length: int = 128,
+        batch_size: int = 32,
+        train_limit: int | None = None,
+        train_fraction: float | None = None,
+        validation_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.spec = get_task(task)
+        if train_fraction is not None and not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"data.init_args.train_fraction must be in (0, 1], got {train_fraction}")
+        if train_limit is not None and train_limit < 1:
+            raise ValueError(f"data.init_args.train_limit must be >= 1, got {train_limit}")
+        self.save_hyperparameters()
+        self.task = task
+        self.num_labels = self.spec.num_labels
+        self.splits: dict[str, datasets.Dataset] = {}
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.tokenizer))
+            if self._tokenizer.pad_token is None:  # GPT-2 style tokenizers ship without one
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self._select(self._load())
+        self.splits = {name: self._tokenize(ds) for name, ds in raw.items()}
+
+    def _load(self) -> dict[str, datasets.Dataset]:
+        hp = self.hparams
+        if hp.data_files:
+            return {split: self._load_file(Path(path)) for split, path in hp.data_files.items()}
+        if hp.data_dir:
+            folder = Path(hp.data_dir)
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"data.init_args.data_dir={hp.data_dir!r} is not a folder; point it at a GLUE TSV folder "
+                    "(with train.tsv and dev.tsv) or use data_files"
+                )
+            found = {s: folder / f for s, f in self.spec.tsv_files.items() if (folder / f).is_file()}
+            if "train" not in found:
+                raise FileNotFoundError(f"{folder / self.spec.tsv_files['train']} is missing")
+            return {split: self._load_file(path) for split, path in found.items()}
+        loaded = datasets.load_dataset(hp.hub_name, self.task)
+        return dict(loaded)
+
+    def _load_file(self, path: Path) -> datasets.Dataset:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {str(path)!r} does not exist (data.init_args.data_files)")
+        if path.suffix == ".tsv":
+            return datasets.Dataset.from_dict(read_glue_tsv(path, self.spec))
+        if path.suffix not in LOADERS:
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .tsv, {', '.join(LOADERS)}")
+        ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
+        missing = [c for c in self.spec.text_fields if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"{path}: columns {missing} are missing; found {ds.column_names}")
+        return ds
+
+    def _select(self, raw: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+        """Rename the validation split, apply limit/fraction, carve validation if needed."""
+        hp = self.hparams
+        if self.spec.validation in raw:
+            raw["validation"] = raw.pop(self.spec.validation)
+        train = raw.get("train")
+        if train is None or len(train) == 0:
+            raise ValueError(f"GLUE {self.task}: the training split is empty or missing; check the data source")
+        if hp.train_limit is not None:
+            train = train.select(range(min(hp.train_limit, len(train))))
+        if hp.validation_size is not None and "validation" not in raw:
+            parts = train.train_test_split(test_size=hp.validation_size, seed=hp.seed)
+            train, raw["validation"] = parts["train"], parts["test"]
+        if hp.train_fraction is not None:
+            keep = max(1, round(hp.train_fraction * len(train)))
+            train = train.shuffle(seed=hp.seed).select(range(keep))
+        if "validation" not in raw:
+            raise ValueError(
+                f"GLUE {self.task}: no validation split in the source; set data.init_args.validation_size"
+            )
+        raw["train"] = train
+        return {k: v for k, v in raw.items() if k in ("train", "validation", "test")}
+
+    def _tokenize(self, ds: datasets.Dataset) -> datasets.Dataset:
+        fields = self.spec.text_fields
+        keep = {"label"} & set(ds.column_names)
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            texts = [batch[f] for f in fields]
+            return self.tokenizer(*texts, truncation=True, max_length=self.hparams.max_length)
+
+        ds = ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep])
+        return ds.rename_column("label", "labels") if "labels" not in ds.column_names and keep else ds
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if split not in self.splits:
+            raise ValueError(f"GLUE {self.task} has no {split!r} split in this source")
+        ds = self.splits[split]
+        sampler = None
+        if shuffle:
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            # A seeded, epoch-indexed shuffle (Lightning calls set_epoch): resuming replays the same order.
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        return DataLoader(
+            ds,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=DataCollatorWithPadding(self.tokenizer),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.splits else "validation")

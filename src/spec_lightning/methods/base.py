@@ -1,0 +1,104 @@
+"""The interface every fine-tuning method implements.
+
+A method turns a pretrained model into a trainable one (``apply``), names what it trains
+(``trainable_parameters``), saves and restores only what it trains (``adapter_state_dict`` /
+``load_adapter_state_dict``) and folds its update back into plain weights (``merge``). The
+training loop lives once, in the LightningModules of ``spec_lightning.modules``; a method only
+adds an optional regulariser to the loss and an optional hook after each optimiser step.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+class FineTuningMethod(ABC):
+    """Base class of all fine-tuning methods.
+
+    Subclasses hold only hyper-parameters (typed constructor arguments, so that LightningCLI can
+    build them from YAML with ``class_path``); all model state lives in the model they modify.
+    """
+
+    #: False where every weight trains (full fine-tuning): checkpoints then hold the whole model.
+    parameter_efficient: bool = True
+    #: False where the update is not linear in the weights (bottleneck adapters): no merge.
+    mergeable: bool = True
+
+    @abstractmethod
+    def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
+        """Freeze the pretrained weights and add the method's trainable state.
+
+        Args:
+            model: the pretrained model; it may be modified in place.
+            head: names (suffixes) of freshly initialised task-head modules that must train fully.
+            total_steps: optimiser steps of the whole fit, for methods with a schedule.
+
+        Returns:
+            The model to train (the same object, or a wrapper around it).
+        """
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The parameters the optimiser updates, in a fixed order."""
+        return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Everything needed to rebuild the fine-tuned model from the pretrained one."""
+        return {name: p.detach().clone() for name, p in self.trainable_parameters(model)}
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a state saved by :meth:`adapter_state_dict` into a model prepared by :meth:`apply`."""
+        check_state_keys(self, set(self.adapter_state_dict(model)), set(state))
+        model.load_state_dict(state, strict=False)
+
+    def export_adapter(self, model: nn.Module, directory: str | Path) -> None:
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (class path and init args)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in self.adapter_state_dict(model).items()},
+            str(directory / "adapter_model.safetensors"),
+        )
+        config = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": vars(self)}
+        (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the update into the base weights and return a plain model without method modules."""
+        if not self.mergeable:
+            raise NotImplementedError(
+                f"{type(self).__name__} is non-linear in its parameters and cannot be merged into the base "
+                "weights; export the adapter alone (export --adapter_only true) instead."
+            )
+        return model
+
+    def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the task loss, or None."""
+        return None
+
+    def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        """Called after every optimiser step, before gradients are zeroed."""
+
+
+def check_state_keys(method: FineTuningMethod, expected: set[str], given: set[str]) -> None:
+    """Raise a KeyError naming the mismatch when a saved adapter state does not fit the model."""
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{type(method).__name__}: the adapter state does not fit this model: missing keys {missing[:5]}"
+            f" ({len(missing)} in all), unexpected keys {unexpected[:5]} ({len(unexpected)} in all). "
+            "Was it saved with the same backbone, method and target modules?"
+        )
+
+
+def freeze_except_head(model: nn.Module, head: Sequence[str]) -> None:
+    """Freeze every parameter, then unfreeze the task-head modules named in ``head`` (suffix match)."""
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if any(name == h or name.endswith("." + h) for h in head):
+            module.requires_grad_(True)

@@ -1,0 +1,213 @@
+"""LoRA, DoRA, PiSSA and AdaLoRA from the ``peft`` library: the reference implementations.
+
+Nothing here re-implements a method: each class turns typed hyper-parameters into a peft config,
+calls ``peft.get_peft_model`` and uses peft's own ``merge_and_unload`` and ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import peft
+import torch
+from torch import nn
+
+from spec_lightning.methods.base import FineTuningMethod, check_state_keys
+from spec_lightning.methods.targets import check_rank, find_linear_targets
+
+
+def _task_type(model: nn.Module) -> peft.TaskType | None:
+    """peft's task type from the transformers class name: it decides which peft wrapper forwards."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return peft.TaskType.SEQ_CLS
+    if name.endswith("ForCausalLM"):
+        return peft.TaskType.CAUSAL_LM
+    return None
+
+
+class PeftMethod(FineTuningMethod):
+    """Shared glue for peft-backed methods.
+
+    Args:
+        target_modules: names (dotted suffixes) of the linear layers to adapt.
+        r: rank of the low-rank update.
+        alpha: scaling numerator; the update is (alpha / r) · B A.
+        dropout: dropout on the adapter input.
+    """
+
+    def __init__(
+        self, target_modules: Sequence[str] = ("query", "value"), r: int = 8, alpha: int = 16, dropout: float = 0.1
+    ) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"method.init_args.dropout must be in [0, 1), got {dropout}")
+        self.target_modules = list(target_modules)
+        self.r = r
+        self.alpha = alpha
+        self.dropout = dropout
+
+    def peft_config(self, task_type: peft.TaskType | None, head: list[str], total_steps: int | None) -> peft.PeftConfig:
+        """The peft config this method stands for."""
+        return peft.LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            modules_to_save=head or None,
+            task_type=task_type,
+            **self.lora_options(),
+        )
+
+    def lora_options(self) -> dict[str, object]:
+        """Extra ``LoraConfig`` fields that make LoRA into a variant."""
+        return {}
+
+    def rank_to_check(self) -> int:
+        return self.r
+
+    def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
+        targets = find_linear_targets(model, self.target_modules, "method.init_args.target_modules", head)
+        for name, module in targets.items():
+            check_rank(self.rank_to_check(), module, name, "method.init_args.r")
+        present = [h for h in head if any(n == h or n.endswith("." + h) for n, _ in model.named_modules())]
+        config = self.peft_config(_task_type(model), present, total_steps)
+        return peft.get_peft_model(model, config)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()  # type: ignore[operator]
+
+    def export_adapter(self, model: nn.Module, directory: str | Path) -> None:
+        """Write the adapter in peft's own format (``PeftModel.from_pretrained`` loads it)."""
+        model.save_pretrained(str(directory))  # type: ignore[operator]
+
+
+class LoRA(PeftMethod):
+    """LoRA (Hu et al., 2022): W' = W + (α/r) B A, A ∈ R^{r×n} random, B ∈ R^{m×r} zero at init."""
+
+
+class DoRA(PeftMethod):
+    """DoRA (Liu et al., 2024): W' = m ⊙ (W + (α/r) B A) / ||W + (α/r) B A||_c, magnitude m trained."""
+
+    def lora_options(self) -> dict[str, object]:
+        return {"use_dora": True}
+
+
+class PiSSA(PeftMethod):
+    """PiSSA (Meng et al., 2024): B A initialised from the top-r SVD of W, W_res = W − B A frozen.
+
+    Args:
+        init: peft's ``init_lora_weights``: "pissa" (exact SVD) or "pissa_niter_K" (randomised).
+    """
+
+    def __init__(
+        self,
+        target_modules: Sequence[str] = ("query", "value"),
+        r: int = 8,
+        alpha: int = 8,
+        dropout: float = 0.0,
+        init: str = "pissa",
+    ) -> None:
+        super().__init__(target_modules, r, alpha, dropout)
+        if init != "pissa" and not init.startswith("pissa_niter_"):
+            raise ValueError(f"method.init_args.init must be 'pissa' or 'pissa_niter_K', got {init!r}")
+        self.init = init
+
+    def lora_options(self) -> dict[str, object]:
+        return {"init_lora_weights": self.init}
+
+
+class AdaLoRA(PeftMethod):
+    """AdaLoRA (Zhang et al., 2023): W' = W + P Λ Q with SVD-form rank budgets reallocated by importance.
+
+    peft adds the orthogonality regulariser R = ||PᵀP − I||²_F + ||QQᵀ − I||²_F (weighted by
+    ``orth_reg_weight``) to the loss in its forward, and ``update_and_allocate`` runs after every
+    optimiser step (``on_optimizer_step``).
+
+    Args:
+        init_r: initial rank of every target matrix.
+        target_r: average rank after budget allocation.
+        tinit: warm-up steps before pruning starts.
+        tfinal: final steps with a fixed budget.
+        delta_t: steps between two budget allocations.
+        orth_reg_weight: weight of the orthogonality regulariser.
+        total_step: optimiser steps of the fit; None takes the trainer's estimate.
+    """
+
+    def __init__(
+        self,
+        target_modules: Sequence[str] = ("query", "value"),
+        init_r: int = 12,
+        target_r: int = 8,
+        alpha: int = 16,
+        dropout: float = 0.1,
+        tinit: int = 0,
+        tfinal: int = 0,
+        delta_t: int = 1,
+        orth_reg_weight: float = 0.5,
+        total_step: int | None = None,
+    ) -> None:
+        super().__init__(target_modules, target_r, alpha, dropout)
+        if target_r > init_r:
+            raise ValueError(f"method.init_args.target_r ({target_r}) must not exceed init_r ({init_r})")
+        self.init_r = init_r
+        self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
+        self.orth_reg_weight = orth_reg_weight
+        self.total_step = total_step
+
+    def rank_to_check(self) -> int:
+        return self.init_r
+
+    def peft_config(self, task_type: peft.TaskType | None, head: list[str], total_steps: int | None) -> peft.PeftConfig:
+        total = self.total_step or total_steps or self.tinit + self.tfinal + 1
+        return peft.AdaLoraConfig(
+            init_r=self.init_r,
+            target_r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            tinit=self.tinit,
+            tfinal=self.tfinal,
+            deltaT=self.delta_t,
+            orth_reg_weight=self.orth_reg_weight,
+            total_step=total,
+            target_modules=self.target_modules,
+            modules_to_save=head or None,
+            task_type=task_type,
+        )
+
+    def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        model.base_model.update_and_allocate(global_step)  # type: ignore[union-attr,operator]
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Trainable tensors, the rank counters, the importance EMAs and the current rank pattern."""
+        state = super().adapter_state_dict(model)
+        params = dict(model.named_parameters())
+        state.update({n: params[n].detach().clone() for n in self._ranknum_keys(model)})
+        allocator = model.base_model.rankallocator  # type: ignore[union-attr]
+        for field in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            state.update({f"rankallocator.{field}.{n}": t.clone() for n, t in getattr(allocator, field).items()})
+        pattern = model.peft_config["default"].rank_pattern or {}  # type: ignore[index]
+        state.update({f"rank_pattern.{n}": torch.tensor(mask) for n, mask in pattern.items()})
+        return state
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        allocator = model.base_model.rankallocator  # type: ignore[union-attr]
+        allocator.reset_ipt()
+        pattern = {}
+        tensors = {}
+        for key, value in state.items():
+            field, _, name = key.partition(".")
+            if key.startswith("rankallocator."):
+                field, _, name = name.partition(".")
+                getattr(allocator, field)[name] = value
+            elif field == "rank_pattern":
+                pattern[name] = value.tolist()
+            else:
+                tensors[key] = value
+        check_state_keys(self, set(super().adapter_state_dict(model)) | self._ranknum_keys(model), set(tensors))
+        model.peft_config["default"].rank_pattern = pattern or None  # type: ignore[index]
+        model.load_state_dict(tensors, strict=False)
+
+    @staticmethod
+    def _ranknum_keys(model: nn.Module) -> set[str]:
+        return {n for n, _ in model.named_parameters() if n.endswith("ranknum.default")}

@@ -1,0 +1,72 @@
+"""Finding the modules a method adapts, with errors that list what is there."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+#: Module types whose weight is a 2-D matrix that methods can adapt.
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+def matches(name: str, pattern: str) -> bool:
+    """peft's rule for a list of target names: the full name, or a suffix after a dot."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def linear_in_out(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored transposed)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.nf
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+def find_linear_targets(
+    model: nn.Module, patterns: Sequence[str], key: str = "target_modules", exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """Map module name -> module for every linear layer whose name matches one of ``patterns``.
+
+    Raises:
+        ValueError: when a pattern matches no linear layer, naming the available suffixes.
+    """
+    if isinstance(patterns, str):
+        raise TypeError(f"{key} must be a list of names, got the string {patterns!r}; write [{patterns!r}]")
+    linears = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, LINEAR_TYPES) and not any(matches(name, x) for x in exclude)
+    }
+    found: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        hits = {name: m for name, m in linears.items() if matches(name, pattern)}
+        if not hits:
+            raise ValueError(
+                f"{key}: {pattern!r} matches no linear layer of {type(model).__name__}. "
+                f"Available names (any dotted suffix works): {available_suffixes(linears)}"
+            )
+        found.update(hits)
+    return found
+
+
+def available_suffixes(linears: dict[str, nn.Module]) -> list[str]:
+    """The distinct layer-independent name suffixes, e.g. ``attention.self.query``."""
+    suffixes = set()
+    for name in linears:
+        parts = name.split(".")
+        digits = [i for i, p in enumerate(parts) if p.isdigit()]
+        suffixes.add(".".join(parts[digits[-1] + 1 :]) if digits else name)
+    return sorted(suffixes)
+
+
+def check_rank(rank: int, module: nn.Module, name: str, key: str) -> None:
+    """Raise when a rank exceeds what the matrix can hold."""
+    fan_in, fan_out = linear_in_out(module)
+    if rank < 1 or rank > min(fan_in, fan_out):
+        raise ValueError(
+            f"{key}={rank} does not fit {name} ({fan_out} x {fan_in}): the rank must lie in "
+            f"[1, {min(fan_in, fan_out)}]. Lower {key} or target larger matrices."
+        )

@@ -1,0 +1,88 @@
+"""Tiny models built from config and tiny GLUE-style data, written to temp folders: never a download."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config
+from transformers import GPT2ForSequenceClassification
+
+from spec_lightning.methods import AdaLoRA, BitFit, DoRA, FineTuningMethod, FullFineTuning, HoulsbyAdapter, LoRA, PiSSA
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "plot", "very", "not"]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+torch.set_num_threads(2)
+
+
+def _tokenizer(folder: Path) -> BertTokenizerFast:
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer BERT (hidden 32, 4 heads) with random weights, saved as a pretrained folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = _tokenizer(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer GPT-2 (n_embd 32) with random weights, sharing the tiny word-piece tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = _tokenizer(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0
+    )
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_sst2(folder: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) -> Path:
+    """SST-2-layout TSVs whose label is whether a positive word occurs: learnable in a few steps."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        lines = ["sentence\tlabel"]
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            word = rng.choice(WORDS[:3] if label else WORDS[3:6])
+            filler = rng.sample(WORDS[6:], 3)
+            lines.append(f"the movie was {word} {' '.join(filler)}\t{label}")
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sst2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_sst2(tmp_path_factory.mktemp("sst2")))
+
+
+#: Every method, built for a backbone's target names: (attention targets, output projections).
+BACKBONE_TARGETS = {"bert": (["query", "value"], ["attention.output.dense", "output.dense"]),
+                    "gpt2": (["c_attn"], ["attn.c_proj", "mlp.c_proj"])}
+METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
+    "full": lambda attn, out: FullFineTuning(),
+    "bitfit": lambda attn, out: BitFit(),
+    "houlsby": lambda attn, out: HoulsbyAdapter(bottleneck=4, target_modules=out),
+    "lora": lambda attn, out: LoRA(target_modules=attn, r=4, dropout=0.0),
+    "dora": lambda attn, out: DoRA(target_modules=attn, r=4, dropout=0.0),
+    "pissa": lambda attn, out: PiSSA(target_modules=attn, r=4),
+    "adalora": lambda attn, out: AdaLoRA(target_modules=attn, init_r=6, target_r=4, dropout=0.0, total_step=20),
+}

@@ -1,0 +1,128 @@
+"""The contract every fine-tuning method keeps, checked on tiny BERT and GPT-2 models."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import peft
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from spec_lightning import GLUEDataModule, SequenceClassificationModule
+from tests.conftest import BACKBONE_TARGETS, METHODS
+
+SENTENCES = ["the movie was good", "the plot was very bad not fine", "awful"]
+
+
+@pytest.fixture(params=sorted(BACKBONE_TARGETS))
+def backbone(request: pytest.FixtureRequest, tiny_bert: str, tiny_gpt2: str) -> tuple[str, str]:
+    return request.param, {"bert": tiny_bert, "gpt2": tiny_gpt2}[request.param]
+
+
+@pytest.fixture(params=sorted(METHODS))
+def method_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def build(backbone: tuple[str, str], method_name: str) -> SequenceClassificationModule:
+    kind, path = backbone
+    torch.manual_seed(0)
+    module = SequenceClassificationModule(path, METHODS[method_name](*BACKBONE_TARGETS[kind]), num_labels=2)
+    module.configure_model()
+    return module
+
+
+def batch(path: str) -> dict[str, torch.Tensor]:
+    enc = AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt")
+    return {**enc, "labels": torch.tensor([1, 0, 0])}
+
+
+def base_logits(path: str, module: SequenceClassificationModule, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The pretrained model with the adapted model's (randomly initialised) head copied in."""
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    return base(**inputs).logits
+
+
+def train_steps(module: SequenceClassificationModule, inputs: dict[str, torch.Tensor], steps: int = 3) -> None:
+    module.train()
+    opt = torch.optim.SGD([p for _, p in module.trainable_parameters()], lr=0.5)
+    for step in range(steps):
+        module(**inputs).loss.backward()
+        opt.step()
+        module.method.on_optimizer_step(module.model, step)
+        opt.zero_grad()
+    module.eval()
+
+
+@torch.no_grad()
+def logits(module: SequenceClassificationModule, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return module.eval()(**inputs).logits
+
+
+def test_identity_at_init_and_shape(backbone: tuple[str, str], method_name: str) -> None:
+    module = build(backbone, method_name)
+    inputs = batch(backbone[1])
+    out = logits(module, inputs)
+    torch.testing.assert_close(out, base_logits(backbone[1], module, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_only_method_parameters_train(backbone: tuple[str, str], method_name: str) -> None:
+    module = build(backbone, method_name)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainable = {n for n, _ in module.trainable_parameters()}
+    train_steps(module, batch(backbone[1]))
+    changed = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "training changed nothing"
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+
+
+def test_adapter_state_round_trips(backbone: tuple[str, str], method_name: str) -> None:
+    module = build(backbone, method_name)
+    inputs = batch(backbone[1])
+    train_steps(module, inputs)
+    state = module.method.adapter_state_dict(module.model)
+    fresh = build(backbone, method_name)
+    assert not torch.allclose(logits(fresh, inputs), logits(module, inputs))
+    fresh.method.load_adapter_state_dict(fresh.model, state)
+    torch.testing.assert_close(logits(fresh, inputs), logits(module, inputs))
+
+
+def test_merged_equals_unmerged(backbone: tuple[str, str], method_name: str) -> None:
+    module = build(backbone, method_name)
+    inputs = batch(backbone[1])
+    train_steps(module, inputs)
+    if not module.method.mergeable:
+        with pytest.raises(NotImplementedError, match="cannot be merged"):
+            module.merged_model()
+        return
+    merged = module.merged_model().eval()
+    assert not isinstance(merged, peft.PeftModel)
+    torch.testing.assert_close(merged(**inputs).logits, logits(module, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_fast_dev_run(backbone: tuple[str, str], method_name: str, sst2_dir: str) -> None:
+    module = SequenceClassificationModule(backbone[1], METHODS[method_name](*BACKBONE_TARGETS[backbone[0]]))
+    data = GLUEDataModule("sst2", tokenizer=backbone[1], data_dir=sst2_dir, batch_size=8)
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.fit(module, data)
+    assert trainer.state.finished
+
+
+@pytest.mark.parametrize("method_name", ["lora", "dora", "adalora", "pissa"])
+def test_peft_trainable_count_matches_peft(tiny_bert: str, method_name: str) -> None:
+    module = build(("bert", tiny_bert), method_name)
+    ours = sum(p.numel() for _, p in module.trainable_parameters())
+    assert ours == module.model.get_nb_trainable_parameters()[0]
+
+
+def test_adalora_orthogonal_regulariser_is_in_the_loss(tiny_bert: str) -> None:
+    module = build(("bert", tiny_bert), "adalora")
+    inputs = batch(tiny_bert)
+    with torch.no_grad():
+        out = module.eval()(**inputs)
+    ce = torch.nn.functional.cross_entropy(out.logits, inputs["labels"])
+    assert out.loss > ce + 1e-4  # peft adds orth_reg_weight * ||PᵀP − I||² + ||QQᵀ − I||²
+    copy.deepcopy(module)  # the module stays copyable (merge works on a copy)
