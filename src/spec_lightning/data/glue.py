@@ -6,6 +6,7 @@ from pathlib import Path
 
 import datasets
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -162,6 +163,8 @@ class GLUEDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=DataCollatorWithPadding(self.tokenizer),
             num_workers=self.hparams.num_workers,
+            # Its own generator: creating an iterator then leaves the global RNG (dropout) untouched.
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -25,6 +25,13 @@ def linear_in_out(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
+def name_list(names: Sequence[str], key: str) -> list[str]:
+    """A list of module names; a bare string (which would iterate as characters) is refused."""
+    if isinstance(names, str):
+        raise TypeError(f"{key} must be a list of names, got the string {names!r}; write [{names!r}]")
+    return list(names)
+
+
 def find_linear_targets(
     model: nn.Module, patterns: Sequence[str], key: str = "target_modules", exclude: Sequence[str] = ()
 ) -> dict[str, nn.Module]:
@@ -33,8 +40,6 @@ def find_linear_targets(
     Raises:
         ValueError: when a pattern matches no linear layer, naming the available suffixes.
     """
-    if isinstance(patterns, str):
-        raise TypeError(f"{key} must be a list of names, got the string {patterns!r}; write [{patterns!r}]")
     linears = {
         name: m
         for name, m in model.named_modules()

@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 from spec_lightning.methods import FineTuningMethod, LoRA
 from spec_lightning.modules.metrics import task_metrics
 from spec_lightning.pretrained import resolve_pretrained
+from spec_lightning.rng import get_rng_states, set_rng_states
 
 
 class SequenceClassificationModule(L.LightningModule):
@@ -52,6 +53,7 @@ class SequenceClassificationModule(L.LightningModule):
         self.save_hyperparameters(ignore=["method"])
         self.method = method if method is not None else LoRA()
         self.model: nn.Module | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
         self.val_metrics = task_metrics(task, num_labels).clone(prefix="val/")
         self.test_metrics = task_metrics(task, num_labels).clone(prefix="test/")
         if self.method.parameter_efficient:
@@ -136,6 +138,12 @@ class SequenceClassificationModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.method.on_optimizer_step(self.model, self.trainer.global_step)
 
+    def on_train_epoch_start(self) -> None:
+        # Restored here, after the sanity check, so dropout masks continue as if never interrupted.
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def on_fit_start(self) -> None:
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
         total = sum(p.numel() for p in self.model.parameters())
@@ -146,12 +154,14 @@ class SequenceClassificationModule(L.LightningModule):
 
     # ---- checkpoints and export --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adapter-only checkpoints: the frozen backbone is not written again."""
+        """Adapter-only checkpoints (the frozen backbone is not written again), plus the RNG states."""
+        checkpoint["rng_states"] = get_rng_states()
         if self.method.parameter_efficient:
             checkpoint["state_dict"] = {}
             checkpoint["adapter_state_dict"] = self.method.adapter_state_dict(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
         if "adapter_state_dict" in checkpoint:
             self.configure_model()
             self.method.load_adapter_state_dict(self.model, checkpoint["adapter_state_dict"])

@@ -8,7 +8,7 @@ from torch import nn
 
 from spec_lightning.methods.base import FineTuningMethod, freeze_except_head
 from spec_lightning.methods.houlsby.layer import HoulsbyWrapped
-from spec_lightning.methods.targets import check_rank, find_linear_targets, linear_in_out
+from spec_lightning.methods.targets import check_rank, find_linear_targets, name_list, linear_in_out
 
 
 class HoulsbyAdapter(FineTuningMethod):
@@ -30,7 +30,7 @@ class HoulsbyAdapter(FineTuningMethod):
         if bottleneck < 1:
             raise ValueError(f"method.init_args.bottleneck must be >= 1, got {bottleneck}")
         self.bottleneck = bottleneck
-        self.target_modules = list(target_modules)
+        self.target_modules = name_list(target_modules, "method.init_args.target_modules")
 
     def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
         targets = find_linear_targets(model, self.target_modules, "method.init_args.target_modules", head)

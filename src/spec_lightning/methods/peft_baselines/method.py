@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spec_lightning.methods.base import FineTuningMethod, check_state_keys
-from spec_lightning.methods.targets import check_rank, find_linear_targets
+from spec_lightning.methods.targets import check_rank, find_linear_targets, name_list
 
 
 def _task_type(model: nn.Module) -> peft.TaskType | None:
@@ -42,7 +42,7 @@ class PeftMethod(FineTuningMethod):
     ) -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"method.init_args.dropout must be in [0, 1), got {dropout}")
-        self.target_modules = list(target_modules)
+        self.target_modules = name_list(target_modules, "method.init_args.target_modules")
         self.r = r
         self.alpha = alpha
         self.dropout = dropout

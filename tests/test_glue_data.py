@@ -1,0 +1,140 @@
+"""GLUEDataModule on tiny local files (and on the real GLUE copy in ../shared/data when present)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spec_lightning import GLUEDataModule
+from spec_lightning.data.glue_tasks import GLUE_TASKS, get_task, read_glue_tsv
+from tests.conftest import SHARED_DATA, write_sst2
+
+
+def test_tsv_folder_tokenises_with_dynamic_padding(tiny_bert: str, sst2_dir: str) -> None:
+    dm = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=4)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 96 and len(dm.splits["validation"]) == 32
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) >= {"input_ids", "attention_mask", "labels"}
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].shape == (4, int(lengths.max()))  # padded to the longest in the batch only
+
+
+def test_limit_then_fraction_is_seeded(tiny_bert: str, sst2_dir: str) -> None:
+    def train_ids(seed: int) -> list:
+        dm = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, train_limit=60, train_fraction=0.5, seed=seed)
+        dm.setup("fit")
+        return dm.splits["train"]["input_ids"]
+
+    first = train_ids(1)
+    assert len(first) == 30
+    assert train_ids(1) == first and train_ids(2) != first
+
+
+def test_shuffle_depends_on_epoch_and_seed_only(tiny_bert: str, sst2_dir: str) -> None:
+    dm = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir)
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    sampler.set_epoch(0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
+    sampler.set_epoch(0)
+    assert list(sampler) == epoch0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl", ".parquet"])
+def test_columnar_files(tiny_bert: str, tmp_path: Path, suffix: str) -> None:
+    import datasets
+
+    rows = {"sentence1": ["the movie", "the plot was bad"], "sentence2": ["was good", "not fine"], "label": [1, 0]}
+    ds = datasets.Dataset.from_dict(rows)
+    files = {}
+    for split in ("train", "validation"):
+        path = tmp_path / f"{split}{suffix}"
+        if suffix == ".csv":
+            ds.to_csv(path)
+        elif suffix == ".parquet":
+            ds.to_parquet(path)
+        else:
+            path.write_text("\n".join(json.dumps(dict(zip(rows, v))) for v in zip(*rows.values())))
+        files[split] = str(path)
+    dm = GLUEDataModule("mrpc", tokenizer=tiny_bert, data_files=files)
+    dm.setup("fit")
+    assert dm.splits["train"]["labels"] == [1, 0]
+    assert dm.num_labels == 2
+
+
+def test_validation_carved_from_train(tiny_bert: str, tmp_path: Path) -> None:
+    folder = write_sst2(tmp_path / "x")
+    dm = GLUEDataModule("sst2", tokenizer=tiny_bert, data_files={"train": str(folder / "train.tsv")}, validation_size=16)
+    dm.setup("fit")
+    assert len(dm.splits["validation"]) == 16 and len(dm.splits["train"]) == 80
+
+
+def test_label_words_and_headerless_files(tmp_path: Path) -> None:
+    rte = tmp_path / "rte.tsv"
+    rte.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\td\tnot_entailment\n")
+    assert read_glue_tsv(rte, get_task("rte"))["label"] == [0, 1]
+    qqp = tmp_path / "qqp.tsv"
+    qqp.write_text("1\t2\t3\tq one\tq two\t1\nbroken line\n4\t5\t6\tq three\tq four\t0\n")
+    with pytest.warns(UserWarning, match="skipped 1 malformed row"):
+        cols = read_glue_tsv(qqp, get_task("qqp"))
+    assert cols == {"question1": ["q one", "q three"], "question2": ["q two", "q four"], "label": [1, 0]}
+    stsb = tmp_path / "stsb.tsv"
+    stsb.write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                    "0\tg\tf\ty\t0\ts\ts\ta cat\ta dog\t3.2\n")
+    assert read_glue_tsv(stsb, get_task("stsb"))["label"] == [3.2]
+
+
+def test_unknown_task() -> None:
+    with pytest.raises(ValueError, match=r"unknown GLUE task 'sst3'.*must be one of \['cola'"):
+        GLUEDataModule("sst3")  # type: ignore[arg-type]
+
+
+def test_missing_folder_and_file(tiny_bert: str, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(tmp_path / "nope")).setup("fit")
+    with pytest.raises(FileNotFoundError, match=r"train\.tsv is missing"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(tmp_path)).setup("fit")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_files={"train": str(tmp_path / "x.tsv")}).setup("fit")
+
+
+def test_empty_training_split(tiny_bert: str, tmp_path: Path) -> None:
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nthe movie\t1\n")
+    with pytest.raises(ValueError, match="training split is empty"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(tmp_path)).setup("fit")
+
+
+def test_bad_fraction() -> None:
+    with pytest.raises(ValueError, match=r"train_fraction must be in \(0, 1\]"):
+        GLUEDataModule("sst2", train_fraction=1.5)
+
+
+def test_every_task_has_a_consistent_spec() -> None:
+    for name, task in GLUE_TASKS.items():
+        assert set(task.text_fields) | {"label"} == set(task.tsv_columns), name
+        assert "train" in task.tsv_files and task.validation in task.tsv_files, name
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data is not present")
+@pytest.mark.parametrize(("task", "folder", "train", "dev"), [("sst2", "SST-2", 67349, 872),
+                                                            ("mrpc", "MRPC", 3667, 408),
+                                                            ("rte", "RTE", 2490, 277)])
+def test_real_glue_copies(task: str, folder: str, train: int, dev: int) -> None:
+    spec = get_task(task)
+    cols = read_glue_tsv(SHARED_DATA / "glue" / folder / "train.tsv", spec)
+    assert len(cols["label"]) == train
+    assert len(read_glue_tsv(SHARED_DATA / "glue" / folder / "dev.tsv", spec)["label"]) == dev
+    assert set(cols["label"]) == {0, 1}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data is not present")
+def test_real_qqp_subset_skips_its_malformed_line() -> None:
+    with pytest.warns(UserWarning, match="skipped 1 malformed row"):
+        cols = read_glue_tsv(SHARED_DATA / "glue" / "QQP" / "train_subset_23497.tsv", get_task("qqp"))
+    assert len(cols["label"]) == 23496
