@@ -8,10 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config
-from transformers import GPT2ForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+)
 
-from spec_lightning.methods import AdaLoRA, BitFit, DoRA, FineTuningMethod, FullFineTuning, HoulsbyAdapter, LoRA, PiSSA
+from spec_lightning.methods import (
+    AdaLoRA,
+    BitFit,
+    DoRA,
+    FineTuningMethod,
+    FullFineTuning,
+    HoulsbyAdapter,
+    LoRA,
+    PiSSA,
+)
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "plot", "very", "not"]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -31,8 +45,12 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     tok = _tokenizer(folder)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     BertForSequenceClassification(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -74,8 +92,10 @@ def sst2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 #: Every method, built for a backbone's target names: (attention targets, output projections).
-BACKBONE_TARGETS = {"bert": (["query", "value"], ["attention.output.dense", "output.dense"]),
-                    "gpt2": (["c_attn"], ["attn.c_proj", "mlp.c_proj"])}
+BACKBONE_TARGETS = {
+    "bert": (["query", "value"], ["attention.output.dense", "output.dense"]),
+    "gpt2": (["c_attn"], ["attn.c_proj", "mlp.c_proj"]),
+}
 METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
     "full": lambda attn, out: FullFineTuning(),
     "bitfit": lambda attn, out: BitFit(),
@@ -83,5 +103,7 @@ METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
     "lora": lambda attn, out: LoRA(target_modules=attn, r=4, dropout=0.0),
     "dora": lambda attn, out: DoRA(target_modules=attn, r=4, dropout=0.0),
     "pissa": lambda attn, out: PiSSA(target_modules=attn, r=4),
-    "adalora": lambda attn, out: AdaLoRA(target_modules=attn, init_r=6, target_r=4, dropout=0.0, total_step=20),
+    "adalora": lambda attn, out: AdaLoRA(
+        target_modules=attn, init_r=6, target_r=4, dropout=0.0, total_step=20
+    ),
 }

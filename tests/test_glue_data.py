@@ -24,7 +24,9 @@ def test_tsv_folder_tokenises_with_dynamic_padding(tiny_bert: str, sst2_dir: str
 
 def test_limit_then_fraction_is_seeded(tiny_bert: str, sst2_dir: str) -> None:
     def train_ids(seed: int) -> list:
-        dm = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, train_limit=60, train_fraction=0.5, seed=seed)
+        dm = GLUEDataModule(
+            "sst2", tokenizer=tiny_bert, data_dir=sst2_dir, train_limit=60, train_fraction=0.5, seed=seed
+        )
         dm.setup("fit")
         return dm.splits["train"]["input_ids"]
 
@@ -49,7 +51,11 @@ def test_shuffle_depends_on_epoch_and_seed_only(tiny_bert: str, sst2_dir: str) -
 def test_columnar_files(tiny_bert: str, tmp_path: Path, suffix: str) -> None:
     import datasets
 
-    rows = {"sentence1": ["the movie", "the plot was bad"], "sentence2": ["was good", "not fine"], "label": [1, 0]}
+    rows = {
+        "sentence1": ["the movie", "the plot was bad"],
+        "sentence2": ["was good", "not fine"],
+        "label": [1, 0],
+    }
     ds = datasets.Dataset.from_dict(rows)
     files = {}
     for split in ("train", "validation"):
@@ -59,7 +65,8 @@ def test_columnar_files(tiny_bert: str, tmp_path: Path, suffix: str) -> None:
         elif suffix == ".parquet":
             ds.to_parquet(path)
         else:
-            path.write_text("\n".join(json.dumps(dict(zip(rows, v))) for v in zip(*rows.values())))
+            records = [dict(zip(rows, v, strict=True)) for v in zip(*rows.values(), strict=True)]
+            path.write_text("\n".join(json.dumps(r) for r in records))
         files[split] = str(path)
     dm = GLUEDataModule("mrpc", tokenizer=tiny_bert, data_files=files)
     dm.setup("fit")
@@ -69,7 +76,9 @@ def test_columnar_files(tiny_bert: str, tmp_path: Path, suffix: str) -> None:
 
 def test_validation_carved_from_train(tiny_bert: str, tmp_path: Path) -> None:
     folder = write_sst2(tmp_path / "x")
-    dm = GLUEDataModule("sst2", tokenizer=tiny_bert, data_files={"train": str(folder / "train.tsv")}, validation_size=16)
+    dm = GLUEDataModule(
+        "sst2", tokenizer=tiny_bert, data_files={"train": str(folder / "train.tsv")}, validation_size=16
+    )
     dm.setup("fit")
     assert len(dm.splits["validation"]) == 16 and len(dm.splits["train"]) == 80
 
@@ -84,8 +93,10 @@ def test_label_words_and_headerless_files(tmp_path: Path) -> None:
         cols = read_glue_tsv(qqp, get_task("qqp"))
     assert cols == {"question1": ["q one", "q three"], "question2": ["q two", "q four"], "label": [1, 0]}
     stsb = tmp_path / "stsb.tsv"
-    stsb.write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-                    "0\tg\tf\ty\t0\ts\ts\ta cat\ta dog\t3.2\n")
+    stsb.write_text(
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tg\tf\ty\t0\ts\ts\ta cat\ta dog\t3.2\n"
+    )
     assert read_glue_tsv(stsb, get_task("stsb"))["label"] == [3.2]
 
 
@@ -100,7 +111,9 @@ def test_missing_folder_and_file(tiny_bert: str, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"train\.tsv is missing"):
         GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(tmp_path)).setup("fit")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        GLUEDataModule("sst2", tokenizer=tiny_bert, data_files={"train": str(tmp_path / "x.tsv")}).setup("fit")
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_files={"train": str(tmp_path / "x.tsv")}).setup(
+            "fit"
+        )
 
 
 def test_empty_training_split(tiny_bert: str, tmp_path: Path) -> None:
@@ -122,9 +135,10 @@ def test_every_task_has_a_consistent_spec() -> None:
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="../shared/data is not present")
-@pytest.mark.parametrize(("task", "folder", "train", "dev"), [("sst2", "SST-2", 67349, 872),
-                                                            ("mrpc", "MRPC", 3667, 408),
-                                                            ("rte", "RTE", 2490, 277)])
+@pytest.mark.parametrize(
+    ("task", "folder", "train", "dev"),
+    [("sst2", "SST-2", 67349, 872), ("mrpc", "MRPC", 3667, 408), ("rte", "RTE", 2490, 277)],
+)
 def test_real_glue_copies(task: str, folder: str, train: int, dev: int) -> None:
     spec = get_task(task)
     cols = read_glue_tsv(SHARED_DATA / "glue" / folder / "train.tsv", spec)

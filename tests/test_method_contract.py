@@ -39,14 +39,18 @@ def batch(path: str) -> dict[str, torch.Tensor]:
     return {**enc, "labels": torch.tensor([1, 0, 0])}
 
 
-def base_logits(path: str, module: SequenceClassificationModule, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def base_logits(
+    path: str, module: SequenceClassificationModule, inputs: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """The pretrained model with the adapted model's (randomly initialised) head copied in."""
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
     return base(**inputs).logits
 
 
-def train_steps(module: SequenceClassificationModule, inputs: dict[str, torch.Tensor], steps: int = 3) -> None:
+def train_steps(
+    module: SequenceClassificationModule, inputs: dict[str, torch.Tensor], steps: int = 3
+) -> None:
     module.train()
     opt = torch.optim.SGD([p for _, p in module.trainable_parameters()], lr=0.5)
     for step in range(steps):

@@ -21,16 +21,33 @@ class Interrupt(L.Callback):
         trainer.should_stop = True
 
 
-def fit(module: SequenceClassificationModule, data_dir: str, tokenizer: str, epochs: int, root: Path,
-        ckpt_path: str | None = None, interrupt: bool = False) -> L.Trainer:
+def fit(
+    module: SequenceClassificationModule,
+    data_dir: str,
+    tokenizer: str,
+    epochs: int,
+    root: Path,
+    ckpt_path: str | None = None,
+    interrupt: bool = False,
+) -> L.Trainer:
     L.seed_everything(0)
     callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0)]
     trainer = L.Trainer(
-        max_epochs=epochs, limit_train_batches=3, limit_val_batches=2, accelerator="cpu", logger=False,
-        enable_progress_bar=False, default_root_dir=root, num_sanity_val_steps=2,
+        max_epochs=epochs,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=root,
+        num_sanity_val_steps=2,
         callbacks=callbacks + [Interrupt()] * interrupt,
     )
-    trainer.fit(module, GLUEDataModule("sst2", tokenizer=tokenizer, data_dir=data_dir, batch_size=8), ckpt_path=ckpt_path)
+    trainer.fit(
+        module,
+        GLUEDataModule("sst2", tokenizer=tokenizer, data_dir=data_dir, batch_size=8),
+        ckpt_path=ckpt_path,
+    )
     return trainer
 
 
@@ -51,8 +68,10 @@ def test_resume_continues_exactly(tiny_bert: str, sst2_dir: str, tmp_path: Path)
     fit(resumed, sst2_dir, tiny_bert, 2, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for key, value in adapter(straight).items():
         torch.testing.assert_close(adapter(resumed)[key], value, msg=key)
-    assert not torch.equal(adapter(first)["base_model.model.classifier.modules_to_save.default.weight"],
-                           adapter(straight)["base_model.model.classifier.modules_to_save.default.weight"])
+    assert not torch.equal(
+        adapter(first)["base_model.model.classifier.modules_to_save.default.weight"],
+        adapter(straight)["base_model.model.classifier.modules_to_save.default.weight"],
+    )
 
 
 def test_peft_checkpoints_hold_the_adapter_only(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
@@ -74,7 +93,9 @@ def test_export_merged_loads_with_automodel(tiny_bert: str, sst2_dir: str, tmp_p
     loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
     inputs = AutoTokenizer.from_pretrained(out)(["the movie was good"], return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, module.eval()(**inputs).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            loaded(**inputs).logits, module.eval()(**inputs).logits, atol=1e-5, rtol=1e-4
+        )
 
 
 def test_export_adapter_alone(tiny_bert: str, tmp_path: Path) -> None:

@@ -1,7 +1,16 @@
 """spec_lightning: spectral fine-tuning of pretrained language models with PyTorch Lightning."""
 
 from spec_lightning.data import GLUEDataModule
-from spec_lightning.methods import AdaLoRA, BitFit, DoRA, FineTuningMethod, FullFineTuning, HoulsbyAdapter, LoRA, PiSSA
+from spec_lightning.methods import (
+    AdaLoRA,
+    BitFit,
+    DoRA,
+    FineTuningMethod,
+    FullFineTuning,
+    HoulsbyAdapter,
+    LoRA,
+    PiSSA,
+)
 from spec_lightning.modules import SequenceClassificationModule
 
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -31,8 +32,19 @@ class SpecLightningCLI(LightningCLI):
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
 
 
+class ExportCLI(SpecLightningCLI):
+    """The parser of ``export``: accepts ``Trainer.fit``'s own keys, which a run's config.yaml carries."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_method_arguments(
+            L.Trainer, "fit", skip={"model", "train_dataloaders", "val_dataloaders", "datamodule"}
+        )
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> SpecLightningCLI:
-    return SpecLightningCLI(
+    cli_class = SpecLightningCLI if run else ExportCLI
+    return cli_class(
         SequenceClassificationModule,
         GLUEDataModule,
         subclass_mode_model=True,
@@ -47,9 +59,11 @@ def export(argv: list[str]) -> None:
     """``spec-lightning export``: a merged ``save_pretrained`` folder, or the adapter alone."""
     parser = argparse.ArgumentParser(
         prog="spec-lightning export",
-        description="Export a fine-tuned checkpoint. Other arguments (--config ...) describe the run, as for fit.",
+        description="Export a fine-tuned checkpoint. Other arguments (--config ...) describe the run.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="checkpoint written by fit"
+    )  # also in saved configs
     parser.add_argument("--output_dir", required=True, help="folder to write")
     parser.add_argument("--adapter_only", action="store_true", help="write the adapter alone, unmerged")
     known, rest = parser.parse_known_args(argv)

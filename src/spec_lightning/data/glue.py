@@ -121,7 +121,9 @@ class GLUEDataModule(L.LightningDataModule):
             raw["validation"] = raw.pop(self.spec.validation)
         train = raw.get("train")
         if train is None or len(train) == 0:
-            raise ValueError(f"GLUE {self.task}: the training split is empty or missing; check the data source")
+            raise ValueError(
+                f"GLUE {self.task}: the training split is empty or missing; check the data source"
+            )
         if hp.train_limit is not None:
             train = train.select(range(min(hp.train_limit, len(train))))
         if hp.validation_size is not None and "validation" not in raw:
@@ -156,7 +158,9 @@ class GLUEDataModule(L.LightningDataModule):
         if shuffle:
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
             # A seeded, epoch-indexed shuffle (Lightning calls set_epoch): resuming replays the same order.
-            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+            sampler = DistributedSampler(
+                ds, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed
+            )
         return DataLoader(
             ds,
             batch_size=self.hparams.batch_size,

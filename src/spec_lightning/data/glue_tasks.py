@@ -39,11 +39,16 @@ class GlueTask:
 
 GLUE_TASKS: dict[str, GlueTask] = {
     "cola": GlueTask(
-        ("sentence",), 2, {"sentence": "sentence", "label": "label"}, ("source", "label", "original", "sentence")
+        ("sentence",),
+        2,
+        {"sentence": "sentence", "label": "label"},
+        ("source", "label", "original", "sentence"),
     ),
     "sst2": GlueTask(("sentence",), 2, {"sentence": "sentence", "label": "label"}),
     "mrpc": GlueTask(
-        ("sentence1", "sentence2"), 2, {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}
+        ("sentence1", "sentence2"),
+        2,
+        {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"},
     ),
     "qqp": GlueTask(
         ("question1", "question2"),
@@ -51,7 +56,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         {"question1": "question1", "question2": "question2", "label": "is_duplicate"},
         ("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
     ),
-    "stsb": GlueTask(("sentence1", "sentence2"), 1, {"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}),
+    "stsb": GlueTask(
+        ("sentence1", "sentence2"), 1, {"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}
+    ),
     "mnli": GlueTask(
         ("premise", "hypothesis"),
         3,
@@ -61,7 +68,10 @@ GLUE_TASKS: dict[str, GlueTask] = {
         tsv_files={"train": "train.tsv", "validation_matched": "dev_matched.tsv", "test": "test_matched.tsv"},
     ),
     "qnli": GlueTask(
-        ("question", "sentence"), 2, {"question": "question", "sentence": "sentence", "label": "label"}, label_map=ENTAILMENT
+        ("question", "sentence"),
+        2,
+        {"question": "question", "sentence": "sentence", "label": "label"},
+        label_map=ENTAILMENT,
     ),
     "rte": GlueTask(
         ("sentence1", "sentence2"),
@@ -69,7 +79,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"},
         label_map=ENTAILMENT,
     ),
-    "wnli": GlueTask(("sentence1", "sentence2"), 2, {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}),
+    "wnli": GlueTask(
+        ("sentence1", "sentence2"), 2, {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}
+    ),
 }
 
 
@@ -78,7 +90,9 @@ def get_task(name: str) -> GlueTask:
     try:
         return GLUE_TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown GLUE task {name!r}; data.init_args.task must be one of {sorted(GLUE_TASKS)}") from None
+        raise ValueError(
+            f"unknown GLUE task {name!r}; data.init_args.task must be one of {sorted(GLUE_TASKS)}"
+        ) from None
 
 
 def read_glue_tsv(path: Path, task: GlueTask) -> dict[str, list]:
@@ -113,7 +127,9 @@ def read_glue_tsv(path: Path, task: GlueTask) -> dict[str, list]:
         for hub, i in wanted.items():
             columns[hub].append(row[i])
     if skipped:
-        warnings.warn(f"{path}: skipped {skipped} malformed row(s) with fewer than {width} columns", stacklevel=2)
+        warnings.warn(
+            f"{path}: skipped {skipped} malformed row(s) with fewer than {width} columns", stacklevel=2
+        )
     if "label" in columns:
         columns["label"] = [parse_label(v, task, path) for v in columns["label"]]
     return columns

@@ -6,4 +6,13 @@ from spec_lightning.methods.full import FullFineTuning
 from spec_lightning.methods.houlsby import HoulsbyAdapter
 from spec_lightning.methods.peft_baselines import AdaLoRA, DoRA, LoRA, PiSSA
 
-__all__ = ["AdaLoRA", "BitFit", "DoRA", "FineTuningMethod", "FullFineTuning", "HoulsbyAdapter", "LoRA", "PiSSA"]
+__all__ = [
+    "AdaLoRA",
+    "BitFit",
+    "DoRA",
+    "FineTuningMethod",
+    "FullFineTuning",
+    "HoulsbyAdapter",
+    "LoRA",
+    "PiSSA",
+]

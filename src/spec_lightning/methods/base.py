@@ -82,7 +82,8 @@ class FineTuningMethod(ABC):
         return None
 
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
-        """Called after every optimiser step, before gradients are zeroed."""
+        """Called after every optimiser step, before gradients are zeroed. Does nothing by default."""
+        return None
 
 
 def check_state_keys(method: FineTuningMethod, expected: set[str], given: set[str]) -> None:

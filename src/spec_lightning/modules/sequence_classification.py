@@ -124,7 +124,9 @@ class SequenceClassificationModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()
         if not params:
-            raise ValueError(f"{type(self.method).__name__} left no parameter trainable; check its target modules")
+            raise ValueError(
+                f"{type(self.method).__name__} left no parameter trainable; check its target modules"
+            )
         groups = [
             {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
             {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -147,8 +149,15 @@ class SequenceClassificationModule(L.LightningModule):
     def on_fit_start(self) -> None:
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
         total = sum(p.numel() for p in self.model.parameters())
-        self.parameter_counts = {"params/trainable": trainable, "params/total": total, "params/ratio": trainable / total}
-        rank_zero_info(f"{type(self.method).__name__}: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f} %)")
+        self.parameter_counts = {
+            "params/trainable": trainable,
+            "params/total": total,
+            "params/ratio": trainable / total,
+        }
+        rank_zero_info(
+            f"{type(self.method).__name__}: {trainable:,} trainable of {total:,} "
+            f"({100 * trainable / total:.3f} %)"
+        )
         for logger in self.loggers:
             logger.log_metrics(self.parameter_counts, step=0)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from spec_lightning.methods.base import FineTuningMethod, freeze_except_head
 from spec_lightning.methods.houlsby.layer import HoulsbyWrapped
-from spec_lightning.methods.targets import check_rank, find_linear_targets, name_list, linear_in_out
+from spec_lightning.methods.targets import check_rank, find_linear_targets, linear_in_out, name_list
 
 
 class HoulsbyAdapter(FineTuningMethod):

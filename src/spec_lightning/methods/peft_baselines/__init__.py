@@ -1,5 +1,5 @@
 """Baselines backed by the peft library (reference implementations)."""
 
-from spec_lightning.methods.peft_baselines.method import DoRA, PeftMethod, PiSSA, AdaLoRA, LoRA
+from spec_lightning.methods.peft_baselines.method import AdaLoRA, DoRA, LoRA, PeftMethod, PiSSA
 
 __all__ = ["AdaLoRA", "DoRA", "LoRA", "PeftMethod", "PiSSA"]

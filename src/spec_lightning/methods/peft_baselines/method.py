@@ -38,7 +38,11 @@ class PeftMethod(FineTuningMethod):
     """
 
     def __init__(
-        self, target_modules: Sequence[str] = ("query", "value"), r: int = 8, alpha: int = 16, dropout: float = 0.1
+        self,
+        target_modules: Sequence[str] = ("query", "value"),
+        r: int = 8,
+        alpha: int = 16,
+        dropout: float = 0.1,
     ) -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"method.init_args.dropout must be in [0, 1), got {dropout}")
@@ -47,7 +51,9 @@ class PeftMethod(FineTuningMethod):
         self.alpha = alpha
         self.dropout = dropout
 
-    def peft_config(self, task_type: peft.TaskType | None, head: list[str], total_steps: int | None) -> peft.PeftConfig:
+    def peft_config(
+        self, task_type: peft.TaskType | None, head: list[str], total_steps: int | None
+    ) -> peft.PeftConfig:
         """The peft config this method stands for."""
         return peft.LoraConfig(
             r=self.r,
@@ -158,7 +164,9 @@ class AdaLoRA(PeftMethod):
     def rank_to_check(self) -> int:
         return self.init_r
 
-    def peft_config(self, task_type: peft.TaskType | None, head: list[str], total_steps: int | None) -> peft.PeftConfig:
+    def peft_config(
+        self, task_type: peft.TaskType | None, head: list[str], total_steps: int | None
+    ) -> peft.PeftConfig:
         total = self.total_step or total_steps or self.tinit + self.tfinal + 1
         return peft.AdaLoraConfig(
             init_r=self.init_r,
@@ -185,7 +193,9 @@ class AdaLoRA(PeftMethod):
         state.update({n: params[n].detach().clone() for n in self._ranknum_keys(model)})
         allocator = model.base_model.rankallocator  # type: ignore[union-attr]
         for field in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-            state.update({f"rankallocator.{field}.{n}": t.clone() for n, t in getattr(allocator, field).items()})
+            state.update(
+                {f"rankallocator.{field}.{n}": t.clone() for n, t in getattr(allocator, field).items()}
+            )
         pattern = model.peft_config["default"].rank_pattern or {}  # type: ignore[index]
         state.update({f"rank_pattern.{n}": torch.tensor(mask) for n, mask in pattern.items()})
         return state
@@ -204,7 +214,9 @@ class AdaLoRA(PeftMethod):
                 pattern[name] = value.tolist()
             else:
                 tensors[key] = value
-        check_state_keys(self, set(super().adapter_state_dict(model)) | self._ranknum_keys(model), set(tensors))
+        check_state_keys(
+            self, set(super().adapter_state_dict(model)) | self._ranknum_keys(model), set(tensors)
+        )
         model.peft_config["default"].rank_pattern = pattern or None  # type: ignore[index]
         model.load_state_dict(tensors, strict=False)
 
