@@ -61,9 +61,7 @@ def export(argv: list[str]) -> None:
         prog="spec-lightning export",
         description="Export a fine-tuned checkpoint. Other arguments (--config ...) describe the run.",
     )
-    parser.add_argument(
-        "--ckpt_path", required=True, help="checkpoint written by fit"
-    )  # also in saved configs
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
     parser.add_argument("--output_dir", required=True, help="folder to write")
     parser.add_argument("--adapter_only", action="store_true", help="write the adapter alone, unmerged")
     known, rest = parser.parse_known_args(argv)

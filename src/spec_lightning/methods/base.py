@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from spec_lightning.methods.targets import matches
+
 
 class FineTuningMethod(ABC):
     """Base class of all fine-tuning methods.
@@ -101,5 +103,5 @@ def freeze_except_head(model: nn.Module, head: Sequence[str]) -> None:
     """Freeze every parameter, then unfreeze the task-head modules named in ``head`` (suffix match)."""
     model.requires_grad_(False)
     for name, module in model.named_modules():
-        if any(name == h or name.endswith("." + h) for h in head):
+        if any(matches(name, h) for h in head):
             module.requires_grad_(True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spec_lightning.methods.base import FineTuningMethod, check_state_keys
-from spec_lightning.methods.targets import check_rank, find_linear_targets, name_list
+from spec_lightning.methods.targets import check_rank, find_linear_targets, matches, name_list
 
 
 def _task_type(model: nn.Module) -> peft.TaskType | None:
@@ -76,7 +76,7 @@ class PeftMethod(FineTuningMethod):
         targets = find_linear_targets(model, self.target_modules, "method.init_args.target_modules", head)
         for name, module in targets.items():
             check_rank(self.rank_to_check(), module, name, "method.init_args.r")
-        present = [h for h in head if any(n == h or n.endswith("." + h) for n, _ in model.named_modules())]
+        present = [h for h in head if any(matches(n, h) for n, _ in model.named_modules())]
         config = self.peft_config(_task_type(model), present, total_steps)
         return peft.get_peft_model(model, config)
 
