@@ -24,7 +24,9 @@ from spec_lightning.methods import (
     FullFineTuning,
     HoulsbyAdapter,
     LoRA,
+    LoRSA,
     PiSSA,
+    SpecLoRA,
 )
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "plot", "very", "not"]
@@ -103,6 +105,8 @@ METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
     "lora": lambda attn, out: LoRA(target_modules=attn, r=4, dropout=0.0),
     "dora": lambda attn, out: DoRA(target_modules=attn, r=4, dropout=0.0),
     "pissa": lambda attn, out: PiSSA(target_modules=attn, r=4),
+    "lorsa": lambda attn, out: LoRSA(target_modules=attn, num_components=4, rank=2),
+    "speclora": lambda attn, out: SpecLoRA(target_modules=attn, r=4, dropout=0.0, top_k=8),
     "adalora": lambda attn, out: AdaLoRA(
         target_modules=attn, init_r=6, target_r=4, dropout=0.0, total_step=20
     ),

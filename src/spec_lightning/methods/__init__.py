@@ -4,7 +4,9 @@ from spec_lightning.methods.base import FineTuningMethod
 from spec_lightning.methods.bitfit import BitFit
 from spec_lightning.methods.full import FullFineTuning
 from spec_lightning.methods.houlsby import HoulsbyAdapter
+from spec_lightning.methods.lorsa import LoRSA
 from spec_lightning.methods.peft_baselines import AdaLoRA, DoRA, LoRA, PiSSA
+from spec_lightning.methods.speclora import SpecLoRA
 
 __all__ = [
     "AdaLoRA",
@@ -14,5 +16,7 @@ __all__ = [
     "FullFineTuning",
     "HoulsbyAdapter",
     "LoRA",
+    "LoRSA",
     "PiSSA",
+    "SpecLoRA",
 ]

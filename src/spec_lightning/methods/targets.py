@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -25,6 +26,23 @@ def linear_in_out(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as an (out_features, in_features) matrix, so that y = x Wᵀ (a view for Conv1D)."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+@torch.no_grad()
+def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
+    """W ← W + Δ for an (out, in) update Δ, in the weight's own dtype and layout."""
+    weight_matrix(module).add_(delta.to(module.weight.dtype))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
 def name_list(names: Sequence[str], key: str) -> list[str]:
     """A list of module names; a bare string (which would iterate as characters) is refused."""
     if isinstance(names, str):
@@ -38,8 +56,11 @@ def find_linear_targets(
     """Map module name -> module for every linear layer whose name matches one of ``patterns``.
 
     Raises:
-        ValueError: when a pattern matches no linear layer, naming the available suffixes.
+        ValueError: when ``patterns`` is empty, or a pattern matches no linear layer (the message names
+            the available suffixes).
     """
+    if not patterns:
+        raise ValueError(f"{key} is empty: name at least one linear layer to adapt, e.g. [query, value]")
     linears = {
         name: m
         for name, m in model.named_modules()

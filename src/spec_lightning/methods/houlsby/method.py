@@ -8,7 +8,13 @@ from torch import nn
 
 from spec_lightning.methods.base import FineTuningMethod, freeze_except_head
 from spec_lightning.methods.houlsby.layer import HoulsbyWrapped
-from spec_lightning.methods.targets import check_rank, find_linear_targets, linear_in_out, name_list
+from spec_lightning.methods.targets import (
+    check_rank,
+    find_linear_targets,
+    linear_in_out,
+    name_list,
+    replace_module,
+)
 
 
 class HoulsbyAdapter(FineTuningMethod):
@@ -37,8 +43,6 @@ class HoulsbyAdapter(FineTuningMethod):
         freeze_except_head(model, head)
         for name, module in targets.items():
             check_rank(self.bottleneck, module, name, "method.init_args.bottleneck")
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
             wrapped = HoulsbyWrapped(module, linear_in_out(module)[1], self.bottleneck)
-            setattr(parent, child, wrapped.to(module.weight.device, module.weight.dtype))
+            replace_module(model, name, wrapped.to(module.weight.device, module.weight.dtype))
         return model

@@ -1,0 +1,1 @@
+"""Tables and figures from runs: spectral specialisation, spectrum changes."""

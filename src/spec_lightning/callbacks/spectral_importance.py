@@ -1,0 +1,196 @@
+"""Fisher-weighted spectral importance scoring that chooses LoRSA's adapted components S."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
+
+from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
+from spec_lightning.spectral import TopKSVD, allocate_components
+from spec_lightning.spectral.importance import SigmaFisher
+
+
+@runtime_checkable
+class SpectralComponents(Protocol):
+    """A layer that adapts a chosen subset of its weight's singular components (e.g. ``LoRSALinear``)."""
+
+    @property
+    def num_components(self) -> int: ...
+
+    def candidate_spectrum(self) -> TopKSVD: ...
+
+    def select_components(self, index: torch.Tensor, spectrum: TopKSVD) -> None: ...
+
+
+class SpectralImportance(L.Callback):
+    """Score the top-k singular components of every adaptable layer, then adapt the most important.
+
+    I_i = σ_i² · E_x[(∂ℓ(x)/∂σ_i)²] over ``num_samples`` training examples (the calibration set,
+    drawn with its own seeded generator), with per-sample derivatives from forward/backward hooks.
+    S is the top-|S| per layer (``budget="per_layer"``) or the highest scores across layers for the
+    same total (``budget="global"``, at least one per layer). Runs in ``setup("fit")``, before the
+    optimiser exists, so |S| may change per layer; the model is built first by its
+    ``configure_model`` hook, which Lightning requires to be idempotent.
+
+    Works with any LightningModule whose ``training_step`` returns the loss (or ``{"loss": ...}``) of
+    a batch from the datamodule's ``train_dataloader``, and whose layers satisfy
+    :class:`SpectralComponents`. Logging from ``training_step`` is muted during calibration. The
+    scores and the chosen S are kept in the checkpoint (S also lives in the model's state), and
+    ``spectral_importance.csv`` / ``.png`` (the specialisation figure) are written to the log dir.
+    On resume the scoring pass runs again in ``setup`` and is then overwritten by the checkpoint.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[SpectralImportance(num_samples=256)])
+
+    Args:
+        num_samples: size of the calibration set.
+        batch_size: calibration batch size.
+        budget: ``per_layer`` or ``global`` allocation of the adapted components.
+        loss_reduction: how ``training_step`` reduces per-sample losses (``mean`` for HF models).
+        seed: seed of the calibration sample.
+        task: label of the specialisation figure; default ``pl_module.hparams.task`` if present.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 256,
+        batch_size: int = 16,
+        budget: Literal["per_layer", "global"] = "per_layer",
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        seed: int = 0,
+        task: str | None = None,
+    ) -> None:
+        if num_samples < 1 or batch_size < 1:
+            raise MisconfigurationException(
+                "SpectralImportance: num_samples and batch_size must be >= 1, "
+                f"got {num_samples} and {batch_size}"
+            )
+        if budget not in ("per_layer", "global"):
+            raise MisconfigurationException(
+                f"SpectralImportance: budget must be per_layer or global, got {budget!r}"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.budget = budget
+        self.loss_reduction = loss_reduction
+        self.seed = seed
+        self.task = task
+        self.scores: dict[str, torch.Tensor] = {}
+        self.sigmas: dict[str, torch.Tensor] = {}
+        self.selected: dict[str, torch.Tensor] = {}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if "FSDP" in type(trainer.strategy).__name__:
+            raise MisconfigurationException(
+                "SpectralImportance needs whole (unsharded) weights before training and does not "
+                "support FSDP; use a single device or DDP (the selection is broadcast from rank 0)."
+            )
+        pl_module.configure_model()
+        layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, SpectralComponents)}
+        if not layers:
+            raise MisconfigurationException(
+                "SpectralImportance found no layer with selectable spectral components: use it with a method "
+                "such as spec_lightning.LoRSA."
+            )
+        pl_module.to(trainer.strategy.root_device)
+        spectra = {name: layer.candidate_spectrum() for name, layer in layers.items()}
+        self.scores = self._score(trainer, pl_module, layers, spectra)
+        sizes = {name: layer.num_components for name, layer in layers.items()}
+        selected = trainer.strategy.broadcast(allocate_components(self.scores, sizes, self.budget), src=0)
+        self.selected = {name: index.cpu() for name, index in selected.items()}
+        self.sigmas = {name: s.S.cpu() for name, s in spectra.items()}
+        for name, layer in layers.items():
+            layer.select_components(self.selected[name], spectra[name])
+        self._report(trainer, pl_module)
+
+    def _score(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        layers: dict[str, nn.Module],
+        spectra: dict[str, TopKSVD],
+    ) -> dict[str, torch.Tensor]:
+        fisher = SigmaFisher(layers, spectra, self.loss_reduction)
+        was_training = pl_module.training
+        pl_module.eval()  # no dropout: the scores are a property of the pretrained model
+        with isolate_rng(), torch.enable_grad(), _muted_logging(pl_module), fisher.recording():
+            for i, batch in enumerate(self._calibration_batches(trainer, pl_module)):
+                batch = trainer.strategy.batch_to_device(batch)
+                with trainer.precision_plugin.forward_context():
+                    out = pl_module.training_step(batch, i)
+                loss = out["loss"] if isinstance(out, dict) else out
+                loss.backward()
+        pl_module.train(was_training)
+        pl_module.zero_grad(set_to_none=True)
+        return {name: s.cpu() for name, s in fisher.scores().items()}
+
+    def _calibration_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> DataLoader:
+        """``num_samples`` training examples drawn without replacement by a generator seeded with ``seed``."""
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        loader = source.train_dataloader()
+        dataset = loader.dataset
+        if not hasattr(dataset, "__len__"):
+            raise MisconfigurationException(
+                "SpectralImportance needs a map-style training dataset (with __len__) to draw its "
+                "calibration set"
+            )
+        if len(dataset) < self.num_samples:
+            raise ValueError(
+                f"SpectralImportance: the calibration set is smaller than requested: the train split has "
+                f"{len(dataset)} examples, num_samples={self.num_samples}. Lower num_samples."
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        indices = torch.randperm(len(dataset), generator=generator)[: self.num_samples].tolist()
+        return DataLoader(Subset(dataset, indices), batch_size=self.batch_size, collate_fn=loader.collate_fn)
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(len(s) for s in self.selected.values())
+        rank_zero_info(f"SpectralImportance: {total} components selected in {len(self.selected)} layers")
+        if not trainer.is_global_zero:
+            return
+        task = self.task or str(getattr(pl_module, "hparams", {}).get("task", "run"))
+        rows = selection_rows(task, self.sigmas, self.scores, self.selected)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        write_rows(rows, directory / "spectral_importance.csv")
+        fig = specialisation_figure(rows)
+        fig.savefig(directory / "spectral_importance.png", dpi=120)
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_figure"):
+                logger.experiment.add_figure("spectral_importance/selected", fig, global_step=0)
+        plt.close(fig)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": self.scores, "sigmas": self.sigmas, "selected": self.selected}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scores = state_dict["scores"]
+        self.sigmas = state_dict["sigmas"]
+        self.selected = state_dict["selected"]
+
+
+@contextmanager
+def _muted_logging(pl_module: L.LightningModule) -> Iterator[None]:
+    """``self.log`` is not allowed in ``setup``; calibration losses must not reach the run's metrics."""
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict

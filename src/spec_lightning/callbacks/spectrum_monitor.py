@@ -1,0 +1,128 @@
+"""Singular spectra and singular-vector alignment of chosen weight matrices during fitting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib.pyplot as plt
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from spec_lightning.analysis.specialisation import write_rows
+from spec_lightning.analysis.spectrum import (
+    FIELDS,
+    Spectrum,
+    compare,
+    effective_weight,
+    has_weight_matrix,
+    spectrum,
+    spectrum_figure,
+)
+from spec_lightning.methods.targets import matches
+
+
+class SpectrumMonitor(L.Callback):
+    """Track how fine-tuning changes the spectra of weight matrices (the analysis behind SpecLoRA).
+
+    At fit start the monitor takes the exact SVD of each matched matrix as the reference; at fit end,
+    and every ``every_n_epochs`` epochs, it compares the current weights with it: σ_i against σ_i',
+    and |⟨u_i, u_i'⟩|, |⟨v_i, v_i'⟩| for the top-``top_k`` pairs. Each snapshot is logged to
+    TensorBoard as a figure and saved as ``spectrum_<stage>.png``; all snapshots go to
+    ``spectrum.csv`` in the log dir. The current weight is read from a layer's ``effective_weight()``
+    (spec_lightning's layers), from peft's ``get_base_layer()`` + ``get_delta_weight()``, or from a
+    plain ``nn.Linear``/``Conv1D``, so it works on any LightningModule. The reference and the
+    snapshots are kept in the checkpoint, so a resumed run compares with the original weights.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[SpectrumMonitor(target_modules=["query", "value"], every_n_epochs=1)])
+
+    Args:
+        target_modules: dotted name suffixes of the matrices to monitor.
+        top_k: singular-vector pairs compared per matrix.
+        every_n_epochs: also snapshot after every N-th training epoch (0: start and end only).
+    """
+
+    def __init__(
+        self, target_modules: Sequence[str] = ("query", "value"), top_k: int = 16, every_n_epochs: int = 0
+    ) -> None:
+        if isinstance(target_modules, str) or not target_modules:
+            raise MisconfigurationException(
+                f"SpectrumMonitor: target_modules must be a non-empty list of names, got {target_modules!r}"
+            )
+        if top_k < 1 or every_n_epochs < 0:
+            raise MisconfigurationException(
+                f"SpectrumMonitor: need top_k >= 1 and every_n_epochs >= 0, got {top_k} and {every_n_epochs}"
+            )
+        self.target_modules = list(target_modules)
+        self.top_k = top_k
+        self.every_n_epochs = every_n_epochs
+        self.reference: dict[str, Spectrum] = {}
+        self.rows: list[dict[str, object]] = []
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if "FSDP" in type(trainer.strategy).__name__:
+            raise MisconfigurationException(
+                "SpectrumMonitor reads whole weight matrices and does not support FSDP yet; "
+                "use a single device or DDP."
+            )
+
+    def _targets(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        found = {
+            name: m
+            for name, m in pl_module.named_modules()
+            if has_weight_matrix(m) and any(matches(name, p) for p in self.target_modules)
+        }
+        if not found:
+            raise MisconfigurationException(
+                f"SpectrumMonitor: target_modules {self.target_modules} match no weight matrix of "
+                f"{type(pl_module).__name__}; use dotted name suffixes such as 'attention.self.query'."
+            )
+        return found
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.reference or not trainer.is_global_zero:  # resumed: the reference came from the checkpoint
+            return
+        for name, module in self._targets(pl_module).items():
+            self.reference[name] = spectrum(effective_weight(module), self.top_k)
+        self._snapshot(trainer, pl_module, "start")
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and trainer.is_global_zero:
+            self._snapshot(trainer, pl_module, f"epoch{epoch}")
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._snapshot(trainer, pl_module, "end")
+
+    def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        rows = []
+        for name, module in self._targets(pl_module).items():
+            now = spectrum(effective_weight(module), self.top_k)
+            rows += compare(stage, trainer.global_step, name, self.reference[name], now)
+        self.rows += rows
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        write_rows(self.rows, directory / "spectrum.csv", FIELDS)
+        fig = spectrum_figure(rows, f"{stage} (step {trainer.global_step})")
+        fig.savefig(directory / f"spectrum_{stage}.png", dpi=120)
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_figure"):
+                logger.experiment.add_figure(f"spectrum/{stage}", fig, global_step=trainer.global_step)
+        plt.close(fig)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": {name: tuple(s) for name, s in self.reference.items()}, "rows": self.rows}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = {name: Spectrum(*s) for name, s in state_dict["reference"].items()}
+        self.rows = list(state_dict["rows"])

@@ -1,0 +1,76 @@
+"""Finding SpecLoRA's target matrices, wrapping them, and merging the update back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from spec_lightning.methods.base import FineTuningMethod, freeze_except_head
+from spec_lightning.methods.speclora.layer import SpecLoRALinear
+from spec_lightning.methods.targets import (
+    add_to_weight,
+    check_rank,
+    find_linear_targets,
+    linear_in_out,
+    name_list,
+    replace_module,
+    weight_matrix,
+)
+from spec_lightning.spectral import top_k_svd
+
+
+class SpecLoRA(FineTuningMethod):
+    """LoRA plus a learnable spectral mask over the top-k singular directions (METHODS.md §3).
+
+    Trainable parameters per matrix: r · (m + n) for LoRA plus k for the mask, plus the task head.
+
+    Args:
+        target_modules: names (dotted suffixes) of the linear layers to adapt.
+        r: LoRA rank.
+        alpha: LoRA scaling numerator; the LoRA update is (alpha / r) · B A.
+        dropout: dropout on the LoRA input.
+        top_k: k, the singular directions the mask rescales; default min(32, min(m, n)).
+        seed: base seed of the randomized SVD (layer i uses seed + i).
+    """
+
+    def __init__(
+        self,
+        target_modules: Sequence[str] = ("query", "value"),
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.1,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"method.init_args.dropout must be in [0, 1), got {dropout}")
+        self.target_modules = name_list(target_modules, "method.init_args.target_modules")
+        self.r = r
+        self.alpha = alpha
+        self.dropout = dropout
+        self.top_k = top_k
+        self.seed = seed
+
+    def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
+        targets = find_linear_targets(model, self.target_modules, "method.init_args.target_modules", head)
+        freeze_except_head(model, head)
+        for i, (name, module) in enumerate(sorted(targets.items())):
+            check_rank(self.r, module, name, "method.init_args.r")
+            if self.top_k is None:
+                k = min(32, *linear_in_out(module))
+            else:
+                check_rank(self.top_k, module, name, "method.init_args.top_k")
+                k = self.top_k
+            spectrum = top_k_svd(weight_matrix(module).detach(), k, self.seed + i)
+            replace_module(model, name, SpecLoRALinear(module, spectrum, self.r, self.alpha, self.dropout))
+        return model
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> nn.Module:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, SpecLoRALinear):
+                add_to_weight(module.base, module.delta_weight())
+                replace_module(model, name, module.base)
+        return model

@@ -1,0 +1,59 @@
+"""CUDA and bf16 paths of the spectral methods and callbacks (``pytest -m gpu`` on a GPU machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from spec_lightning import GLUEDataModule, SequenceClassificationModule, SpectralImportance, SpectrumMonitor
+from tests.conftest import BACKBONE_TARGETS, METHODS
+from tests.test_method_contract import batch, build, train_steps
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("method_name", ["lorsa", "speclora", "lora"])
+def test_identity_and_merge_on_cuda(tiny_bert: str, method_name: str) -> None:
+    module = build(("bert", tiny_bert), method_name).cuda()
+    inputs = {k: v.cuda() for k, v in batch(tiny_bert).items()}
+    base = build(("bert", tiny_bert), "full").cuda().eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        adapted_bf16 = module.eval()(**inputs).logits
+        base_bf16 = base(**inputs).logits
+    torch.testing.assert_close(adapted_bf16, base_bf16, atol=2e-2, rtol=2e-2)
+    train_steps(module, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module.merged_model().eval()(**inputs).logits, module(**inputs).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("method_name", ["lorsa", "speclora"])
+def test_fit_bf16_mixed_with_the_callbacks(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, method_name: str
+) -> None:
+    module = SequenceClassificationModule(tiny_bert, METHODS[method_name](*BACKBONE_TARGETS["bert"]))
+    callbacks: list[L.Callback] = [SpectrumMonitor(top_k=4)]
+    if method_name == "lorsa":
+        callbacks.append(SpectralImportance(num_samples=32, batch_size=8))
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=4,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        limit_val_batches=2,
+    )
+    trainer.fit(module, GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8))
+    assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert (tmp_path / "spectrum.csv").is_file()

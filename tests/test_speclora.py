@@ -1,0 +1,86 @@
+"""SpecLoRA's maths: the Hadamard-form forward against the explicit W', and against peft's LoRA."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from spec_lightning.methods import SpecLoRA
+from spec_lightning.methods.speclora import SpecLoRALinear
+from spec_lightning.spectral import top_k_svd
+
+
+def test_forward_equals_the_explicit_adapted_weight() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(20, 36)
+    layer = SpecLoRALinear(base, top_k_svd(base.weight.detach(), 6), r=3, alpha=6, dropout=0.0)
+    with torch.no_grad():
+        layer.mask.copy_(torch.randn(6))
+        layer.lora_B.copy_(torch.randn(36, 3))
+    u, s, v = layer.u_k, layer.sigma_k, layer.v_k  # the randomized top-6 SVD (tested in test_spectral_svd)
+    w_new = base.weight + (u * (layer.mask * s)) @ v.T + 2.0 * layer.lora_B @ layer.lora_A
+    x = torch.randn(4, 5, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ w_new.T + base.bias, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.effective_weight(), w_new, atol=1e-5, rtol=1e-5)
+
+
+def test_with_zero_mask_it_is_peft_lora(tiny_bert: str) -> None:
+    """Same A and B as peft's LoRA layer: equal logits while m = 0, different once m moves."""
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+    ours = SpecLoRA(target_modules=["query", "value"], r=4, alpha=8, dropout=0.0, top_k=8).apply(
+        copy.deepcopy(base), head=["classifier"]
+    )
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
+    reference = peft.get_peft_model(copy.deepcopy(base), config)
+    g = torch.Generator().manual_seed(1)
+    for name, module in ours.named_modules():
+        if isinstance(module, SpecLoRALinear):
+            lora = reference.base_model.model.get_submodule(name)
+            with torch.no_grad():
+                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g))
+                lora.lora_A["default"].weight.copy_(module.lora_A)
+                lora.lora_B["default"].weight.copy_(module.lora_B)
+    inputs = AutoTokenizer.from_pretrained(tiny_bert)(
+        ["the movie was good", "bad"], padding=True, return_tensors="pt"
+    )
+
+    def hidden(model: nn.Module) -> torch.Tensor:
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+    with torch.no_grad():
+        torch.testing.assert_close(hidden(ours), hidden(reference), atol=1e-5, rtol=1e-5)
+        for module in ours.modules():
+            if isinstance(module, SpecLoRALinear):
+                module.mask.fill_(0.5)
+        assert (hidden(ours) - hidden(reference)).abs().max() > 1e-2
+
+
+def test_trainable_count(tiny_bert: str) -> None:
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    SpecLoRA(target_modules=["query"], r=4, top_k=8).apply(model, head=["classifier"])
+    layers = [m for m in model.modules() if isinstance(m, SpecLoRALinear)]
+    assert sum(p.numel() for m in layers for p in m.parameters() if p.requires_grad) == 2 * (
+        4 * (32 + 32) + 8
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_k": 33}, r"method.init_args.top_k=33 does not fit"),
+        ({"r": 64}, r"method.init_args.r=64 does not fit"),
+        ({"target_modules": []}, r"target_modules is empty"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_configuration_is_named(tiny_bert: str, kwargs: dict, match: str) -> None:
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    with pytest.raises(ValueError, match=match):
+        SpecLoRA(**kwargs).apply(model, head=["classifier"])
