@@ -83,6 +83,11 @@ def test_fit_then_export(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
     assert "val/accuracy" in cli.trainer.callback_metrics
     run = Path(cli.trainer.log_dir)
     assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    export_matches_the_module(run, tmp_path / "merged", cli.model)
+
+
+def export_matches_the_module(run: Path, output: Path, module: torch.nn.Module) -> None:
+    """``spec-lightning export`` of a run's last checkpoint gives a plain model with the same logits."""
     main(
         [
             "export",
@@ -91,17 +96,17 @@ def test_fit_then_export(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
             "--ckpt_path",
             str(run / "checkpoints" / "last.ckpt"),
             "--output_dir",
-            str(tmp_path / "merged"),
+            str(output),
         ]
     )
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(output).eval()
     inputs = {
         "input_ids": torch.tensor([[2, 11, 12, 5, 3]]),
         "attention_mask": torch.ones(1, 5, dtype=torch.long),
     }
     with torch.no_grad():
         torch.testing.assert_close(
-            merged(**inputs).logits, cli.model.eval()(**inputs).logits, atol=1e-5, rtol=1e-4
+            merged(**inputs).logits, module.eval()(**inputs).logits, atol=1e-5, rtol=1e-4
         )
 
 
@@ -143,26 +148,7 @@ def test_experiment_config_fits_and_exports(tiny_bert: str, tmp_path: Path, meth
     run = Path(cli.trainer.log_dir)
     assert (run / "spectrum.csv").is_file() and (run / "spectrum_end.png").is_file()
     assert (run / "spectral_importance.csv").is_file() == (method == "lorsa")
-    main(
-        [
-            "export",
-            "--config",
-            str(run / "config.yaml"),
-            "--ckpt_path",
-            str(run / "checkpoints" / "last.ckpt"),
-            "--output_dir",
-            str(tmp_path / "merged"),
-        ]
-    )
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    inputs = {
-        "input_ids": torch.tensor([[2, 11, 12, 5, 3]]),
-        "attention_mask": torch.ones(1, 5, dtype=torch.long),
-    }
-    with torch.no_grad():
-        torch.testing.assert_close(
-            merged(**inputs).logits, cli.model.eval()(**inputs).logits, atol=1e-5, rtol=1e-4
-        )
+    export_matches_the_module(run, tmp_path / "merged", cli.model)
 
 
 def test_unknown_task_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,7 +34,7 @@ def test_identity_and_merge_on_cuda(tiny_bert: str, method_name: str) -> None:
         )
 
 
-@pytest.mark.parametrize("method_name", ["lorsa", "speclora"])
+@pytest.mark.parametrize("method_name", ["lorsa", "speclora", "lora"])
 def test_fit_bf16_mixed_with_the_callbacks(
     tiny_bert: str, sst2_dir: str, tmp_path: Path, method_name: str
 ) -> None:

@@ -156,7 +156,7 @@ class SpectralImportance(L.Callback):
                 f"{len(dataset)} examples, num_samples={self.num_samples}. Lower num_samples."
             )
         generator = torch.Generator().manual_seed(self.seed)
-        indices = torch.randperm(len(dataset), generator=generator)[: self.num_samples].tolist()
+        indices = torch.randperm(len(dataset), generator=generator, device="cpu")[: self.num_samples].tolist()
         return DataLoader(Subset(dataset, indices), batch_size=self.batch_size, collate_fn=loader.collate_fn)
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -96,3 +96,21 @@ def check_rank(rank: int, module: nn.Module, name: str, key: str) -> None:
             f"{key}={rank} does not fit {name} ({fan_out} x {fan_in}): the rank must lie in "
             f"[1, {min(fan_in, fan_out)}]. Lower {key} or target larger matrices."
         )
+
+
+def resolve_top_k(top_k: int | None, default: int, module: nn.Module, name: str) -> int:
+    """k for one matrix: ``top_k`` if given (it must fit the matrix), else min(default, m, n)."""
+    if top_k is None:
+        return min(default, *linear_in_out(module))
+    check_rank(top_k, module, name, "method.init_args.top_k")
+    return top_k
+
+
+@torch.no_grad()
+def merge_wrapped(model: nn.Module, layer_type: type[nn.Module]) -> nn.Module:
+    """Fold every ``layer_type`` wrapper's ``delta_weight()`` into its ``base`` and put the base back."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, layer_type):
+            add_to_weight(module.base, module.delta_weight())
+            replace_module(model, name, module.base)
+    return model

@@ -76,7 +76,10 @@ class SequenceClassificationModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
             return None
-        steps = trainer.estimated_stepping_batches
+        with torch.device(
+            "cpu"
+        ):  # it loads the train data; configure_model may run under a CUDA device context
+            steps = trainer.estimated_stepping_batches
         return None if math.isinf(steps) else int(steps)
 
     def forward(self, **batch: torch.Tensor) -> Any:

@@ -19,8 +19,8 @@ def projections(
     Drawn on the CPU from their own generator, so every device and every reload gets the same P, Q.
     """
     generator = torch.Generator().manual_seed(seed)
-    p = torch.randn(out_features, rank, generator=generator) / out_features**0.5
-    q = torch.randn(in_features, rank, generator=generator) / in_features**0.5
+    p = torch.randn(out_features, rank, generator=generator, device="cpu") / out_features**0.5
+    q = torch.randn(in_features, rank, generator=generator, device="cpu") / in_features**0.5
     return p, q
 
 

@@ -10,12 +10,12 @@ from torch import nn
 from spec_lightning.methods.base import FineTuningMethod, freeze_except_head
 from spec_lightning.methods.lorsa.layer import LoRSALinear
 from spec_lightning.methods.targets import (
-    add_to_weight,
     check_rank,
     find_linear_targets,
-    linear_in_out,
+    merge_wrapped,
     name_list,
     replace_module,
+    resolve_top_k,
     weight_matrix,
 )
 from spec_lightning.spectral import top_k_svd
@@ -59,7 +59,7 @@ class LoRSA(FineTuningMethod):
         targets = find_linear_targets(model, self.target_modules, "method.init_args.target_modules", head)
         freeze_except_head(model, head)
         for i, (name, module) in enumerate(sorted(targets.items())):
-            k = self._top_k(module, name)
+            k = resolve_top_k(self.top_k, DEFAULT_TOP_K, module, name)
             check_rank(self.rank, module, name, "method.init_args.rank")
             if not 1 <= self.num_components <= k:
                 raise ValueError(
@@ -71,12 +71,6 @@ class LoRSA(FineTuningMethod):
             replace_module(model, name, LoRSALinear(module, spectrum, index, self.rank, self.seed + i))
         return model
 
-    def _top_k(self, module: nn.Module, name: str) -> int:
-        if self.top_k is None:
-            return min(DEFAULT_TOP_K, *linear_in_out(module))
-        check_rank(self.top_k, module, name, "method.init_args.top_k")
-        return self.top_k
-
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Trainable tensors plus each layer's S, U_S, σ_S, V_S and projection seed."""
         state = super().adapter_state_dict(model)
@@ -84,12 +78,8 @@ class LoRSA(FineTuningMethod):
             state.update(module.adapter_state(name + "."))
         return state
 
-    @torch.no_grad()
     def merge(self, model: nn.Module) -> nn.Module:
-        for name, module in lorsa_layers(model).items():
-            add_to_weight(module.base, module.delta_weight())
-            replace_module(model, name, module.base)
-        return model
+        return merge_wrapped(model, LoRSALinear)
 
 
 def lorsa_layers(model: nn.Module) -> dict[str, LoRSALinear]:

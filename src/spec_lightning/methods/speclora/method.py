@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from spec_lightning.methods.base import FineTuningMethod, freeze_except_head
 from spec_lightning.methods.speclora.layer import SpecLoRALinear
 from spec_lightning.methods.targets import (
-    add_to_weight,
     check_rank,
     find_linear_targets,
-    linear_in_out,
+    merge_wrapped,
     name_list,
     replace_module,
+    resolve_top_k,
     weight_matrix,
 )
 from spec_lightning.spectral import top_k_svd
+
+#: Default number of masked singular directions per matrix (capped by the matrix).
+DEFAULT_TOP_K = 32
 
 
 class SpecLoRA(FineTuningMethod):
@@ -58,19 +60,10 @@ class SpecLoRA(FineTuningMethod):
         freeze_except_head(model, head)
         for i, (name, module) in enumerate(sorted(targets.items())):
             check_rank(self.r, module, name, "method.init_args.r")
-            if self.top_k is None:
-                k = min(32, *linear_in_out(module))
-            else:
-                check_rank(self.top_k, module, name, "method.init_args.top_k")
-                k = self.top_k
+            k = resolve_top_k(self.top_k, DEFAULT_TOP_K, module, name)
             spectrum = top_k_svd(weight_matrix(module).detach(), k, self.seed + i)
             replace_module(model, name, SpecLoRALinear(module, spectrum, self.r, self.alpha, self.dropout))
         return model
 
-    @torch.no_grad()
     def merge(self, model: nn.Module) -> nn.Module:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, SpecLoRALinear):
-                add_to_weight(module.base, module.delta_weight())
-                replace_module(model, name, module.base)
-        return model
+        return merge_wrapped(model, SpecLoRALinear)
