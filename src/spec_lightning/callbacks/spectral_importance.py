@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
+from spec_lightning.callbacks.strategy import refuse_fsdp
 from spec_lightning.spectral import TopKSVD, allocate_components
 from spec_lightning.spectral.importance import SigmaFisher
 
@@ -96,11 +97,11 @@ class SpectralImportance(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if "FSDP" in type(trainer.strategy).__name__:
-            raise MisconfigurationException(
-                "SpectralImportance needs whole (unsharded) weights before training and does not "
-                "support FSDP; use a single device or DDP (the selection is broadcast from rank 0)."
-            )
+        refuse_fsdp(
+            trainer,
+            "SpectralImportance needs whole (unsharded) weights before training and does not "
+            "support FSDP; use a single device or DDP (the selection is broadcast from rank 0).",
+        )
         pl_module.configure_model()
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, SpectralComponents)}
         if not layers:

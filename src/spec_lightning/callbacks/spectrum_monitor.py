@@ -21,6 +21,7 @@ from spec_lightning.analysis.spectrum import (
     spectrum,
     spectrum_figure,
 )
+from spec_lightning.callbacks.strategy import refuse_fsdp
 from spec_lightning.methods.targets import matches
 
 
@@ -65,11 +66,11 @@ class SpectrumMonitor(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if "FSDP" in type(trainer.strategy).__name__:
-            raise MisconfigurationException(
-                "SpectrumMonitor reads whole weight matrices and does not support FSDP yet; "
-                "use a single device or DDP."
-            )
+        refuse_fsdp(
+            trainer,
+            "SpectrumMonitor reads whole weight matrices and does not support FSDP yet; "
+            "use a single device or DDP.",
+        )
 
     def _targets(self, pl_module: L.LightningModule) -> dict[str, Any]:
         found = {
