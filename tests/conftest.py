@@ -22,6 +22,7 @@ from spec_lightning.methods import (
     DoRA,
     FineTuningMethod,
     FullFineTuning,
+    GraphSpectral,
     HoulsbyAdapter,
     LoRA,
     LoRSA,
@@ -100,6 +101,9 @@ BACKBONE_TARGETS = {
 }
 METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
     "full": lambda attn, out: FullFineTuning(),
+    "graph_spectral": lambda attn, out: GraphSpectral(
+        LoRA(target_modules=attn, r=4, dropout=0.0), spectral_weight=0.1
+    ),
     "bitfit": lambda attn, out: BitFit(),
     "houlsby": lambda attn, out: HoulsbyAdapter(bottleneck=4, target_modules=out),
     "lora": lambda attn, out: LoRA(target_modules=attn, r=4, dropout=0.0),

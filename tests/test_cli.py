@@ -16,8 +16,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GLUE = sorted((CONFIGS / "glue").glob("*.yaml"))
 METHOD = sorted((CONFIGS / "method").glob("*.yaml"))
 TRAINER = sorted((CONFIGS / "trainer").glob("*.yaml"))
-EXPERIMENT_CLASSES = {"lora": "LoRA", "lorsa": "LoRSA", "speclora": "SpecLoRA"}
-EXPERIMENTS = sorted(p for d in ("lora", "lorsa", "speclora") for p in (CONFIGS / d).glob("*.yaml"))
+EXPERIMENT_CLASSES = {
+    "full": "FullFineTuning",
+    "graph_spectral": "GraphSpectral",
+    "houlsby": "HoulsbyAdapter",
+    "lora": "LoRA",
+    "lorsa": "LoRSA",
+    "speclora": "SpecLoRA",
+}
+EXPERIMENTS = sorted(p for d in EXPERIMENT_CLASSES for p in (CONFIGS / d).glob("*.yaml"))
+#: Overlays added after an experiment config (the graph-spectral ablation and few-shot subsets).
+OVERLAYS = sorted((CONFIGS / "graph_spectral").glob("*/*.yaml"))
 
 
 def print_config(capsys: pytest.CaptureFixture[str], *files: Path) -> str:
@@ -36,6 +45,7 @@ def test_every_yaml_is_covered() -> None:
         *METHOD,
         *TRAINER,
         *EXPERIMENTS,
+        *OVERLAYS,
     }
     assert set(CONFIGS.rglob("*.yaml")) == covered
 
@@ -117,6 +127,18 @@ def test_experiment_configs_parse(capsys: pytest.CaptureFixture[str], config: Pa
     assert f"class_path: spec_lightning.{EXPERIMENT_CLASSES[config.parent.name]}\n" in out
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}-{p.stem}")
+def test_overlays_compose(capsys: pytest.CaptureFixture[str], overlay: Path) -> None:
+    out = print_config(capsys, CONFIGS / "graph_spectral" / "sst2.yaml", overlay)
+    if overlay.parent.name == "ablation":
+        assert f"objective: {overlay.stem.removesuffix('_only')}\n" in out
+    else:
+        assert (
+            f"train_fraction: {int(overlay.stem) / 100}\n" in out and f"version: fewshot{overlay.stem}" in out
+        )
+    assert "class_path: spec_lightning.SpectralGradientFilter" in out
+
+
 #: The shipped sizes fit MiniLM's 384 x 384 matrices, not the tiny model's 32 x 32.
 TINY_SIZES = {
     "lorsa": [
@@ -127,7 +149,7 @@ TINY_SIZES = {
 }
 
 
-@pytest.mark.parametrize("method", ["lorsa", "speclora"])
+@pytest.mark.parametrize("method", ["lorsa", "speclora", "graph_spectral"])
 def test_experiment_config_fits_and_exports(tiny_bert: str, tmp_path: Path, method: str) -> None:
     """The shipped SST-2 config as it is (callbacks included), on the tiny model and data."""
     data_dir = write_sst2(tmp_path / "sst2", n_train=300)
@@ -142,7 +164,7 @@ def test_experiment_config_fits_and_exports(tiny_bert: str, tmp_path: Path, meth
             "--trainer.limit_val_batches=2",
             "--trainer.val_check_interval=1.0",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-            *TINY_SIZES[method],
+            *TINY_SIZES.get(method, []),
         ]
     )
     run = Path(cli.trainer.log_dir)

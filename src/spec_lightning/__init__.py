@@ -1,6 +1,6 @@
 """spec_lightning: spectral fine-tuning of pretrained language models with PyTorch Lightning."""
 
-from spec_lightning.callbacks import SpectralImportance, SpectrumMonitor
+from spec_lightning.callbacks import SpectralGradientFilter, SpectralImportance, SpectrumMonitor
 from spec_lightning.data import GLUEDataModule
 from spec_lightning.methods import (
     AdaLoRA,
@@ -8,6 +8,7 @@ from spec_lightning.methods import (
     DoRA,
     FineTuningMethod,
     FullFineTuning,
+    GraphSpectral,
     HoulsbyAdapter,
     LoRA,
     LoRSA,
@@ -15,6 +16,7 @@ from spec_lightning.methods import (
     SpecLoRA,
 )
 from spec_lightning.modules import SequenceClassificationModule
+from spec_lightning.spectral import GraphConfig
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,13 +25,16 @@ __all__ = [
     "DoRA",
     "FineTuningMethod",
     "FullFineTuning",
+    "GraphSpectral",
     "GLUEDataModule",
+    "GraphConfig",
     "HoulsbyAdapter",
     "LoRA",
     "LoRSA",
     "PiSSA",
     "SpecLoRA",
     "SequenceClassificationModule",
+    "SpectralGradientFilter",
     "SpectralImportance",
     "SpectrumMonitor",
 ]

@@ -1,1 +1,1 @@
-"""Tables and figures from runs: spectral specialisation, spectrum changes."""
+"""Tables and figures from runs: spectral specialisation, spectrum changes, training curves."""

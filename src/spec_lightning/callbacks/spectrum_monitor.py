@@ -22,7 +22,7 @@ from spec_lightning.analysis.spectrum import (
     spectrum_figure,
 )
 from spec_lightning.callbacks.strategy import refuse_fsdp
-from spec_lightning.methods.targets import matches
+from spec_lightning.naming import matches
 
 
 class SpectrumMonitor(L.Callback):

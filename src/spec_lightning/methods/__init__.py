@@ -3,6 +3,7 @@
 from spec_lightning.methods.base import FineTuningMethod
 from spec_lightning.methods.bitfit import BitFit
 from spec_lightning.methods.full import FullFineTuning
+from spec_lightning.methods.graph_spectral import GraphSpectral
 from spec_lightning.methods.houlsby import HoulsbyAdapter
 from spec_lightning.methods.lorsa import LoRSA
 from spec_lightning.methods.peft_baselines import AdaLoRA, DoRA, LoRA, PiSSA
@@ -14,6 +15,7 @@ __all__ = [
     "DoRA",
     "FineTuningMethod",
     "FullFineTuning",
+    "GraphSpectral",
     "HoulsbyAdapter",
     "LoRA",
     "LoRSA",

@@ -4,7 +4,7 @@ A method turns a pretrained model into a trainable one (``apply``), names what i
 (``trainable_parameters``), saves and restores only what it trains (``adapter_state_dict`` /
 ``load_adapter_state_dict``) and folds its update back into plain weights (``merge``). The
 training loop lives once, in the LightningModules of ``spec_lightning.modules``; a method only
-adds an optional regulariser to the loss and an optional hook after each optimiser step.
+adds an optional regulariser to the objective and an optional hook after each optimiser step.
 """
 
 from __future__ import annotations
@@ -12,13 +12,28 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from spec_lightning.methods.targets import matches
+from spec_lightning.naming import matches
+
+
+@dataclass(frozen=True)
+class Regularization:
+    """A named term of the objective: loss = task_weight · L_task + weight · value.
+
+    The LightningModule logs ``value`` as ``train/<name>`` and ``weight`` as ``train/<name>_weight``,
+    apart from the task loss.
+    """
+
+    name: str
+    value: torch.Tensor
+    weight: float
+    task_weight: float = 1.0
 
 
 class FineTuningMethod(ABC):
@@ -79,8 +94,8 @@ class FineTuningMethod(ABC):
             )
         return model
 
-    def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
-        """A term added to the task loss, or None."""
+    def regularization(self, model: nn.Module) -> Regularization | None:
+        """A term of the training objective besides the task loss, or None."""
         return None
 
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:

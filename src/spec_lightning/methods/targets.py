@@ -8,13 +8,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from spec_lightning.naming import matches
+
 #: Module types whose weight is a 2-D matrix that methods can adapt.
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-
-
-def matches(name: str, pattern: str) -> bool:
-    """peft's rule for a list of target names: the full name, or a suffix after a dot."""
-    return name == pattern or name.endswith("." + pattern)
 
 
 def linear_in_out(module: nn.Module) -> tuple[int, int]:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from torchmetrics import MetricCollection
-from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
+from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef, Precision, Recall
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 
 def task_metrics(task: str, num_labels: int) -> MetricCollection:
-    """accuracy (+ F1 for MRPC/QQP), Matthews correlation for CoLA, Pearson/Spearman for STS-B."""
+    """Accuracy, precision and recall (of class 1; macro over classes for multi-class tasks), + F1 for
+    MRPC/QQP, Matthews correlation for CoLA; Pearson/Spearman for STS-B."""
     if num_labels == 1:
         return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()})
     kind = "binary" if num_labels == 2 else "multiclass"
-    metrics = {"accuracy": Accuracy(task=kind, num_classes=num_labels)}
+    average = "binary" if num_labels == 2 else "macro"
+    metrics = {
+        "accuracy": Accuracy(task=kind, num_classes=num_labels),
+        "precision": Precision(task=kind, num_classes=num_labels, average=average),
+        "recall": Recall(task=kind, num_classes=num_labels, average=average),
+    }
     if task in ("mrpc", "qqp"):
         metrics["f1"] = F1Score(task=kind, num_classes=num_labels)
     if task == "cola":

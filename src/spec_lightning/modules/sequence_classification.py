@@ -88,11 +88,14 @@ class SequenceClassificationModule(L.LightningModule):
 
     # ---- steps -------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
-        extra = self.method.regularization_loss(self.model)
-        if extra is not None:
-            self.log("train/reg_loss", extra)
-            loss = loss + extra
+        task_loss = self(**batch).loss
+        loss = task_loss
+        term = self.method.regularization(self.model)
+        if term is not None:
+            loss = term.task_weight * task_loss + term.weight * term.value
+            self.log(f"train/{term.name}", term.value)
+            self.log(f"train/{term.name}_weight", term.weight)
+        self.log("train/task_loss", task_loss)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step}: lower model.init_args.learning_rate, "

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from spec_lightning.methods.base import FineTuningMethod, check_state_keys
-from spec_lightning.methods.targets import check_rank, find_linear_targets, matches, name_list
+from spec_lightning.methods.targets import check_rank, find_linear_targets, name_list
+from spec_lightning.naming import matches
 
 
 def _task_type(model: nn.Module) -> peft.TaskType | None:

@@ -1,0 +1,168 @@
+"""Low-pass spectral filtering of gradients over parameter graphs (METHODS.md §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from spec_lightning.callbacks.strategy import refuse_fsdp
+from spec_lightning.spectral import (
+    FilterName,
+    GraphConfig,
+    NodeFilter,
+    ParameterGraphs,
+    filter_node_gradients,
+)
+from spec_lightning.spectral.laplacian import Eigensolver
+
+FSDP_MESSAGE = (
+    "SpectralGradientFilter does not support FSDP yet. What it needs: FSDP2 shards dim 0 of every "
+    "parameter, and the filter acts on the node axis only, so cross_layer graphs (equal shapes per node) "
+    "could be filtered shard by shard with no communication for structural edges and one all-reduce of "
+    "the m x m Gram matrix for cosine edges; rows graphs and FSDP1's flattened parameters cannot. Use a "
+    "single device or DDP (every rank filters the same all-reduced gradient)."
+)
+
+
+class SpectralGradientFilter(L.Callback):
+    """Filter gradients over parameter graphs before every optimiser step: G ← U g(Λ) Uᵀ G.
+
+    G is the m x d matrix of one graph's stacked node gradients (see
+    :class:`~spec_lightning.spectral.GraphConfig`) and L = U Λ Uᵀ the graph's Laplacian. Filters:
+    ``ideal_lowpass`` keeps the ``cutoff`` lowest frequencies, ``heat`` g(λ) = exp(−τλ), ``tikhonov``
+    g(λ) = 1/(1 + τλ). It runs in ``on_before_optimizer_step``: after gradient accumulation and AMP
+    unscaling, before gradient clipping. Graphs are built at fit start over the module's trainable
+    parameters; ``grad_cosine`` edges follow the gradients and the spectrum is recomputed every
+    ``recompute_every_n_steps`` steps. The fraction of gradient energy removed,
+    1 − Σ||F G||² / Σ||G||², is logged as ``spectral_filter/energy_removed``. Edge weights, the
+    gradient-similarity averages and the step count are kept in the checkpoint.
+
+    Works on any LightningModule (public hooks only). Under DDP every rank filters the same
+    all-reduced gradient, so no communication is needed; FSDP is refused (the message says why).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[SpectralGradientFilter(GraphConfig(targets=("query", "value")))])
+
+    Args:
+        graph: which parameters become nodes and how they are joined.
+        filter: ``ideal_lowpass``, ``heat`` or ``tikhonov``.
+        cutoff: frequencies kept by ``ideal_lowpass``.
+        tau: τ of ``heat`` and ``tikhonov``.
+        recompute_every_n_steps: optimiser steps between two spectra (``grad_cosine`` edges only;
+            fixed graphs are decomposed once).
+        eigensolver: ``auto``, ``dense``, ``eigsh`` or ``lobpcg``.
+    """
+
+    def __init__(
+        self,
+        graph: GraphConfig | None = None,
+        filter: FilterName = "heat",
+        cutoff: int = 1,
+        tau: float = 1.0,
+        recompute_every_n_steps: int = 50,
+        eigensolver: Eigensolver = "auto",
+    ) -> None:
+        if filter not in ("ideal_lowpass", "heat", "tikhonov"):
+            raise MisconfigurationException(
+                f"SpectralGradientFilter: filter must be ideal_lowpass, heat or tikhonov, got {filter!r}"
+            )
+        if cutoff < 1 or tau < 0 or recompute_every_n_steps < 1:
+            raise MisconfigurationException(
+                "SpectralGradientFilter: cutoff and recompute_every_n_steps must be >= 1 and tau >= 0, got "
+                f"cutoff={cutoff}, recompute_every_n_steps={recompute_every_n_steps}, tau={tau}"
+            )
+        self.graph = graph if graph is not None else GraphConfig()
+        self.filter = filter
+        self.cutoff = cutoff
+        self.tau = tau
+        self.recompute_every_n_steps = recompute_every_n_steps
+        self.eigensolver = eigensolver
+        self.steps = 0
+        self.graphs: ParameterGraphs | None = None
+        self._saved_graphs: dict[str, Any] | None = None
+        self._filters: dict[str, NodeFilter] = {}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_fsdp(trainer, FSDP_MESSAGE)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.build({name: p for name, p in pl_module.named_parameters() if p.requires_grad})
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        energies = self.filter_gradients(dict(pl_module.named_parameters()))
+        if energies is not None:
+            total, removed = energies
+            pl_module.log("spectral_filter/energy_removed", removed / total.clamp_min(1e-30))
+
+    def build(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Build the graphs over ``params`` (the trainable ones); a resumed run takes the saved graphs."""
+        num_pairs = self.cutoff if self.filter == "ideal_lowpass" else None
+        try:
+            self.graphs = ParameterGraphs(
+                {n: p.shape for n, p in params.items()}, self.graph, num_pairs, self.eigensolver
+            )
+        except ValueError as error:
+            raise MisconfigurationException(f"SpectralGradientFilter: {error}") from error
+        if self._saved_graphs is not None:  # resumed: the graphs of the interrupted run, not new ones
+            self.graphs.load_state_dict(self._saved_graphs)
+            self._refilter()
+        elif self.graph.edge_weights != "grad_cosine":
+            self.graphs.initialise(params)
+            self._refilter()
+
+    def filter_gradients(
+        self, params: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """G ← U g(Λ) Uᵀ G for every graph, in place; returns (||G||², energy removed), or None when
+        the graph's parameters have no gradient this step."""
+        graphs = self.graphs
+        assert graphs is not None, "build() (on_fit_start) comes first"
+        grads = {name: params[name].grad for name in graphs.parameter_names}
+        if any(g is None for g in grads.values()):
+            return None
+        present: dict[str, torch.Tensor] = {n: g for n, g in grads.items() if g is not None}
+        if graphs.config.edge_weights == "grad_cosine":
+            graphs.observe_gradients(present)
+            if self.steps % self.recompute_every_n_steps == 0:
+                self._refilter()
+        energies = filter_node_gradients(graphs.groups, self._device_filters(present), present)
+        self.steps += 1
+        return energies
+
+    def _refilter(self) -> None:
+        """Decompose every graph's Laplacian again and rebuild the filters."""
+        assert self.graphs is not None
+        self.graphs.refresh()
+        self._filters = {
+            name: NodeFilter.from_spectrum(spectrum, self.filter, self.cutoff, self.tau)
+            for name, spectrum in self.graphs.spectra.items()
+        }
+
+    def _device_filters(self, grads: Mapping[str, torch.Tensor]) -> dict[str, NodeFilter]:
+        device = next(iter(grads.values())).device
+        for name, node_filter in self._filters.items():
+            if node_filter.basis.device != device or node_filter.basis.dtype != torch.float32:
+                self._filters[name] = node_filter.to(device, torch.float32)
+        return self._filters
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        graphs = self.graphs.state_dict() if self.graphs is not None else self._saved_graphs
+        return {"steps": self.steps, "graphs": graphs}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = state_dict["steps"]
+        self._saved_graphs = state_dict["graphs"]

@@ -1,0 +1,128 @@
+"""The joint loss of graph-spectral parameter coordination, around any method's trainable tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from spec_lightning.methods.base import FineTuningMethod, Regularization
+from spec_lightning.methods.full import FullFineTuning
+from spec_lightning.spectral import GraphConfig, ParameterGraphs, spectral_smoothness
+
+
+class GraphSpectral(FineTuningMethod):
+    """Graph-spectral parameter coordination (Zhang et al., 2025; METHODS.md §1) as a joint objective.
+
+    L = L_task + λ · L_spec,  L_spec = Σ_graphs Σ_ij W_ij ||Δθ_i − Δθ_j||² = 2 Σ_k λ_k ||(Uᵀ Δθ)_k||²,
+
+    computed in the spectral domain of each graph's Laplacian L = U Λ Uᵀ. The nodes are blocks of the
+    wrapped method's trainable tensors (``graph``); Δθ = θ − θ₀ with θ₀ their values right after
+    ``method.apply`` (the pretrained weights under full fine-tuning), so the term keeps the update
+    smooth across the graph without dragging the pretrained weights; ``reference="zero"`` regularises
+    θ itself. The graph is fixed (``structural`` or ``weight_cosine`` edges, from the pretrained
+    weights); gradient-dependent graphs belong to :class:`~spec_lightning.SpectralGradientFilter`,
+    which adds the paper's low-pass filtering of gradients. Everything else (what trains, adapter
+    state, merge, export) is the wrapped method's.
+
+    Args:
+        method: the method whose trainable tensors become nodes (default: full fine-tuning).
+        graph: how the tensors become graphs.
+        spectral_weight: λ.
+        reference: ``pretrained`` (Δθ = θ − θ₀) or ``zero`` (the raw-θ variant).
+        objective: ``joint``; or, for the ablation, ``task`` (λ-term logged, not trained on) or
+            ``spectral`` (the task loss logged, not trained on).
+    """
+
+    def __init__(
+        self,
+        method: FineTuningMethod | None = None,
+        graph: GraphConfig | None = None,
+        spectral_weight: float = 0.01,
+        reference: Literal["pretrained", "zero"] = "pretrained",
+        objective: Literal["joint", "task", "spectral"] = "joint",
+    ) -> None:
+        graph = graph if graph is not None else GraphConfig()
+        if graph.edge_weights == "grad_cosine":
+            raise ValueError(
+                "method.init_args.graph.edge_weights=grad_cosine would make the loss change with every "
+                "gradient; use structural or weight_cosine here, and grad_cosine in SpectralGradientFilter"
+            )
+        if spectral_weight < 0:
+            raise ValueError(f"method.init_args.spectral_weight must be >= 0, got {spectral_weight}")
+        if reference not in ("pretrained", "zero"):
+            raise ValueError(f"method.init_args.reference must be pretrained or zero, got {reference!r}")
+        if objective not in ("joint", "task", "spectral"):
+            raise ValueError(f"method.init_args.objective must be joint, task or spectral, got {objective!r}")
+        self.method = method if method is not None else FullFineTuning()
+        self.graph = graph
+        self.spectral_weight = spectral_weight
+        self.reference = reference
+        self.objective = objective
+        self.parameter_efficient = self.method.parameter_efficient
+        self.mergeable = self.method.mergeable
+        self._graphs: ParameterGraphs | None = None
+        self._reference: dict[str, torch.Tensor] = {}
+
+    def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
+        """Apply the wrapped method, then build the graphs over its trainable tensors and keep θ₀."""
+        model = self.method.apply(model, head, total_steps)
+        params = dict(self.method.trainable_parameters(model))
+        self._graphs = ParameterGraphs({n: p.shape for n, p in params.items()}, self.graph)
+        self._graphs.initialise(params)
+        self._graphs.refresh()
+        self._reference = {
+            g.name: g.stack(params).detach().clone() if self.reference == "pretrained" else torch.zeros(())
+            for g in self._graphs.groups
+        }
+        return model
+
+    @property
+    def graphs(self) -> ParameterGraphs:
+        if self._graphs is None:
+            raise RuntimeError("GraphSpectral: call apply(model) first")
+        return self._graphs
+
+    def spectral_loss(self, model: nn.Module) -> torch.Tensor:
+        """L_spec summed over the graphs, differentiable in the node tensors."""
+        params = dict(model.named_parameters())
+        total = None
+        for group in self.graphs.groups:
+            nodes = group.stack(params)  # (m, d), differentiable
+            reference = self._reference[group.name]
+            if reference.device != nodes.device:
+                reference = self._reference[group.name] = reference.to(nodes.device)
+            term = spectral_smoothness((nodes - reference).float(), self.graphs.spectra[group.name])
+            total = term if total is None else total + term
+        assert total is not None  # group_nodes never returns an empty list
+        return total
+
+    def regularization(self, model: nn.Module) -> Regularization:
+        return Regularization(
+            name="spectral_loss",
+            value=self.spectral_loss(model),
+            weight=0.0 if self.objective == "task" else self.spectral_weight,
+            task_weight=0.0 if self.objective == "spectral" else 1.0,
+        )
+
+    # ---- everything else is the wrapped method's ---------------------------------------------
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return self.method.trainable_parameters(model)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.method.adapter_state_dict(model)
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.method.load_adapter_state_dict(model, state)
+
+    def export_adapter(self, model: nn.Module, directory: str | Path) -> None:
+        self.method.export_adapter(model, directory)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return self.method.merge(model)
+
+    def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        self.method.on_optimizer_step(model, global_step)

@@ -1,0 +1,179 @@
+"""Parameter graphs (METHODS.md §1): which parameter blocks are nodes, and how strongly they are joined.
+
+A node is a block of parameters, never a scalar. ``cross_layer`` makes one graph per parameter role
+(``encoder.layer.*.attention.self.query.weight``) whose nodes are that parameter in successive layers;
+``rows`` makes one graph per matrix whose nodes are its rows (output units). A graph's nodes stacked
+as rows form the m x d node matrix θ that the Laplacian acts on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from spec_lightning.naming import layer_role, matches
+
+GraphKind = Literal["cross_layer", "rows"]
+EdgeWeights = Literal["structural", "weight_cosine", "grad_cosine"]
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """How parameter blocks become weighted graphs.
+
+    Attributes:
+        kind: ``cross_layer`` (nodes = one parameter role across layers) or ``rows`` (nodes = the rows
+            of one matrix).
+        targets: names (dotted suffixes, as in ``target_modules``) of the parameters or modules whose
+            matrices become nodes; None = every trainable parameter with two or more dimensions.
+        edge_weights: ``structural`` (W_ij = 1 for layers at most ``neighbors`` apart; cross_layer
+            only), ``weight_cosine`` (cosine of the pretrained node vectors) or ``grad_cosine`` (an
+            exponential moving average of the cosine of node gradients). Negative cosines count as 0.
+        neighbors: k of the k-nearest-neighbour sparsification (for ``structural``: the chain reach);
+            None keeps every edge.
+        normalized: use L = I − D^{-1/2} W D^{-1/2} instead of L = D − W (invariant to the scale of W).
+        ema: β of the gradient-cosine average S ← β S + (1 − β) cos(G).
+    """
+
+    kind: GraphKind = "cross_layer"
+    targets: tuple[str, ...] | None = None
+    edge_weights: EdgeWeights = "structural"
+    neighbors: int | None = 1
+    normalized: bool = False
+    ema: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cross_layer", "rows"):
+            raise ValueError(f"graph.kind must be cross_layer or rows, got {self.kind!r}")
+        if self.edge_weights not in ("structural", "weight_cosine", "grad_cosine"):
+            raise ValueError(
+                "graph.edge_weights must be structural, weight_cosine or grad_cosine, "
+                f"got {self.edge_weights!r}"
+            )
+        if self.kind == "rows" and self.edge_weights == "structural":
+            raise ValueError(
+                "graph.edge_weights=structural needs an order of layers; the rows of a matrix have none. "
+                "Use weight_cosine or grad_cosine with graph.kind=rows."
+            )
+        if self.neighbors is not None and self.neighbors < 1:
+            raise ValueError(f"graph.neighbors must be >= 1 or null, got {self.neighbors}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"graph.ema must lie in [0, 1), got {self.ema}")
+        if isinstance(self.targets, str):
+            raise TypeError(f"graph.targets must be a list of names, got the string {self.targets!r}")
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """The nodes of one graph: several equally shaped parameters (cross_layer) or one matrix (rows)."""
+
+    name: str
+    kind: GraphKind
+    params: tuple[str, ...]
+
+    def stack(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The m x d node matrix (a view for ``rows``, a copy for ``cross_layer``)."""
+        if self.kind == "rows":
+            tensor = tensors[self.params[0]]
+            return tensor.reshape(tensor.shape[0], -1)
+        return torch.stack([tensors[p].reshape(-1) for p in self.params])
+
+    @torch.no_grad()
+    def write(self, nodes: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy an m x d node matrix back into the tensors it was stacked from."""
+        if self.kind == "rows":
+            tensor = tensors[self.params[0]]
+            tensor.copy_(nodes.view_as(tensor))
+            return
+        for row, param in zip(nodes, self.params, strict=True):
+            tensors[param].copy_(row.view_as(tensors[param]))
+
+
+def group_nodes(
+    shapes: Mapping[str, Sequence[int]], kind: GraphKind, targets: Sequence[str] | None
+) -> list[NodeGroup]:
+    """Build the node groups over the named parameters (name -> shape, in model order).
+
+    Raises:
+        ValueError: a target matches no parameter with two or more dimensions, or no graph has two
+            nodes (the message lists what is there).
+    """
+    matrices = [name for name, shape in shapes.items() if len(shape) >= 2]
+    selected = matrices if targets is None else [n for n in matrices if _is_target(n, targets)]
+    for pattern in targets or ():
+        if not any(_is_target(n, (pattern,)) for n in matrices):
+            raise ValueError(
+                f"graph.targets: {pattern!r} matches no trainable matrix. Available roles: "
+                f"{sorted({(layer_role(n) or (n, 0))[0] for n in matrices})[:20]}"
+            )
+    if kind == "rows":
+        groups = [NodeGroup(n, "rows", (n,)) for n in selected if shapes[n][0] >= 2]
+    else:
+        groups = _cross_layer_groups(selected, shapes)
+    if not groups:
+        raise ValueError(
+            f"no {kind} graph has two nodes among {len(selected)} trainable matrices: cross_layer needs a "
+            "parameter role repeated in two or more layers (does the method train per-layer tensors?)"
+        )
+    return groups
+
+
+def _is_target(name: str, targets: Sequence[str]) -> bool:
+    module = name.rpartition(".")[0]
+    return any(matches(name, t) or matches(module, t) for t in targets)
+
+
+def _cross_layer_groups(names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> list[NodeGroup]:
+    roles: dict[str, list[tuple[int, str]]] = {}
+    for name in names:
+        split = layer_role(name)
+        if split is not None:
+            roles.setdefault(split[0], []).append((split[1], name))
+    groups = []
+    for role, members in roles.items():
+        params = tuple(name for _, name in sorted(members))
+        if len(params) < 2:
+            continue
+        if len({tuple(shapes[p]) for p in params}) > 1:
+            raise ValueError(
+                f"cross_layer graph {role}: its layers have different shapes "
+                f"{sorted({tuple(shapes[p]) for p in params})}; exclude it from graph.targets"
+            )
+        groups.append(NodeGroup(role, "cross_layer", params))
+    return groups
+
+
+def structural_weights(m: int, neighbors: int | None) -> torch.Tensor:
+    """W_ij = 1 for 0 < |i − j| ≤ neighbors (a chain for 1; complete for None), float64."""
+    index = torch.arange(m)
+    distance = (index[:, None] - index[None, :]).abs()
+    reach = m if neighbors is None else neighbors
+    return ((distance > 0) & (distance <= reach)).double()
+
+
+def gram(nodes: torch.Tensor) -> torch.Tensor:
+    """K = θ θᵀ (m x m, float64 on the CPU): sums over shards give the Gram of the whole nodes."""
+    nodes = nodes.float()
+    return (nodes @ nodes.T).double().cpu()
+
+
+def cosine_weights(gram_matrix: torch.Tensor) -> torch.Tensor:
+    """W_ij = max(0, K_ij / sqrt(K_ii K_jj)) for i ≠ j, 0 on the diagonal; zero nodes get no edge."""
+    norms = gram_matrix.diagonal().clamp_min(0).sqrt()
+    scale = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    cosine = (gram_matrix * scale[:, None] * scale[None, :]).clamp(0.0, 1.0)
+    return cosine.fill_diagonal_(0.0)
+
+
+def knn_sparsify(weights: torch.Tensor, neighbors: int | None) -> torch.Tensor:
+    """Keep W_ij when j is among the ``neighbors`` heaviest edges of i, or i among those of j."""
+    m = weights.shape[0]
+    if neighbors is None or neighbors >= m - 1:
+        return weights.clone()
+    masked = weights.clone().fill_diagonal_(float("-inf"))
+    top = masked.topk(neighbors, dim=1).indices
+    keep = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, top, True)
+    return torch.where(keep | keep.T, weights, torch.zeros_like(weights))
