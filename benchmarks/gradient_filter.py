@@ -20,7 +20,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -28,9 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
-from benchmarks.spectral_adapters import load_backbone, sync
+from benchmarks.common import fixed_batch, load_backbone, sync, write_results
 from spec_lightning import GraphConfig, GraphSpectral, SpectralGradientFilter
 from spec_lightning.methods import FullFineTuning
 from spec_lightning.pretrained import resolve_pretrained
@@ -53,13 +51,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     path = resolve_pretrained(args.backbone)
-    g = torch.Generator().manual_seed(0)
-    vocab = AutoConfig.from_pretrained(path).vocab_size
-    batch = {
-        "input_ids": torch.randint(1000, vocab, (args.batch_size, args.seq_len), generator=g).to(device),
-        "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long).to(device),
-        "labels": torch.randint(0, 2, (args.batch_size,), generator=g).to(device),
-    }
+    batch = fixed_batch(path, args.batch_size, args.seq_len, device)
     graph = GraphConfig(kind="cross_layer", edge_weights="structural", neighbors=1)
     method = GraphSpectral(FullFineTuning(), graph, spectral_weight=1e-3)
     model = method.apply(load_backbone(path, args.random_init)).to(device).train()
@@ -127,13 +119,9 @@ def main() -> None:
         f"median of {args.steps} interleaved rounds after {args.warmup} warm-up; grad_cosine includes "
         f"its eigendecomposition ({1000 * refresh_s:.1f} ms) / {args.recompute}."
     )
-    lines = [header, "", "| variant | step (ms, median) | × plain step |", "|---|---|---|"]
+    lines = ["| variant | step (ms, median) | × plain step |", "|---|---|---|"]
     lines += [f"| {r['variant']} | {r['step_ms']:.1f} | {r['ratio']:.3f} |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".md").write_text(text)
-    args.output.with_suffix(".json").write_text(json.dumps({"setting": header, "rows": rows}, indent=2))
+    write_results(args.output, header, "\n".join(lines) + "\n", rows)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ def runs() -> dict[str, tuple[str, list[Path]]]:
     table: dict[str, tuple[str, list[Path]]] = {}
     for label, folder in METHODS.items():
         table[label] = (f"{folder}-sst2", [CONFIGS / folder / "sst2.yaml"])
+    for objective, overlay in ABLATION.items():
+        configs = [CONFIGS / "graph_spectral" / "sst2.yaml", CONFIGS / "graph_spectral" / overlay]
+        table[f"{objective}_only"] = (f"graph_spectral-sst2-{objective}_only", configs)
     for label in ("lora", "graph_spectral"):
         for pct in (20, 40, 60):
             configs = [
@@ -44,9 +47,6 @@ def runs() -> dict[str, tuple[str, list[Path]]]:
                 CONFIGS / "graph_spectral" / "fewshot" / f"{pct}.yaml",
             ]
             table[f"{label}@{pct}%"] = (f"{METHODS[label]}-sst2", configs)
-    for objective, overlay in ABLATION.items():
-        configs = [CONFIGS / "graph_spectral" / "sst2.yaml", CONFIGS / "graph_spectral" / overlay]
-        table[f"{objective}_only"] = (f"graph_spectral-sst2-{objective}_only", configs)
     return table
 
 

@@ -11,14 +11,13 @@ by storage), i.e. what a training step must hold at its peak.
 
 Examples::
 
-    python benchmarks/spectral_adapters.py --threads 2                       # CPU, real MiniLM weights
-    python benchmarks/spectral_adapters.py --device cuda --random-init      # GPU, MiniLM shapes
+    python -m benchmarks.spectral_adapters --threads 2                       # CPU, real MiniLM weights
+    python -m benchmarks.spectral_adapters --device cuda --random-init      # GPU, MiniLM shapes
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -27,9 +26,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from benchmarks.common import fixed_batch, load_backbone, sync, write_results
 from spec_lightning.methods import FineTuningMethod, LoRA, LoRSA, SpecLoRA
 from spec_lightning.methods.lorsa.method import lorsa_layers
 from spec_lightning.pretrained import resolve_pretrained
@@ -41,18 +39,6 @@ METHODS: dict[str, Callable[[], FineTuningMethod]] = {
     "LoRSA |S|=64 r=48": lambda: LoRSA(target_modules=QV, num_components=64, rank=48),
     "SpecLoRA r=8 k=32": lambda: SpecLoRA(target_modules=QV, r=8, alpha=16, dropout=0.1, top_k=32),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def load_backbone(path: str, random_init: bool) -> nn.Module:
-    torch.manual_seed(0)
-    if random_init:
-        return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, num_labels=2))
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
 
 def saved_tensor_bytes(step: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -130,11 +116,9 @@ def measure(name: str, args: argparse.Namespace, batch: dict[str, torch.Tensor])
     }
 
 
-def table(rows: list[dict[str, object]], header: str) -> str:
+def table(rows: list[dict[str, object]]) -> str:
     base = rows[0]
     lines = [
-        header,
-        "",
         "| method | trainable | step (ms, median) | × LoRA | train memory (MiB) | × LoRA | peak CUDA (MiB) "
         "| × LoRA | apply (s, incl. SVD) | importance pass (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -172,13 +156,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.path = resolve_pretrained(args.backbone)
     device = torch.device(args.device)
-    g = torch.Generator().manual_seed(0)
-    vocab = AutoConfig.from_pretrained(args.path).vocab_size
-    batch = {
-        "input_ids": torch.randint(1000, vocab, (args.batch_size, args.seq_len), generator=g).to(device),
-        "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long).to(device),
-        "labels": torch.randint(0, 2, (args.batch_size,), generator=g).to(device),
-    }
+    batch = fixed_batch(args.path, args.batch_size, args.seq_len, device)
     rounds = [[measure(name, args, batch) for name in METHODS] for _ in range(args.repeats)]
     rows = []  # per method, the round with the lowest step time (least disturbed by the machine)
     for i, name in enumerate(METHODS):
@@ -192,11 +170,7 @@ def main() -> None:
         f"{platform.machine()}; median of {args.steps} steps after {args.warmup} warm-up, best of "
         f"{args.repeats} interleaved rounds."
     )
-    text = table(rows, header)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".md").write_text(text)
-    args.output.with_suffix(".json").write_text(json.dumps({"setting": header, "rows": rows}, indent=2))
+    write_results(args.output, header, table(rows), rows)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from spec_lightning import (
-    GLUEDataModule,
-    GraphConfig,
-    SequenceClassificationModule,
-    SpectralGradientFilter,
-    SpectralImportance,
-    SpectrumMonitor,
-)
+from spec_lightning import GLUEDataModule, SequenceClassificationModule, SpectralImportance, SpectrumMonitor
 from tests.conftest import BACKBONE_TARGETS, METHODS
 from tests.test_method_contract import batch, build, train_steps
 
@@ -64,26 +57,3 @@ def test_fit_bf16_mixed_with_the_callbacks(
     trainer.fit(module, GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8))
     assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["val/loss"])
     assert (tmp_path / "spectrum.csv").is_file()
-
-
-@pytest.mark.parametrize("edge_weights", ["structural", "grad_cosine"])
-def test_graph_spectral_fit_bf16_mixed_with_the_filter(
-    tiny_bert: str, sst2_dir: str, tmp_path: Path, edge_weights: str
-) -> None:
-    module = SequenceClassificationModule(tiny_bert, METHODS["graph_spectral"](*BACKBONE_TARGETS["bert"]))
-    gradient_filter = SpectralGradientFilter(GraphConfig(edge_weights=edge_weights), filter="heat", tau=0.5)  # type: ignore[arg-type]
-    trainer = L.Trainer(
-        max_steps=4,
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        logger=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        callbacks=[gradient_filter],
-        limit_val_batches=2,
-    )
-    trainer.fit(module, GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8))
-    metrics = trainer.callback_metrics
-    assert gradient_filter.steps == 4 and 0 < metrics["spectral_filter/energy_removed"] < 1
-    assert torch.isfinite(metrics["train/spectral_loss"]) and torch.isfinite(metrics["val/loss"])

@@ -122,13 +122,22 @@ def test_filter_sees_unscaled_gradients_under_amp(tmp_path: Path) -> None:
     torch.testing.assert_close(before.grads[0]["blocks.0.fc1.weight"], expected, rtol=1e-2, atol=1e-5)
 
 
-def test_bf16_mixed_fit_with_the_joint_loss(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
+GPU = pytest.param(
+    "gpu",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", GPU])
+def test_bf16_mixed_fit_with_the_joint_loss(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, accelerator: str
+) -> None:
     method = GraphSpectral(FullFineTuning(), spectral_weight=1.0)
     module = SequenceClassificationModule(tiny_bert, method, learning_rate=1e-3)
     gradient_filter = SpectralGradientFilter(GraphConfig(edge_weights="grad_cosine"), filter="tikhonov")
     trainer = L.Trainer(
         max_steps=3,
-        accelerator="cpu",
+        accelerator=accelerator,
         precision="bf16-mixed",
         logger=False,
         enable_progress_bar=False,
