@@ -160,3 +160,14 @@ def test_the_module_logs_task_and_spectral_terms_apart(tiny_bert: str, sst2_dir:
     torch.testing.assert_close(
         logged["train/loss"], logged["train/task_loss"] + 100.0 * logged["train/spectral_loss"]
     )
+
+
+def test_spectral_loss_keeps_float32_under_autocast() -> None:
+    method = GraphSpectral(FullFineTuning(), GRAPH)
+    model = method.apply(tiny_encoder())
+    perturb(model)
+    exact = method.spectral_loss(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = method.spectral_loss(model)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, exact)

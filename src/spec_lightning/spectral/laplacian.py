@@ -82,7 +82,8 @@ def spectral_smoothness(nodes: torch.Tensor, spectrum: LaplacianSpectrum) -> tor
     """
     if not spectrum.complete:
         raise ValueError("the smoothness term needs every eigenpair; decompose with num_pairs=None")
-    basis = spectrum.vectors.to(nodes.device, nodes.dtype)
-    coefficients = basis.T @ nodes  # (m, d): θ' = Uᵀ θ
-    values = spectrum.values.to(nodes.device, nodes.dtype)
-    return 2.0 * (values * coefficients.pow(2).sum(dim=1)).sum()
+    with torch.autocast(nodes.device.type, enabled=False):  # Δθ is small: bf16 would round it away
+        basis = spectrum.vectors.to(nodes.device, nodes.dtype)
+        coefficients = basis.T @ nodes  # (m, d): θ' = Uᵀ θ
+        values = spectrum.values.to(nodes.device, nodes.dtype)
+        return 2.0 * (values * coefficients.pow(2).sum(dim=1)).sum()
