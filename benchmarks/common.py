@@ -1,8 +1,12 @@
-"""What the benchmark scripts share: the backbone, a fixed batch, device sync and result files."""
+"""What the benchmark scripts share: the backbone, a fixed batch, device sync, result files and CLI runs."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,3 +44,18 @@ def write_results(output: Path, header: str, table: str, rows: list[dict[str, ob
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".md").write_text(text)
     output.with_suffix(".json").write_text(json.dumps({"setting": header, "rows": rows}, indent=2))
+
+
+def fit_run(configs: list[Path], logs: Path, version: str, threads: int, root: Path) -> float:
+    """``spec-lightning fit`` of ``configs`` logged under ``logs``/<name>/``version``; its wall seconds."""
+    command = [sys.executable, "-m", "spec_lightning", "fit"]
+    command += [a for c in configs for a in ("--config", str(c))]
+    command += [
+        f"--trainer.logger.init_args.save_dir={logs}",
+        f"--trainer.logger.init_args.version={version}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(" ".join(command[2:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=root, env=env)
+    return time.perf_counter() - start

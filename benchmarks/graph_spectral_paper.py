@@ -8,21 +8,18 @@
 Every run is ``spec-lightning fit`` with the configs named below, logged under ``--logs``; finished runs
 are reused. Writes ``graph_spectral_sst2.{md,json}`` and ``graph_spectral_ablation.png`` into ``--out``::
 
-    python benchmarks/graph_spectral_paper.py --threads 2
+    python -m benchmarks.graph_spectral_paper --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from benchmarks.common import fit_run
 from spec_lightning.analysis.curves import curves_figure, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,18 +54,7 @@ def run_dir(logs: Path, run_id: str, name: str) -> Path:
 
 def fit(run_id: str, name: str, configs: list[Path], logs: Path, threads: int) -> float:
     """Run one fit; returns its wall time in seconds."""
-    version = run_dir(logs, run_id, name).name
-    command = [sys.executable, "-m", "spec_lightning", "fit"]
-    command += [a for c in configs for a in ("--config", str(c))]
-    command += [
-        f"--trainer.logger.init_args.save_dir={logs}",
-        f"--trainer.logger.init_args.version={version}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    print(" ".join(command[2:]), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env=env)
-    return time.perf_counter() - start
+    return fit_run(configs, logs, run_dir(logs, run_id, name).name, threads, ROOT)
 
 
 def summarise(logs: Path, walls: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,13 @@ GLUE = sorted((CONFIGS / "glue").glob("*.yaml"))
 METHOD = sorted((CONFIGS / "method").glob("*.yaml"))
 TRAINER = sorted((CONFIGS / "trainer").glob("*.yaml"))
 EXPERIMENT_CLASSES = {
+    "bitfit": "BitFit",
     "full": "FullFineTuning",
     "graph_spectral": "GraphSpectral",
     "houlsby": "HoulsbyAdapter",
     "lora": "LoRA",
     "lorsa": "LoRSA",
+    "mftc": "FullFineTuning",
     "speclora": "SpecLoRA",
 }
 EXPERIMENTS = sorted(p for d in EXPERIMENT_CLASSES for p in (CONFIGS / d).glob("*.yaml"))
@@ -170,6 +173,31 @@ def test_experiment_config_fits_and_exports(tiny_bert: str, tmp_path: Path, meth
     run = Path(cli.trainer.log_dir)
     assert (run / "spectrum.csv").is_file() and (run / "spectrum_end.png").is_file()
     assert (run / "spectral_importance.csv").is_file() == (method == "lorsa")
+    export_matches_the_module(run, tmp_path / "merged", cli.model)
+
+
+def test_mftc_config_clusters_searches_and_trains_the_selection(tiny_bert: str, tmp_path: Path) -> None:
+    """configs/mftc/sst2.yaml as it is on the tiny model: its 16 blocks (32-wide slices of 32 x 32 and
+    64 x 32 matrices) are clustered, searched at step 50 and the selection trained to step 60."""
+    data_dir = write_sst2(tmp_path / "sst2", n_train=320)
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mftc" / "sst2.yaml"),
+            f"--model.init_args.backbone={tiny_bert}",
+            f"--data.init_args.data_dir={data_dir}",
+            "--trainer.max_epochs=6",
+            "--trainer.limit_val_batches=2",
+            "--trainer.val_check_interval=1.0",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        ]
+    )
+    run = Path(cli.trainer.log_dir)
+    report = json.loads((run / "module_search.json").read_text())
+    assert report["step"] == 50 and len(report["predictor"]["measured"]) == 9
+    assert (run / "modules.json").is_file() and (run / "clustering.png").is_file()
+    assert cli.trainer.callback_metrics["clustering/modules"] >= 1
     export_matches_the_module(run, tmp_path / "merged", cli.model)
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "spec_lightning"
-PURE = sorted([*(SRC / "spectral").glob("*.py"), *(SRC / "methods").glob("*/layer.py")])
+PURE = sorted(
+    [
+        *(SRC / "spectral").glob("*.py"),
+        *(SRC / "methods").glob("*/layer.py"),
+        *(SRC / "methods" / "mftc").glob("*.py"),
+    ]
+)
 
 
 @pytest.mark.parametrize("path", PURE, ids=lambda p: str(p.relative_to(SRC)))

@@ -1,6 +1,12 @@
 """spec_lightning: spectral fine-tuning of pretrained language models with PyTorch Lightning."""
 
-from spec_lightning.callbacks import SpectralGradientFilter, SpectralImportance, SpectrumMonitor
+from spec_lightning.callbacks import (
+    DynamicSpectralClustering,
+    ModuleSearch,
+    SpectralGradientFilter,
+    SpectralImportance,
+    SpectrumMonitor,
+)
 from spec_lightning.data import GLUEDataModule
 from spec_lightning.methods import (
     AdaLoRA,
@@ -17,12 +23,15 @@ from spec_lightning.methods import (
 )
 from spec_lightning.modules import SequenceClassificationModule
 from spec_lightning.spectral import GraphConfig
+from spec_lightning.spectral.blocks import BlockRule, bert_blocks
 
 __version__ = "0.1.0"
 __all__ = [
     "AdaLoRA",
     "BitFit",
+    "BlockRule",
     "DoRA",
+    "DynamicSpectralClustering",
     "FineTuningMethod",
     "FullFineTuning",
     "GraphSpectral",
@@ -31,10 +40,12 @@ __all__ = [
     "HoulsbyAdapter",
     "LoRA",
     "LoRSA",
+    "ModuleSearch",
     "PiSSA",
     "SpecLoRA",
     "SequenceClassificationModule",
     "SpectralGradientFilter",
     "SpectralImportance",
     "SpectrumMonitor",
+    "bert_blocks",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
-from spec_lightning.callbacks.strategy import refuse_fsdp
+from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
 from spec_lightning.spectral import TopKSVD, allocate_components
 from spec_lightning.spectral.importance import SigmaFisher
 
@@ -163,11 +162,11 @@ class SpectralImportance(L.Callback):
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = sum(len(s) for s in self.selected.values())
         rank_zero_info(f"SpectralImportance: {total} components selected in {len(self.selected)} layers")
+        directory = log_directory(trainer)
         if not trainer.is_global_zero:
             return
         task = self.task or str(getattr(pl_module, "hparams", {}).get("task", "run"))
         rows = selection_rows(task, self.sigmas, self.scores, self.selected)
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
         write_rows(rows, directory / "spectral_importance.csv")
         fig = specialisation_figure(rows)
         fig.savefig(directory / "spectral_importance.png", dpi=120)

@@ -21,7 +21,7 @@ from spec_lightning.analysis.spectrum import (
     spectrum,
     spectrum_figure,
 )
-from spec_lightning.callbacks.strategy import refuse_fsdp
+from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
 from spec_lightning.naming import matches
 
 
@@ -87,30 +87,37 @@ class SpectrumMonitor(L.Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.reference or not trainer.is_global_zero:  # resumed: the reference came from the checkpoint
+        if self.reference:  # resumed: the reference came from the checkpoint
+            return
+        directory = log_directory(trainer)
+        if not trainer.is_global_zero:
             return
         for name, module in self._targets(pl_module).items():
             self.reference[name] = spectrum(effective_weight(module), self.top_k)
-        self._snapshot(trainer, pl_module, "start")
+        self._snapshot(trainer, pl_module, "start", directory)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and trainer.is_global_zero:
-            self._snapshot(trainer, pl_module, f"epoch{epoch}")
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            directory = log_directory(trainer)
+            if trainer.is_global_zero:
+                self._snapshot(trainer, pl_module, f"epoch{epoch}", directory)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        directory = log_directory(trainer)
         if trainer.is_global_zero:
-            self._snapshot(trainer, pl_module, "end")
+            self._snapshot(trainer, pl_module, "end", directory)
 
-    def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _snapshot(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, directory: Path
+    ) -> None:
         rows = []
         for name, module in self._targets(pl_module).items():
             now = spectrum(effective_weight(module), self.top_k)
             rows += compare(stage, trainer.global_step, name, self.reference[name], now)
         self.rows += rows
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
         write_rows(self.rows, directory / "spectrum.csv", FIELDS)
         fig = spectrum_figure(rows, f"{stage} (step {trainer.global_step})")
         fig.savefig(directory / f"spectrum_{stage}.png", dpi=120)

@@ -117,6 +117,19 @@ class SequenceClassificationModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
+    def probe_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, expected accuracy) of a batch, for ModuleSearch's probes.
+
+        The expected accuracy is the mean probability of the true label, E[1(ŷ = y)] under the model's
+        softmax: a few probe steps rarely flip an argmax, but they move this smoothly. Regression
+        scores −loss.
+        """
+        out = self(**batch)
+        if self.hparams.num_labels == 1:
+            return out.loss, -out.loss.detach()
+        probabilities = out.logits.detach().float().softmax(-1)
+        return out.loss, probabilities.gather(-1, batch["labels"][:, None]).mean()
+
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch = {k: v for k, v in batch.items() if k != "labels"}
         logits = self(**batch).logits

@@ -1,0 +1,212 @@
+"""Dynamic spectral clustering of parameter blocks into modules during training (MFTC's DSCA)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from spec_lightning.analysis.modules import assignment_figure
+from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
+from spec_lightning.spectral.blocks import BlockMap, BlockRule, GradientSketcher, bert_blocks
+from spec_lightning.spectral.clustering import Kernel, Module, SpectralClusterer
+
+
+class DynamicSpectralClustering(L.Callback):
+    """Cluster parameter blocks into modules by the spectra of their gradient-similarity graph.
+
+    Every optimiser step (in ``on_before_optimizer_step``: after accumulation, AMP unscaling and the
+    DDP all-reduce, so every rank sketches the same global gradient) each block's gradient is sketched
+    by a random projection, g_i ↦ Rᵀ g_i ∈ ℝ^s, and its squared norm kept. Every
+    ``update_every_n_steps`` steps the summed sketches feed one DSCA update
+    (:class:`~spec_lightning.spectral.clustering.SpectralClusterer`): k-NN similarity S(t),
+    W(t) = α W(t−1) + (1−α) S(t), L_sym, its r smallest eigenvectors warm-started from the last ones
+    (full recompute every ``full_recompute_every`` updates), k-means with k ∈ ``clusters`` by eigengap,
+    merge/split by size, and the module library (size, mean gradient energy, stability). It logs
+    ``clustering/modules``, ``clustering/nmi``, ``clustering/ari`` (against the previous clustering),
+    ``clustering/eigen_residual`` and ``clustering/seconds``, draws the block-to-module assignment per
+    layer (TensorBoard figure and ``clustering.png``) and writes ``modules.json`` to the log dir. W,
+    U, the labels, the library and the pending sketches are kept in the checkpoint.
+
+    Blocks whose parameters get no gradient in a step (frozen after a module search) are not
+    sketched: the clustering then stops where it was.
+
+    Example::
+
+        blocks = bert_blocks(head_dim=64)
+        trainer = L.Trainer(callbacks=[DynamicSpectralClustering(blocks, update_every_n_steps=20)])
+
+    Args:
+        blocks: how parameters split into blocks (first matching rule wins).
+        sketch_dim: s, the sketch dimension.
+        kernel: ``cosine`` or ``gaussian`` similarity of sketches.
+        alpha: EMA factor α of the similarity graph.
+        neighbors: edges kept per block (None: ⌈log₂ m⌉).
+        eigenvectors: r, eigenvectors computed and warm-started.
+        clusters: (k_min, k_max) modules, chosen by eigengap.
+        min_module_size: blocks below which a module merges into its nearest neighbour.
+        max_module_size: blocks above which a module is split (None: unbounded).
+        update_every_n_steps: optimiser steps between two updates.
+        full_recompute_every: every n-th update solves the eigenproblem from scratch.
+        seed: projection, eigensolver and k-means seed.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[BlockRule] = bert_blocks(),
+        sketch_dim: int = 32,
+        kernel: Kernel = "cosine",
+        alpha: float = 0.9,
+        neighbors: int | None = None,
+        eigenvectors: int = 16,
+        clusters: tuple[int, int] = (8, 12),
+        min_module_size: int = 4,
+        max_module_size: int | None = None,
+        update_every_n_steps: int = 25,
+        full_recompute_every: int = 5,
+        seed: int = 0,
+    ) -> None:
+        if not blocks:
+            raise MisconfigurationException("DynamicSpectralClustering: blocks must name at least one rule")
+        if not 0.0 <= alpha < 1.0 or sketch_dim < 1 or update_every_n_steps < 1 or full_recompute_every < 1:
+            raise MisconfigurationException(
+                "DynamicSpectralClustering: need 0 <= alpha < 1 and sketch_dim, update_every_n_steps, "
+                f"full_recompute_every >= 1; got alpha={alpha}, sketch_dim={sketch_dim}, "
+                f"update_every_n_steps={update_every_n_steps}, full_recompute_every={full_recompute_every}"
+            )
+        if not 2 <= clusters[0] <= clusters[1] < eigenvectors:
+            raise MisconfigurationException(
+                f"DynamicSpectralClustering: need 2 <= clusters[0] <= clusters[1] < eigenvectors, got "
+                f"clusters={tuple(clusters)} and eigenvectors={eigenvectors}"
+            )
+        if max_module_size is not None and max_module_size < 2 * min_module_size:
+            raise MisconfigurationException(
+                f"DynamicSpectralClustering: max_module_size ({max_module_size}) must be at least twice "
+                f"min_module_size ({min_module_size})"
+            )
+        self.blocks = list(blocks)
+        self.sketch_dim = sketch_dim
+        self.update_every_n_steps = update_every_n_steps
+        self.seed = seed
+        self.clusterer = SpectralClusterer(
+            kernel, alpha, neighbors, eigenvectors, tuple(clusters), min_module_size, max_module_size,
+            full_recompute_every, seed,
+        )  # fmt: skip
+        self.steps = 0
+        self.block_map: BlockMap | None = None
+        self._sketcher: GradientSketcher | None = None
+        self._sketches: torch.Tensor | None = None
+        self._energy: torch.Tensor | None = None
+        self._pending = 0
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The module id of every block (None before the first update)."""
+        return self.clusterer.labels
+
+    @property
+    def library(self) -> list[Module]:
+        return self.clusterer.library
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_fsdp(
+                trainer,
+                "DynamicSpectralClustering sketches whole weight matrices and does not support FSDP yet; "
+                "use a single device or DDP (every rank sketches the same all-reduced gradient).",
+            )
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        try:
+            self.block_map = BlockMap({n: tuple(p.shape) for n, p in params.items()}, self.blocks)
+        except ValueError as error:
+            raise MisconfigurationException(f"DynamicSpectralClustering: {error}") from error
+        frozen = [n for n in self.block_map.names if not params[n].requires_grad]
+        if frozen:
+            raise MisconfigurationException(
+                f"DynamicSpectralClustering clusters gradients, but {frozen[:3]} do not require grad; "
+                "train them (e.g. method FullFineTuning) and let ModuleSearch choose what updates"
+            )
+        self._sketcher = GradientSketcher(self.block_map, self.sketch_dim, self.seed)
+        device = params[self.block_map.names[0]].device
+        m = self.block_map.num_blocks
+        if self._sketches is None or self._sketches.shape != (m, self.sketch_dim):
+            self._sketches = torch.zeros(m, self.sketch_dim, device=device)
+            self._energy = torch.zeros(m, device=device)
+        self._sketches, self._energy = self._sketches.to(device), self._energy.to(device)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        assert self.block_map is not None and self._sketcher is not None
+        params = dict(pl_module.named_parameters())
+        grads = {name: params[name].grad for name in self.block_map.names}
+        if any(g is None for g in grads.values()):
+            return
+        sketches, energy = self._sketcher.sketch(grads)  # type: ignore[arg-type]
+        self._sketches += sketches
+        self._energy += energy
+        self._pending += 1
+        self.steps += 1
+        if self.steps % self.update_every_n_steps == 0:
+            self.update(trainer, pl_module)
+
+    def update(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One DSCA update from the sketches summed since the last one; all ranks hold the same labels."""
+        assert self.block_map is not None and self._sketches is not None and self._energy is not None
+        result = self.clusterer.update(
+            self._sketches.double().cpu().numpy(),
+            (self._energy / self._pending).double().cpu().numpy(),
+            self.block_map.block_parameters(),
+        )
+        self.clusterer.labels = trainer.strategy.broadcast(self.clusterer.labels, src=0)
+        self._sketches.zero_()
+        self._energy.zero_()
+        self._pending = 0
+        for key in ("modules", "nmi", "ari", "eigen_residual", "seconds"):
+            pl_module.log(f"clustering/{key}", float(getattr(result, key)))
+        directory = log_directory(trainer)
+        if trainer.is_global_zero:
+            self._report(trainer, directory)
+
+    def _report(self, trainer: L.Trainer, directory: Path) -> None:
+        assert self.block_map is not None and self.labels is not None
+        directory.mkdir(parents=True, exist_ok=True)
+        fig = assignment_figure(self.labels, self.block_map, f"modules at step {trainer.global_step}")
+        fig.savefig(directory / "clustering.png", dpi=120)
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_figure"):
+                logger.experiment.add_figure("clustering/assignment", fig, global_step=trainer.global_step)
+        plt.close(fig)
+        library = {"step": trainer.global_step, "modules": [asdict(m) for m in self.library]}
+        (directory / "modules.json").write_text(json.dumps(library))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "clusterer": self.clusterer.state_dict(),
+            "sketches": self._sketches,
+            "energy": self._energy,
+            "pending": self._pending,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = state_dict["steps"]
+        self.clusterer.load_state_dict(state_dict["clusterer"])
+        self._sketches, self._energy = state_dict["sketches"], state_dict["energy"]
+        self._pending = state_dict["pending"]

@@ -1,0 +1,419 @@
+"""MFTC's module search and modular fine-tuning: choose which modules train, then train only them."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import lightning as L
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.seed import isolate_rng
+from typing_extensions import override
+
+from spec_lightning.analysis.modules import predictor_figure
+from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
+from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
+from spec_lightning.methods.mftc.search import SearchProblem, predictor_quality, search, solve_exact
+from spec_lightning.naming import matches
+from spec_lightning.spectral.blocks import BlockMap
+
+
+@runtime_checkable
+class Probeable(Protocol):
+    """A LightningModule that ModuleSearch can probe: ``probe_step(batch)`` returns the batch's mean
+    loss (differentiable) and its accuracy, or any score where higher is better (spec_lightning's
+    modules give the expected accuracy, the mean probability of the true label, which a few probe
+    steps move even when no prediction flips)."""
+
+    def probe_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Module ``module``'s blocks inside search node ``node``."""
+
+    node: str
+    module: int
+    blocks: list[int]
+    parameters: int
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Per-batch accuracy and loss on the probe batches after a few steps training one set of blocks."""
+
+    accuracy: np.ndarray
+    loss: np.ndarray
+
+
+class ModuleSearch(L.Callback):
+    """Pick the modules to fine-tune (MFTC §3.3), then train only their parameter slices.
+
+    Until step ``search_at_step`` only the ``always_train`` parameters (the task head) update: that
+    network is N_e, and the blocks' gradients still reach a :class:`DynamicSpectralClustering`
+    callback, which must come before this one in ``callbacks``. At that step the search:
+
+    1. makes the candidates: for each search node (a layer) and module, the module's blocks in it;
+    2. probes N_e and every candidate: from the current weights, ``probe_steps`` optimiser steps on
+       the last training batches before the search, training the head plus the candidate only, then
+       loss and accuracy on the ``probe_batches`` batches before those (the validation set stays
+       unseen by the search); b^A, b^L are the differences to N_e's probe and
+       σ the standard error of the per-batch accuracy difference. Every probe runs under
+       ``isolate_rng`` and restores the weights and the optimiser state;
+    3. solves max Σ (b^A − τσ) o s.t. L(N_e) + Σ b^L o ≤ L̂, one candidate per node, and an optional
+       parameter budget, by greedy + 2-opt, and by ``scipy.optimize.milp`` up to ``exact_up_to``
+       candidates (the exact optimum is used and the heuristic's gap logged);
+    4. measures the predictor on ``predictor_samples`` random combinations plus the chosen one
+       (MAE, R², Spearman; ``module_search.png`` plots predicted against measured gains).
+
+    From then on only the selected blocks' slices (and the head) train: gradients are masked before
+    every optimiser step and the frozen slices restored after it, so no optimiser (weight decay,
+    momentum) moves them. The selection, increments and predictor quality go to
+    ``module_search.json`` in the log dir and into the checkpoint; :meth:`trained_parameters` tells
+    which parameter slices an export needs. The module must implement :class:`Probeable`.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[DynamicSpectralClustering(), ModuleSearch(search_at_step=100)])
+
+    Args:
+        search_at_step: the optimiser step after which the search runs.
+        always_train: dotted-name suffixes of modules (or parameters) that train throughout (the task
+            head).
+        probe_steps: optimiser steps per probe (also the number of held-back training batches).
+        probe_batches: held-back batches each probe is evaluated on.
+        confidence: τ of the lower bound b^A − τσ.
+        loss_margin: L̂ = L(N_e) + ``loss_margin``.
+        parameter_budget: most block parameters the selection may train (None: no budget).
+        exact_up_to: solve exactly with ``milp`` up to this many candidates.
+        predictor_samples: random combinations probed to measure the predictor (0: skip; else >= 2).
+        seed: sampling seed of those combinations.
+    """
+
+    def __init__(
+        self,
+        search_at_step: int = 100,
+        always_train: Sequence[str] = ("classifier", "score"),
+        probe_steps: int = 3,
+        probe_batches: int = 4,
+        confidence: float = 1.0,
+        loss_margin: float = 0.0,
+        parameter_budget: int | None = None,
+        exact_up_to: int = 400,
+        predictor_samples: int = 6,
+        seed: int = 0,
+    ) -> None:
+        if search_at_step < 1 or probe_steps < 1 or probe_batches < 2 or confidence < 0:
+            raise MisconfigurationException(
+                "ModuleSearch: need search_at_step >= 1, probe_steps >= 1, probe_batches >= 2 and "
+                f"confidence >= 0; got {search_at_step}, {probe_steps}, {probe_batches}, {confidence}"
+            )
+        if predictor_samples == 1 or predictor_samples < 0:
+            raise MisconfigurationException(
+                f"ModuleSearch: predictor_samples must be 0 or >= 2, got {predictor_samples}"
+            )
+        if isinstance(always_train, str) or not always_train:
+            raise MisconfigurationException(
+                f"ModuleSearch: always_train must list the head's names, got {always_train!r}"
+            )
+        self.search_at_step = search_at_step
+        self.always_train = list(always_train)
+        self.probe_steps = probe_steps
+        self.probe_batches = probe_batches
+        self.confidence = confidence
+        self.loss_margin = loss_margin
+        self.parameter_budget = parameter_budget
+        self.exact_up_to = exact_up_to
+        self.predictor_samples = predictor_samples
+        self.seed = seed
+        self.selected: list[int] | None = None
+        self.report: dict[str, Any] = {}
+        self._clustering: DynamicSpectralClustering | None = None
+        self._head: list[str] = []
+        self._masks: dict[str, torch.Tensor] = {}
+        self._frozen_values: dict[str, torch.Tensor] = {}
+        self._held_back: list[Any] = []
+
+    # ---- hooks -------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        refuse_fsdp(trainer, "ModuleSearch masks whole weight matrices and does not support FSDP yet.")
+        if not isinstance(pl_module, Probeable):
+            raise MisconfigurationException(
+                f"ModuleSearch probes candidates through probe_step(batch) -> (loss, accuracy), which "
+                f"{type(pl_module).__name__} does not define; add it (see spec_lightning.ModuleSearch)"
+            )
+        order = [c for c in trainer.callbacks if isinstance(c, DynamicSpectralClustering | ModuleSearch)]
+        if not order or not isinstance(order[0], DynamicSpectralClustering):
+            raise MisconfigurationException(
+                "ModuleSearch needs a DynamicSpectralClustering callback before it in trainer callbacks "
+                "(it clusters the gradients this callback masks)"
+            )
+        self._clustering = order[0]
+        if self._clustering.update_every_n_steps > self.search_at_step:
+            raise MisconfigurationException(
+                f"ModuleSearch.search_at_step ({self.search_at_step}) comes before the first clustering "
+                f"(update_every_n_steps={self._clustering.update_every_n_steps}); search later"
+            )
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._head = [
+            n
+            for n, _ in pl_module.named_parameters()
+            if any(matches(n, p) or matches(n.rpartition(".")[0], p) for p in self.always_train)
+        ]
+        if not self._head:
+            raise MisconfigurationException(
+                f"ModuleSearch: always_train {self.always_train} matches no parameter of "
+                f"{type(pl_module).__name__}; name the task head, e.g. 'classifier'"
+            )
+        if self.selected is not None:  # resumed after the search
+            self._freeze_outside(pl_module, np.array(self.selected))
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        held = self.probe_steps + self.probe_batches
+        if self.selected is None and trainer.global_step >= self.search_at_step - held:
+            self._held_back = [*self._held_back, batch][-held:]
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._mask_gradients(pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._restore_frozen(pl_module)
+        if self.selected is None and trainer.global_step >= self.search_at_step:
+            self.search(trainer, pl_module)
+
+    # ---- masking -----------------------------------------------------------------------------
+    def _block_map(self) -> BlockMap:
+        assert self._clustering is not None and self._clustering.block_map is not None
+        return self._clustering.block_map
+
+    def _freeze_outside(self, pl_module: L.LightningModule, blocks: np.ndarray) -> None:
+        """Train the head and ``blocks``' slices only, from now on."""
+        self._masks = self._block_map().masks(blocks)
+        params = dict(pl_module.named_parameters())
+        self._frozen_values = {
+            name: params[name].detach().masked_select(~mask.to(params[name].device))
+            for name, mask in self._masks.items()
+        }
+
+    def _mask_gradients(self, pl_module: L.LightningModule) -> None:
+        for name, p in pl_module.named_parameters():
+            if p.grad is None or name in self._head:
+                continue
+            mask = self._masks.get(name)
+            if mask is None:
+                p.grad = None  # the optimiser skips it altogether
+            else:
+                p.grad.mul_(mask.to(p.grad.device))
+
+    def _restore_frozen(self, pl_module: L.LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        with torch.no_grad():
+            for name, values in self._frozen_values.items():
+                p = params[name]
+                p.masked_scatter_(~self._masks[name].to(p.device), values)
+
+    def trained_parameters(self) -> dict[str, torch.Tensor | None]:
+        """Parameter name -> boolean mask of its trained slices (None: the whole tensor, the head)."""
+        if self.selected is None:
+            return dict.fromkeys(self._head)
+        return {**dict.fromkeys(self._head), **self._masks}
+
+    # ---- the search --------------------------------------------------------------------------
+    def candidates(self) -> list[Candidate]:
+        """One candidate per (search node, module) pair that shares blocks."""
+        assert self._clustering is not None
+        labels = self._clustering.labels
+        if labels is None:
+            raise MisconfigurationException("ModuleSearch: no clustering yet; search after the first update")
+        block_map = self._block_map()
+        nodes = np.array(block_map.block_nodes())
+        sizes = block_map.block_parameters()
+        out = []
+        for node in dict.fromkeys(nodes.tolist()):
+            for module in np.unique(labels[nodes == node]):
+                blocks = np.flatnonzero((nodes == node) & (labels == module))
+                out.append(Candidate(node, int(module), blocks.tolist(), int(sizes[blocks].sum())))
+        return out
+
+    def search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Probe, solve, measure the predictor, then restrict training to the selection."""
+        if len(self._held_back) < self.probe_steps + self.probe_batches:
+            raise MisconfigurationException(
+                f"ModuleSearch held back {len(self._held_back)} batches but needs probe_steps + "
+                f"probe_batches = {self.probe_steps + self.probe_batches}; search later or probe less"
+            )
+        candidates = self.candidates()
+        optimizer = trainer.optimizers[0]
+        baseline = self._probe(trainer, pl_module, optimizer, np.array([], dtype=np.int64))
+        probes = [self._probe(trainer, pl_module, optimizer, np.array(c.blocks)) for c in candidates]
+        gain_a = np.array([p.accuracy.mean() - baseline.accuracy.mean() for p in probes])
+        gain_l = np.array([p.loss.mean() - baseline.loss.mean() for p in probes])
+        sigma = np.array([(p.accuracy - baseline.accuracy).std(ddof=1) for p in probes]) / np.sqrt(
+            self.probe_batches
+        )
+        node_ids = {node: i for i, node in enumerate(dict.fromkeys(c.node for c in candidates))}
+        problem = SearchProblem(
+            node=np.array([node_ids[c.node] for c in candidates]),
+            gain=gain_a - self.confidence * sigma,
+            loss=gain_l,
+            cost=np.array([c.parameters for c in candidates], dtype=float),
+            loss_budget=self.loss_margin,
+            parameter_budget=float("inf") if self.parameter_budget is None else float(self.parameter_budget),
+        )
+        heuristic = search(problem)
+        chosen = heuristic
+        report: dict[str, Any] = {"heuristic_objective": problem.objective(heuristic)}
+        if len(candidates) <= self.exact_up_to:
+            chosen = solve_exact(problem)
+            report["exact_objective"] = problem.objective(chosen)
+            report["heuristic_gap"] = report["exact_objective"] - report["heuristic_objective"]
+        selected_blocks = np.array(sorted(b for c in chosen for b in candidates[c].blocks), dtype=np.int64)
+        report |= {
+            "step": trainer.global_step,
+            "baseline": {"accuracy": float(baseline.accuracy.mean()), "loss": float(baseline.loss.mean())},
+            "candidates": [
+                {**asdict(c), "blocks": len(c.blocks), "b_accuracy": a, "b_loss": b, "sigma": s}
+                for c, a, b, s in zip(
+                    candidates, gain_a.tolist(), gain_l.tolist(), sigma.tolist(), strict=True
+                )
+            ],
+            "selected": [int(c) for c in chosen],
+            "selected_parameters": int(problem.cost[chosen].sum()),
+            "trainable_parameters": int(problem.cost[chosen].sum())
+            + sum(p.numel() for n, p in pl_module.named_parameters() if n in self._head),
+        }
+        if self.predictor_samples:
+            report["predictor"] = self._measure_predictor(
+                trainer, pl_module, optimizer, candidates, problem, gain_a, baseline, chosen
+            )
+        self.selected = trainer.strategy.broadcast(selected_blocks.tolist(), src=0)
+        self.report = trainer.strategy.broadcast(report, src=0)
+        self._freeze_outside(pl_module, np.array(self.selected, dtype=np.int64))
+        pl_module.log("module_search/trainable_parameters", float(report["trainable_parameters"]))
+        pl_module.log("module_search/selected_candidates", float(len(chosen)))
+        directory = log_directory(trainer)
+        if trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "module_search.json").write_text(json.dumps(self.report, indent=1))
+
+    def _measure_predictor(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        candidates: list[Candidate],
+        problem: SearchProblem,
+        gain_a: np.ndarray,
+        baseline: Probe,
+        chosen: np.ndarray,
+    ) -> dict[str, float]:
+        """Probe random one-per-node combinations and the chosen one; compare Σ b^A with the gain."""
+        rng = np.random.default_rng(self.seed)
+        combinations = [chosen]
+        for _ in range(self.predictor_samples):
+            picks = [rng.choice(np.flatnonzero(problem.node == n)) for n in np.unique(problem.node)]
+            combinations.append(np.array([c for c in picks if rng.random() < 0.5] or picks[:1]))
+        predicted, measured = [], []
+        for combination in combinations:
+            blocks = np.array(sorted(b for c in combination for b in candidates[c].blocks), dtype=np.int64)
+            probe = self._probe(trainer, pl_module, optimizer, blocks)
+            predicted.append(float(gain_a[combination].sum()))
+            measured.append(float(probe.accuracy.mean() - baseline.accuracy.mean()))
+        quality = predictor_quality(np.array(predicted), np.array(measured))
+        for key, value in asdict(quality).items():
+            pl_module.log(f"module_search/predictor_{key}", value)
+        directory = log_directory(trainer)
+        if trainer.is_global_zero:
+            fig = predictor_figure(np.array(predicted), np.array(measured), "module-search predictor")
+            fig.savefig(directory / "module_search.png", dpi=120)
+            for logger in trainer.loggers:
+                if hasattr(logger.experiment, "add_figure"):
+                    logger.experiment.add_figure(
+                        "module_search/predictor", fig, global_step=trainer.global_step
+                    )
+            plt.close(fig)
+        return {**asdict(quality), "predicted": predicted, "measured": measured}
+
+    def _probe(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        blocks: np.ndarray,
+    ) -> Probe:
+        """Train the head and ``blocks`` for ``probe_steps`` steps, evaluate, and put everything back."""
+        params = dict(pl_module.named_parameters())
+        masks = self._block_map().masks(blocks)
+        touched = [*self._head, *masks]
+        saved_values = {n: params[n].detach().clone() for n in touched}
+        saved_optimizer = copy.deepcopy(optimizer.state_dict())
+        saved_flags = {n: p.requires_grad for n, p in params.items()}
+        evaluate, train = self._held_back[: self.probe_batches], self._held_back[self.probe_batches :]
+        accuracy, loss = [], []
+        with isolate_rng():
+            for name, p in params.items():  # backward reaches the probed parameters only
+                p.requires_grad_(name in touched)
+            try:
+                pl_module.train()
+                for batch in train:
+                    optimizer.zero_grad()
+                    with trainer.precision_plugin.forward_context():
+                        batch_loss, _ = pl_module.probe_step(batch)  # type: ignore[operator]
+                    batch_loss.backward()
+                    for name, mask in masks.items():
+                        params[name].grad.mul_(mask.to(params[name].device))
+                    optimizer.step()
+                    with torch.no_grad():
+                        for name, mask in masks.items():
+                            keep = ~mask.to(params[name].device)
+                            params[name].masked_scatter_(keep, saved_values[name].masked_select(keep))
+                pl_module.eval()
+                with torch.no_grad(), trainer.precision_plugin.forward_context():
+                    for batch in evaluate:
+                        batch_loss, batch_accuracy = pl_module.probe_step(batch)  # type: ignore[operator]
+                        loss.append(float(batch_loss))
+                        accuracy.append(float(batch_accuracy))
+            finally:
+                optimizer.zero_grad()
+                with torch.no_grad():
+                    for name, value in saved_values.items():
+                        params[name].copy_(value)
+                optimizer.load_state_dict(saved_optimizer)
+                for name, p in params.items():
+                    p.requires_grad_(saved_flags[name])
+                pl_module.train()
+        result = torch.tensor([accuracy, loss], dtype=torch.float64)
+        result = trainer.strategy.reduce(result.to(pl_module.device), reduce_op="mean").cpu()
+        return Probe(result[0].numpy(), result[1].numpy())
+
+    # ---- state -------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The frozen slices are not saved: they hold their values at the search, which the restored
+        # weights carry, so on_fit_start takes them from there again.
+        return {"selected": self.selected, "report": self.report}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.selected = state_dict["selected"]
+        self.report = state_dict["report"]

@@ -1,0 +1,186 @@
+"""Parameter blocks: the nodes of MFTC's clustering graph, their gradient sketches and block masks.
+
+A :class:`BlockRule` splits every parameter whose name matches its pattern into equal slices of
+``width`` along ``axis``: per attention head (width = head dim along the projection's head axis) or
+per group of ``d_b`` FFN neurons. A :class:`BlockMap` numbers the blocks of a model in parameter
+order and maps a block id back to its parameter slice (METHODS.md §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spec_lightning.naming import layer_role, matches
+
+
+@dataclass(frozen=True)
+class BlockRule:
+    """Split the parameters named like ``pattern`` into slices of ``width`` along ``axis``.
+
+    Args:
+        pattern: a full parameter name or a dotted suffix of one (peft's rule), e.g.
+            ``attention.self.query.weight``.
+        axis: the axis that is sliced (0: output rows of a ``nn.Linear`` weight, 1: its input columns).
+        width: the slice width; it must divide the parameter's size along ``axis``.
+    """
+
+    pattern: str
+    axis: int
+    width: int
+
+    def __post_init__(self) -> None:
+        if self.axis not in (0, 1) or self.width < 1:
+            raise ValueError(f"a block rule needs axis 0 or 1 and width >= 1, got {self}")
+
+
+def bert_blocks(head_dim: int = 32, ffn_width: int = 32) -> tuple[BlockRule, ...]:
+    """BERT-style encoders: W_q, W_k, W_v per head (rows), W_o per head (columns), W_1 and W_2 in
+    groups of ``ffn_width`` intermediate neurons. Rules are tried in order: the attention output
+    projection comes before the FFN's ``output.dense`` whose suffix it shares."""
+    return (
+        BlockRule("attention.self.query.weight", 0, head_dim),
+        BlockRule("attention.self.key.weight", 0, head_dim),
+        BlockRule("attention.self.value.weight", 0, head_dim),
+        BlockRule("attention.output.dense.weight", 1, head_dim),
+        BlockRule("intermediate.dense.weight", 0, ffn_width),
+        BlockRule("output.dense.weight", 1, ffn_width),
+    )
+
+
+@dataclass(frozen=True)
+class ParameterBlocks:
+    """The blocks of one parameter: ``count`` slices of ``width`` along ``axis``, ids from ``first``."""
+
+    name: str
+    shape: tuple[int, ...]
+    axis: int
+    width: int
+    first: int
+
+    @property
+    def count(self) -> int:
+        return self.shape[self.axis] // self.width
+
+    @property
+    def block_numel(self) -> int:
+        return int(np.prod(self.shape)) // self.count
+
+    def as_blocks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The (count, block_numel) view of ``tensor``'s slices (a copy for axis 1)."""
+        return tensor.movedim(self.axis, 0).reshape(self.count, self.block_numel)
+
+    def slice_mask(self, selected: torch.Tensor) -> torch.Tensor:
+        """A mask shaped like the parameter that is True on the selected blocks' slices."""
+        expanded = selected.repeat_interleave(self.width)  # (shape[axis],)
+        view = [1] * len(self.shape)
+        view[self.axis] = self.shape[self.axis]
+        return expanded.view(view).expand(self.shape)
+
+
+class BlockMap:
+    """Block ids 0..m−1 over the parameters matched by ``rules`` (first matching rule wins).
+
+    Args:
+        shapes: parameter name -> shape, in model order (``named_parameters``).
+        rules: how to slice each kind of parameter.
+
+    Raises:
+        ValueError: no parameter matches a rule, or a width does not divide its axis.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], rules: Iterable[BlockRule]) -> None:
+        rules = tuple(rules)
+        self.parameters: list[ParameterBlocks] = []
+        first = 0
+        for name, shape in shapes.items():
+            rule = next((r for r in rules if matches(name, r.pattern)), None)
+            if rule is None:
+                continue
+            if len(shape) != 2:
+                raise ValueError(
+                    f"block rule {rule.pattern!r} matches {name} {tuple(shape)}: only matrices split"
+                )
+            if shape[rule.axis] % rule.width:
+                raise ValueError(
+                    f"block rule {rule.pattern!r}: width {rule.width} does not divide axis {rule.axis} of "
+                    f"{name} {tuple(shape)}; choose a width that divides {shape[rule.axis]}"
+                )
+            blocks = ParameterBlocks(name, tuple(shape), rule.axis, rule.width, first)
+            self.parameters.append(blocks)
+            first += blocks.count
+        if not self.parameters:
+            examples = ", ".join(list(shapes)[:6])
+            raise ValueError(
+                f"no parameter matches the block rules {[r.pattern for r in rules]}; "
+                f"the model's parameters are named like: {examples}"
+            )
+        self.num_blocks = first
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parameters]
+
+    def block_parameters(self) -> np.ndarray:
+        """Parameters per block, (m,)."""
+        return np.concatenate([np.full(p.count, p.block_numel) for p in self.parameters])
+
+    def block_nodes(self) -> list[str]:
+        """The search node of every block: ``layer <i>`` for blocks inside a layer stack, else the
+        parameter name."""
+        nodes = []
+        for p in self.parameters:
+            found = layer_role(p.name)
+            nodes += [f"layer {found[1]}" if found else p.name] * p.count
+        return nodes
+
+    def block_layers(self) -> np.ndarray:
+        """Layer index of every block (−1 outside a layer stack), (m,)."""
+        return np.concatenate(
+            [np.full(p.count, (layer_role(p.name) or ("", -1))[1]) for p in self.parameters]
+        )
+
+    def masks(self, selected: np.ndarray) -> dict[str, torch.Tensor]:
+        """Parameter-shaped boolean masks of the selected block ids, for parameters with any selected."""
+        chosen = np.zeros(self.num_blocks, dtype=bool)
+        chosen[np.asarray(selected, dtype=np.int64)] = True
+        out = {}
+        for p in self.parameters:
+            part = torch.from_numpy(chosen[p.first : p.first + p.count].copy())
+            if part.any():
+                out[p.name] = p.slice_mask(part)
+        return out
+
+
+class GradientSketcher:
+    """Random projections g_i ↦ Rᵀ g_i ∈ ℝ^s of every block's gradient, R ~ N(0, 1/s), one R per block
+    size (so inner products between same-size blocks are preserved in expectation), from ``seed``.
+
+    It also returns every block's exact squared gradient norm ||g_i||² (the module energy).
+    """
+
+    def __init__(self, block_map: BlockMap, dim: int, seed: int) -> None:
+        self.block_map = block_map
+        self.dim = dim
+        self.seed = seed
+        self._projections: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _projection(self, numel: int, device: torch.device) -> torch.Tensor:
+        key = (numel, device)
+        if key not in self._projections:
+            generator = torch.Generator().manual_seed(self.seed + numel)
+            matrix = torch.randn(numel, self.dim, generator=generator) / self.dim**0.5
+            self._projections[key] = matrix.to(device)
+        return self._projections[key]
+
+    def sketch(self, grads: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, s) sketches and (m,) squared norms of the gradients (float32, on the gradients' device)."""
+        sketches, norms = [], []
+        for p in self.block_map.parameters:
+            blocks = p.as_blocks(grads[p.name].float())  # (count, block_numel)
+            sketches.append(blocks @ self._projection(p.block_numel, blocks.device))
+            norms.append(blocks.pow(2).sum(dim=1))
+        return torch.cat(sketches), torch.cat(norms)

@@ -1,0 +1,155 @@
+"""DSCA maths against SciPy and scikit-learn references (METHODS.md §4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+from sklearn.cluster import SpectralClustering
+from sklearn.metrics import adjusted_rand_score
+
+from spec_lightning.spectral.clustering import (
+    SpectralClusterer,
+    align_labels,
+    bound_sizes,
+    eigengap_clusters,
+    ema_weights,
+    embed_rows,
+    keep_strongest,
+    kmeans_labels,
+    knn_similarity,
+    module_library,
+    normalized_laplacian,
+    smallest_eigenvectors,
+    stability,
+)
+
+
+def planted_partition(
+    sizes: list[int], p_in: float = 0.4, p_out: float = 0.01, seed: int = 0
+) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+    """A random symmetric similarity matrix with dense blocks on the diagonal, and its true labels."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(len(sizes)), sizes)
+    same = truth[:, None] == truth[None, :]
+    edges = rng.random((len(truth), len(truth))) < np.where(same, p_in, p_out)
+    weights = np.triu(edges * rng.uniform(0.5, 1.0, edges.shape), 1)
+    return scipy.sparse.csr_matrix(weights + weights.T), truth
+
+
+def test_planted_partition_matches_sklearn_spectral_clustering() -> None:
+    weights, truth = planted_partition([30, 25, 40, 20, 35, 30, 25, 30])
+    values, vectors = smallest_eigenvectors(normalized_laplacian(weights), 16)
+    k = eigengap_clusters(values, 4, 12)
+    ours = kmeans_labels(embed_rows(vectors, k), k, seed=0)
+    reference = SpectralClustering(8, affinity="precomputed", random_state=0).fit_predict(weights.toarray())
+    assert k == 8
+    assert adjusted_rand_score(reference, ours) >= 0.95
+    assert adjusted_rand_score(truth, ours) >= 0.95
+
+
+def test_warm_started_eigenvectors_match_a_fresh_eigsh_solve() -> None:
+    weights, _ = planted_partition([40] * 8, seed=1)
+    lap = normalized_laplacian(weights)
+    reference_values, reference_vectors = scipy.sparse.linalg.eigsh(lap, k=8, which="SA")
+    perturbed, _ = planted_partition([40] * 8, seed=1)
+    perturbed = perturbed + 0.05 * scipy.sparse.random(320, 320, density=0.01, random_state=2)
+    _, previous = smallest_eigenvectors(normalized_laplacian(perturbed.maximum(perturbed.T)), 8)
+    values, vectors = smallest_eigenvectors(lap, 8, start=previous)
+    np.testing.assert_allclose(values, np.sort(reference_values), atol=1e-5)
+    # Degenerate-safe comparison: the projectors onto the two 8-dimensional subspaces agree.
+    projector = vectors @ vectors.T - reference_vectors @ reference_vectors.T
+    assert np.linalg.norm(projector, 2) < 1e-3
+
+
+def test_knn_similarity_is_symmetric_sparse_and_keeps_neighbours() -> None:
+    points = np.random.default_rng(0).standard_normal((50, 8))
+    for kernel in ("cosine", "gaussian"):
+        graph = knn_similarity(points, 5, kernel)
+        dense = graph.toarray()
+        np.testing.assert_array_equal(dense, dense.T)
+        assert np.all(np.diag(dense) == 0) and dense.min() >= 0 and dense.max() <= 1
+        assert ((dense > 0).sum(axis=1) >= 1).all() and graph.nnz <= 2 * 5 * 50
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    cosine = unit @ unit.T
+    graph = knn_similarity(points, 5, "cosine").toarray()
+    i, j = np.nonzero(graph)
+    np.testing.assert_allclose(graph[i, j], np.clip(cosine[i, j], 0, 1), atol=1e-6)
+
+
+def test_ema_weights_follow_the_formula_and_stay_sparse() -> None:
+    rng = np.random.default_rng(0)
+    first = knn_similarity(rng.standard_normal((40, 6)), 4)
+    second = knn_similarity(rng.standard_normal((40, 6)), 4)
+    assert ema_weights(None, first, 0.9, 4) is first
+    combined = ema_weights(first, second, 0.9, 40)  # no pruning: exactly αW + (1−α)S
+    np.testing.assert_allclose(combined.toarray(), (0.9 * first + 0.1 * second).toarray())
+    pruned = keep_strongest(0.9 * first + 0.1 * second, 3)
+    dense = (0.9 * first + 0.1 * second).toarray()
+    for i in range(40):  # every node keeps its 3 strongest edges
+        strongest = np.argsort(-dense[i])[:3]
+        assert np.all(pruned.toarray()[i, strongest[dense[i, strongest] > 0]] > 0)
+    np.testing.assert_array_equal(pruned.toarray(), pruned.toarray().T)
+
+
+def test_bound_sizes_merges_small_and_splits_large_clusters() -> None:
+    rng = np.random.default_rng(0)
+    points = np.concatenate(
+        [rng.normal(0, 0.1, (2, 2)), rng.normal(5, 0.1, (30, 2)), rng.normal(-5, 0.1, (10, 2))]
+    )
+    labels = np.repeat([0, 1, 2], [2, 30, 10])
+    bounded = bound_sizes(points, labels, min_size=3, max_size=16, seed=0)
+    sizes = np.bincount(bounded)
+    assert sizes.min() >= 3 and sizes.max() <= 16
+    assert len(np.unique(bounded[:2])) == 1  # the small cluster moved as a whole
+    with pytest.raises(ValueError, match="max_size 8 must be at least twice min_size 5"):
+        bound_sizes(points, labels, 5, 8, 0)
+
+
+def test_align_labels_keeps_ids_of_permuted_clusters() -> None:
+    previous = np.array([0, 0, 1, 1, 2, 2])
+    assert align_labels(np.array([2, 2, 0, 0, 1, 1]), previous).tolist() == previous.tolist()
+    grown = align_labels(np.array([1, 1, 0, 0, 2, 3]), previous)
+    assert grown[:4].tolist() == [0, 0, 1, 1] and len(set(grown[4:])) == 2
+    assert stability(previous, previous) == (1.0, 1.0)
+    nmi, ari = stability(np.array([0, 1, 0, 1, 0, 1]), previous)
+    assert nmi < 0.5 and ari < 0.5
+
+
+def test_module_library_sizes_energy_and_stability() -> None:
+    labels = np.array([0, 0, 1, 1, 1])
+    library = module_library(
+        labels, np.array([0, 1, 1, 1, 1]), np.array([10, 10, 20, 20, 20]), np.arange(5.0)
+    )
+    assert [m.blocks for m in library] == [[0, 1], [2, 3, 4]]
+    assert [m.parameters for m in library] == [20, 60]
+    assert [m.energy for m in library] == [0.5, 3.0]
+    assert library[0].stability == pytest.approx(0.5) and library[1].stability == pytest.approx(3 / 4)
+
+
+def test_clusterer_recovers_planted_gradient_groups_and_round_trips() -> None:
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((8, 32))
+    truth = np.repeat(np.arange(8), 25)
+    clusterer = SpectralClusterer(alpha=0.9, clusters=(6, 10), min_size=5, full_recompute_every=5)
+    for _ in range(4):
+        sketches = directions[truth] + 0.3 * rng.standard_normal((200, 32))
+        update = clusterer.update(sketches, np.ones(200), np.full(200, 12))
+    assert update.modules == 8 and not update.full_recompute and update.eigen_residual < 1e-3
+    assert adjusted_rand_score(truth, clusterer.labels) >= 0.95
+    assert update.nmi > 0.95 and update.ari > 0.95
+    restored = SpectralClusterer()
+    restored.load_state_dict(clusterer.state_dict())
+    np.testing.assert_array_equal(restored.weights.toarray(), clusterer.weights.toarray())
+    np.testing.assert_array_equal(restored.labels, clusterer.labels)
+    assert restored.library == clusterer.library and restored.updates == 4
+
+
+def test_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="cannot compute 10 eigenvectors of a graph with 5 nodes"):
+        smallest_eigenvectors(normalized_laplacian(scipy.sparse.csr_matrix(np.ones((5, 5)))), 10)
+    with pytest.raises(ValueError, match="kernel must be cosine or gaussian"):
+        knn_similarity(np.ones((4, 2)), 2, "rbf")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="need more than 8 eigenvalues"):
+        eigengap_clusters(np.arange(5.0), 8, 12)

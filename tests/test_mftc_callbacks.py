@@ -1,0 +1,265 @@
+"""DynamicSpectralClustering and ModuleSearch on a user-written LightningModule (MFTC, METHODS.md §4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from spec_lightning import BlockRule, DynamicSpectralClustering, ModuleSearch
+from spec_lightning.spectral.blocks import BlockMap
+from tests.run_mftc_ddp import make_callbacks
+from tests.user_model import LayerStack, probe_step
+
+#: LayerStack's width-6 matrices: fc1 in row blocks of 2 neurons, fc2 in column blocks: 24 blocks.
+RULES = [BlockRule("fc1.weight", 0, 2), BlockRule("fc2.weight", 1, 2)]
+
+
+class ProbedStack(LayerStack):
+    """The user's model plus ModuleSearch's probe_step, trained by AdamW with weight decay (which
+    would move frozen slices if the search did not put them back)."""
+
+    probe_step = probe_step
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
+
+
+class SGDProbedStack(LayerStack):
+    """The user's model (SGD) with probe_step, as tests/run_mftc_ddp.py trains it."""
+
+    probe_step = probe_step
+
+
+class Snapshots(L.Callback):
+    """The weights after every training batch."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.weights.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+
+def clustering(**kwargs: Any) -> DynamicSpectralClustering:
+    options = {"eigenvectors": 6, "clusters": (2, 4), "min_module_size": 2, "update_every_n_steps": 2}
+    return DynamicSpectralClustering(RULES, sketch_dim=8, **{**options, **kwargs})
+
+
+def trainer(tmp_path: Path, callbacks: list[L.Callback], steps: int, logger: bool = False) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(tmp_path, name="run") if logger else False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+
+
+def test_block_map_slices_and_masks() -> None:
+    shapes = {"a.fc1.weight": (6, 4), "a.fc1.bias": (6,), "a.fc2.weight": (4, 6)}
+    block_map = BlockMap(shapes, RULES)
+    assert block_map.num_blocks == 6 and block_map.names == ["a.fc1.weight", "a.fc2.weight"]
+    grad = torch.arange(24.0).view(6, 4)
+    blocks = block_map.parameters[0].as_blocks(grad)
+    torch.testing.assert_close(blocks[1], grad[2:4].flatten())
+    masks = block_map.masks(np.array([1, 5]))
+    assert masks["a.fc1.weight"][:, 0].tolist() == [False, False, True, True, False, False]
+    assert masks["a.fc2.weight"][0].tolist() == [False] * 4 + [True, True]
+    with pytest.raises(ValueError, match="width 4 does not divide axis 0 of a.fc1.weight"):
+        BlockMap(shapes, [BlockRule("fc1.weight", 0, 4)])
+    with pytest.raises(ValueError, match="no parameter matches the block rules"):
+        BlockMap(shapes, [BlockRule("attn.weight", 0, 2)])
+
+
+def test_sketches_are_random_projections_of_the_block_gradients(tmp_path: Path) -> None:
+    callback = clustering(update_every_n_steps=100)
+    module = ProbedStack()
+    recorder = Snapshots()
+
+    class Grads(L.Callback):
+        def on_before_optimizer_step(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any
+        ) -> None:
+            recorder.weights.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+    trainer(tmp_path, [Grads(), callback], 3).fit(module)
+    assert callback._sketcher is not None
+    projection = callback._sketcher._projection(12, torch.device("cpu"))
+    expected = torch.zeros(24, 8)
+    energy = torch.zeros(24)
+    for grads in recorder.weights:
+        for i in range(4):
+            fc1 = grads[f"blocks.{i}.fc1.weight"].reshape(3, 12)
+            fc2 = grads[f"blocks.{i}.fc2.weight"].T.reshape(3, 12)
+            expected[6 * i : 6 * i + 3] += fc1 @ projection
+            expected[6 * i + 3 : 6 * i + 6] += fc2 @ projection
+            energy[6 * i : 6 * i + 3] += fc1.pow(2).sum(1)
+            energy[6 * i + 3 : 6 * i + 6] += fc2.pow(2).sum(1)
+    torch.testing.assert_close(callback._sketches, expected)
+    torch.testing.assert_close(callback._energy, energy)
+
+
+def test_clustering_updates_log_and_write_the_library(tmp_path: Path) -> None:
+    callback = clustering()
+    fitted = trainer(tmp_path, [callback], 6, logger=True)
+    fitted.fit(ProbedStack())
+    assert callback.clusterer.updates == 3 and callback.labels is not None and len(callback.labels) == 24
+    metrics = fitted.callback_metrics
+    assert 2 <= metrics["clustering/modules"] <= 4 and 0 <= metrics["clustering/nmi"] <= 1
+    run = Path(fitted.log_dir)
+    library = json.loads((run / "modules.json").read_text())
+    assert sum(len(m["blocks"]) for m in library["modules"]) == 24
+    assert sum(m["parameters"] for m in library["modules"]) == 8 * 36
+    assert (run / "clustering.png").is_file()
+
+
+def test_search_trains_only_the_selected_slices(tmp_path: Path) -> None:
+    dsca, search, snapshots = (
+        clustering(),
+        ModuleSearch(4, always_train=["head"], probe_steps=2, probe_batches=2, predictor_samples=3),
+        Snapshots(),
+    )
+    module = ProbedStack()
+    start = {n: p.detach().clone() for n, p in module.named_parameters()}
+    fitted = trainer(tmp_path, [dsca, search, snapshots], 8, logger=True)
+    fitted.fit(module)
+    assert search.selected is not None and len(search.selected) > 0
+    before, at_search, end = snapshots.weights[2], snapshots.weights[3], snapshots.weights[-1]
+    for name in start:  # before the search only the head trains
+        assert torch.equal(before[name], start[name]) != name.startswith("head")
+    masks = search.trained_parameters()
+    for name, value in end.items():
+        if name.startswith("head"):
+            assert not torch.equal(value, at_search[name])
+        elif name in masks:  # selected slices move, the rest of the matrix does not
+            mask = masks[name]
+            assert torch.equal(value[~mask], at_search[name][~mask])
+            assert not torch.equal(value[mask], at_search[name][mask])
+        else:
+            assert torch.equal(value, at_search[name]), name
+    report = json.loads((Path(fitted.log_dir) / "module_search.json").read_text())
+    assert report["selected"] and report["heuristic_gap"] >= -1e-12
+    assert {"mae", "r2", "spearman"} <= set(report["predictor"])
+    assert len(report["predictor"]["measured"]) == 4  # the choice and 3 random combinations
+    assert (Path(fitted.log_dir) / "module_search.png").is_file()
+
+
+def test_probing_restores_weights_and_optimizer_state(tmp_path: Path) -> None:
+    dsca = clustering()
+    search = ModuleSearch(4, always_train=["head"], probe_steps=1, probe_batches=2, predictor_samples=0)
+    module = ProbedStack()
+    fitted = trainer(tmp_path, [dsca, search], 4)  # searches at the last step, then probe by hand
+    fitted.fit(module)
+    assert search.selected is not None and len(search._held_back) == 3
+    weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+    optimizer = fitted.optimizers[0]
+    state = {
+        k: {n: v.clone() for n, v in s.items() if torch.is_tensor(v)} for k, s in optimizer.state.items()
+    }
+    first = search._probe(fitted, module, optimizer, np.array([0, 7]))
+    for name, p in module.named_parameters():
+        assert torch.equal(p, weights[name]) and p.requires_grad
+    for key, saved in state.items():
+        for field, value in saved.items():
+            assert torch.equal(optimizer.state[key][field], value)
+    again = search._probe(fitted, module, optimizer, np.array([0, 7]))
+    np.testing.assert_array_equal(first.loss, again.loss)  # isolate_rng: a probe is repeatable
+    baseline = search._probe(fitted, module, optimizer, np.array([], dtype=np.int64))
+    assert not np.array_equal(first.loss, baseline.loss)
+
+
+def test_resume_restores_clustering_and_search(tmp_path: Path) -> None:
+    def callbacks() -> tuple[DynamicSpectralClustering, ModuleSearch]:
+        return clustering(), ModuleSearch(
+            4, always_train=["head"], probe_steps=2, probe_batches=2, predictor_samples=0
+        )
+
+    dsca, search = callbacks()
+    first = trainer(tmp_path, [dsca, search], 6)
+    first.fit(ProbedStack())
+    ckpt = tmp_path / "six.ckpt"
+    first.save_checkpoint(ckpt)
+
+    dsca2, search2 = callbacks()
+    snapshots = Snapshots()
+    module = ProbedStack()
+    resumed = trainer(tmp_path, [dsca2, search2, snapshots], 8)
+    resumed.fit(module, ckpt_path=ckpt)
+    assert search2.selected == search.selected and search2.report == search.report
+    assert dsca2.clusterer.updates == 4 and dsca2.steps == 8
+    masks = search2.trained_parameters()
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    for name, value in snapshots.weights[-1].items():  # frozen slices kept their checkpointed values
+        if name in masks and masks[name] is not None:
+            assert torch.equal(value[~masks[name]], saved[name][~masks[name]])
+        elif not name.startswith("head"):
+            assert torch.equal(value, saved[name])
+
+
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(MisconfigurationException, match="clusters\\[1\\] < eigenvectors"):
+        DynamicSpectralClustering(RULES, clusters=(2, 8), eigenvectors=8)
+    with pytest.raises(MisconfigurationException, match="max_module_size \\(3\\) must be at least twice"):
+        DynamicSpectralClustering(RULES, min_module_size=2, max_module_size=3)
+    with pytest.raises(MisconfigurationException, match="predictor_samples must be 0 or >= 2"):
+        ModuleSearch(predictor_samples=1)
+    with pytest.raises(MisconfigurationException, match="no parameter matches the block rules"):
+        trainer(tmp_path, [DynamicSpectralClustering([BlockRule("query.weight", 0, 2)])], 1).fit(
+            ProbedStack()
+        )
+    with pytest.raises(
+        MisconfigurationException, match="needs a DynamicSpectralClustering callback before it"
+    ):
+        trainer(tmp_path, [ModuleSearch(4, always_train=["head"]), clustering()], 1).fit(ProbedStack())
+    with pytest.raises(MisconfigurationException, match="does not define"):
+        trainer(tmp_path, [clustering(), ModuleSearch(4, always_train=["head"])], 1).fit(LayerStack())
+    with pytest.raises(MisconfigurationException, match="comes before the first clustering"):
+        trainer(
+            tmp_path, [clustering(update_every_n_steps=5), ModuleSearch(4, always_train=["head"])], 1
+        ).fit(ProbedStack())
+    with pytest.raises(
+        MisconfigurationException, match="always_train \\['classifier'\\] matches no parameter"
+    ):
+        trainer(tmp_path, [clustering(), ModuleSearch(4, always_train=["classifier"])], 1).fit(ProbedStack())
+    fsdp = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match="does not support FSDP yet"):
+        clustering().setup(fsdp, ProbedStack(), "fit")  # type: ignore[arg-type]
+
+
+def test_ddp_ranks_cluster_and_select_identically(tmp_path: Path) -> None:
+    """2 CPU processes (gloo) with half batches: both ranks hold the same labels, selection and weights,
+    and the clustering (of the all-reduced gradients) equals one process's with the whole batch."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(root / "tests" / "run_mftc_ddp.py"), str(tmp_path)],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["selected"] == ranks[1]["selected"] and ranks[0]["selected"] is not None
+    assert ranks[0]["report"] == ranks[1]["report"]
+    for name, value in ranks[0]["params"].items():
+        torch.testing.assert_close(value, ranks[1]["params"][name], rtol=0, atol=0)
+    single = make_callbacks()
+    trainer(tmp_path, single, 4).fit(SGDProbedStack(batch_size=8))  # clustered at step 4, then searched
+    single_labels = single[0].labels
+    labels_at_search = ranks[0]["clustering"]["clusterer"]["previous"]  # one update (step 6) later
+    np.testing.assert_array_equal(labels_at_search.numpy(), single_labels)
