@@ -46,10 +46,13 @@ def write_results(output: Path, header: str, table: str, rows: list[dict[str, ob
     output.with_suffix(".json").write_text(json.dumps({"setting": header, "rows": rows}, indent=2))
 
 
-def fit_run(configs: list[Path], logs: Path, version: str, threads: int, root: Path) -> float:
+def fit_run(
+    configs: list[Path], logs: Path, version: str, threads: int, root: Path, name: str | None = None
+) -> float:
     """``spec-lightning fit`` of ``configs`` logged under ``logs``/<name>/``version``; its wall seconds."""
     command = [sys.executable, "-m", "spec_lightning", "fit"]
     command += [a for c in configs for a in ("--config", str(c))]
+    command += [f"--trainer.logger.init_args.name={name}"] if name else []
     command += [
         f"--trainer.logger.init_args.save_dir={logs}",
         f"--trainer.logger.init_args.version={version}",

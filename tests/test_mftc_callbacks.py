@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spec_lightning import BlockRule, DynamicSpectralClustering, ModuleSearch
-from spec_lightning.spectral.blocks import BlockMap
+from spec_lightning.spectral.blocks import BlockMap, load_slices, save_slices
 from tests.run_mftc_ddp import make_callbacks
 from tests.user_model import LayerStack, probe_step
 
@@ -153,6 +153,11 @@ def test_search_trains_only_the_selected_slices(tmp_path: Path) -> None:
             assert not torch.equal(value[mask], at_search[name][mask])
         else:
             assert torch.equal(value, at_search[name]), name
+    exported = search.export(module, tmp_path / "export")
+    fresh = ProbedStack()  # the same seeded initial weights: the slices alone make it the trained model
+    assert sorted(load_slices(fresh, exported)) == sorted(masks)
+    for name, value in fresh.named_parameters():
+        assert torch.equal(value, end[name]), name
     report = json.loads((Path(fitted.log_dir) / "module_search.json").read_text())
     assert report["selected"] and report["heuristic_gap"] >= -1e-12
     assert {"mae", "r2", "spearman"} <= set(report["predictor"])
@@ -217,6 +222,13 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         DynamicSpectralClustering(RULES, clusters=(2, 8), eigenvectors=8)
     with pytest.raises(MisconfigurationException, match="max_module_size \\(3\\) must be at least twice"):
         DynamicSpectralClustering(RULES, min_module_size=2, max_module_size=3)
+    with pytest.raises(MisconfigurationException, match="nothing to export before the search"):
+        ModuleSearch().export(ProbedStack(), tmp_path)
+    with pytest.raises(KeyError, match="which the model does not have"):
+        save_slices({"x.weight": torch.ones(2)}, {"x.weight": None}, tmp_path / "x.safetensors")
+        load_slices(ProbedStack(), tmp_path / "x.safetensors")
+    with pytest.raises(MisconfigurationException, match="plot_every_n_updates=-1"):
+        DynamicSpectralClustering(RULES, plot_every_n_updates=-1)
     with pytest.raises(MisconfigurationException, match="predictor_samples must be 0 or >= 2"):
         ModuleSearch(predictor_samples=1)
     with pytest.raises(MisconfigurationException, match="no parameter matches the block rules"):

@@ -6,6 +6,7 @@ import copy
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
@@ -21,7 +22,10 @@ from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectral
 from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
 from spec_lightning.methods.mftc.search import SearchProblem, predictor_quality, search, solve_exact
 from spec_lightning.naming import matches
-from spec_lightning.spectral.blocks import BlockMap
+from spec_lightning.spectral.blocks import BlockMap, save_slices
+
+#: The file :meth:`ModuleSearch.export` writes.
+SLICES_FILE = "mftc_slices.safetensors"
 
 
 @runtime_checkable
@@ -75,8 +79,9 @@ class ModuleSearch(L.Callback):
     From then on only the selected blocks' slices (and the head) train: gradients are masked before
     every optimiser step and the frozen slices restored after it, so no optimiser (weight decay,
     momentum) moves them. The selection, increments and predictor quality go to
-    ``module_search.json`` in the log dir and into the checkpoint; :meth:`trained_parameters` tells
-    which parameter slices an export needs. The module must implement :class:`Probeable`.
+    ``module_search.json`` in the log dir and into the checkpoint; :meth:`export` writes the trained
+    slices alone (a few MB), which ``load_slices`` puts back into the base model. The module must
+    implement :class:`Probeable`.
 
     Example::
 
@@ -237,6 +242,20 @@ class ModuleSearch(L.Callback):
         if self.selected is None:
             return dict.fromkeys(self._head)
         return {**dict.fromkeys(self._head), **self._masks}
+
+    def export(self, pl_module: L.LightningModule, directory: str | Path) -> Path:
+        """Write the trained slices and the head alone to ``directory/mftc_slices.safetensors`` (with
+        ``module_search.json``); :func:`~spec_lightning.spectral.blocks.load_slices` puts them into a
+        freshly loaded base model, which then equals the fine-tuned one."""
+        if self.selected is None:
+            raise MisconfigurationException(
+                "ModuleSearch.export: nothing to export before the search has run"
+            )
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_slices(dict(pl_module.named_parameters()), self.trained_parameters(), directory / SLICES_FILE)
+        (directory / "module_search.json").write_text(json.dumps(self.report, indent=1))
+        return directory / SLICES_FILE
 
     # ---- the search --------------------------------------------------------------------------
     def candidates(self) -> list[Candidate]:

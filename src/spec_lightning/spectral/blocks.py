@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from spec_lightning.naming import layer_role, matches
 
@@ -184,3 +186,42 @@ class GradientSketcher:
             sketches.append(blocks @ self._projection(p.block_numel, blocks.device))
             norms.append(blocks.pow(2).sum(dim=1))
         return torch.cat(sketches), torch.cat(norms)
+
+
+def save_slices(
+    params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor | None], path: Path
+) -> None:
+    """Write the trained part of every parameter in ``masks`` to a safetensors file: the values where
+    the mask is True (the whole tensor for None) and the mask itself, so the file alone restores them."""
+    tensors = {}
+    for name, mask in masks.items():
+        value = params[name].detach().cpu()
+        if mask is None:
+            tensors[name] = value.contiguous()
+        else:
+            tensors[name] = value[mask.cpu()].contiguous()
+            tensors[f"{name}::mask"] = mask.cpu().to(torch.uint8).contiguous()
+    save_file(tensors, str(path))
+
+
+def load_slices(model: torch.nn.Module, path: Path) -> list[str]:
+    """Write the slices of :func:`save_slices` into ``model``'s parameters (in place); returns their names.
+
+    Raises:
+        KeyError: the file names a parameter ``model`` does not have.
+    """
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    names = [n for n in tensors if not n.endswith("::mask")]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"{path} holds slices of {missing[:3]}, which the model does not have")
+    with torch.no_grad():
+        for name in names:
+            mask = tensors.get(f"{name}::mask")
+            target = params[name]
+            if mask is None:
+                target.copy_(tensors[name])
+            else:
+                target[mask.bool().to(target.device)] = tensors[name].to(target.device, target.dtype)
+    return names
