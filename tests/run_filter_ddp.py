@@ -29,6 +29,22 @@ class ShardedLayerStack(LayerStack):
         return DataLoader(shard, batch_size=self.batch_size)
 
 
+def ddp_trainer(callbacks: list[L.Callback], steps: int) -> L.Trainer:
+    """Two CPU processes (gloo), the ranks' shards fed in order, nothing written."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=steps,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+
+
 def make_filter() -> SpectralGradientFilter:
     return SpectralGradientFilter(
         GraphConfig(targets=("fc1", "fc2"), edge_weights="grad_cosine", neighbors=2),
@@ -42,18 +58,7 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     module = ShardedLayerStack(batch_size=4)  # 2 ranks x 4 = the single-process batch of 8
     callback = make_filter()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=STEPS,
-        use_distributed_sampler=False,
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = ddp_trainer([callback], STEPS)
     trainer.fit(module)
     state = {
         "params": {n: p.detach().clone() for n, p in module.named_parameters()},

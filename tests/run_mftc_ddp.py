@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spec_lightning import BlockRule, DynamicSpectralClustering, ModuleSearch  # noqa: E402
-from tests.run_filter_ddp import ShardedLayerStack  # noqa: E402
+from tests.run_filter_ddp import ShardedLayerStack, ddp_trainer  # noqa: E402
 from tests.user_model import probe_step  # noqa: E402
 
 STEPS = 6
@@ -37,18 +37,7 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     module = ShardedProbedStack(batch_size=4)
     callbacks = make_callbacks()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=STEPS,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = ddp_trainer(callbacks, STEPS)
     trainer.fit(module)
     state = {
         "params": {n: p.detach().clone() for n, p in module.named_parameters()},
