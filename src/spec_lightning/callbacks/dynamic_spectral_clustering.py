@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from spec_lightning.analysis.modules import assignment_figure
-from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
+from spec_lightning.callbacks.strategy import log_directory, publish_figure, refuse_fsdp
 from spec_lightning.spectral.blocks import BlockMap, BlockRule, GradientSketcher, bert_blocks
 from spec_lightning.spectral.clustering import Kernel, Module, SpectralClusterer
 
@@ -205,11 +204,9 @@ class DynamicSpectralClustering(L.Callback):
         """The block-to-module map (about 1.5 s for 864 blocks: hence not every update by default)."""
         assert self.block_map is not None and self.labels is not None
         fig = assignment_figure(self.labels, self.block_map, f"modules at step {trainer.global_step}")
-        fig.savefig(directory / "clustering.png", dpi=120)
-        for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_figure"):
-                logger.experiment.add_figure("clustering/assignment", fig, global_step=trainer.global_step)
-        plt.close(fig)
+        publish_figure(
+            trainer, fig, directory / "clustering.png", "clustering/assignment", trainer.global_step
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

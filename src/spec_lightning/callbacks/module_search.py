@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -19,10 +18,16 @@ from typing_extensions import override
 
 from spec_lightning.analysis.modules import predictor_figure
 from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
-from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
+from spec_lightning.callbacks.strategy import log_directory, publish_figure, refuse_fsdp
 from spec_lightning.methods.mftc.search import SearchProblem, predictor_quality, search, solve_exact
 from spec_lightning.naming import matches
-from spec_lightning.spectral.blocks import BlockMap, save_slices
+from spec_lightning.spectral.blocks import (
+    BlockMap,
+    frozen_values,
+    mask_gradients,
+    restore_frozen,
+    save_slices,
+)
 
 #: The file :meth:`ModuleSearch.export` writes.
 SLICES_FILE = "mftc_slices.safetensors"
@@ -54,6 +59,11 @@ class Probe:
 
     accuracy: np.ndarray
     loss: np.ndarray
+
+
+def blocks_of(candidates: list[Candidate], chosen: np.ndarray) -> np.ndarray:
+    """The sorted block ids of the chosen candidates."""
+    return np.array(sorted(b for c in chosen for b in candidates[c].blocks), dtype=np.int64)
 
 
 class ModuleSearch(L.Callback):
@@ -211,31 +221,25 @@ class ModuleSearch(L.Callback):
         assert self._clustering is not None and self._clustering.block_map is not None
         return self._clustering.block_map
 
+    def _device_masks(self, pl_module: L.LightningModule, blocks: np.ndarray) -> dict[str, torch.Tensor]:
+        """The parameter masks of ``blocks``, each on its parameter's device (moved once, not per step)."""
+        params = dict(pl_module.named_parameters())
+        return {n: m.to(params[n].device) for n, m in self._block_map().masks(blocks).items()}
+
     def _freeze_outside(self, pl_module: L.LightningModule, blocks: np.ndarray) -> None:
         """Train the head and ``blocks``' slices only, from now on."""
-        self._masks = self._block_map().masks(blocks)
-        params = dict(pl_module.named_parameters())
-        self._frozen_values = {
-            name: params[name].detach().masked_select(~mask.to(params[name].device))
-            for name, mask in self._masks.items()
-        }
+        self._masks = self._device_masks(pl_module, blocks)
+        self._frozen_values = frozen_values(dict(pl_module.named_parameters()), self._masks)
 
     def _mask_gradients(self, pl_module: L.LightningModule) -> None:
-        for name, p in pl_module.named_parameters():
-            if p.grad is None or name in self._head:
-                continue
-            mask = self._masks.get(name)
-            if mask is None:
+        params = dict(pl_module.named_parameters())
+        for name, p in params.items():
+            if p.grad is not None and name not in self._head and name not in self._masks:
                 p.grad = None  # the optimiser skips it altogether
-            else:
-                p.grad.mul_(mask.to(p.grad.device))
+        mask_gradients(params, self._masks)
 
     def _restore_frozen(self, pl_module: L.LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
-        with torch.no_grad():
-            for name, values in self._frozen_values.items():
-                p = params[name]
-                p.masked_scatter_(~self._masks[name].to(p.device), values)
+        restore_frozen(dict(pl_module.named_parameters()), self._masks, self._frozen_values)
 
     def trained_parameters(self) -> dict[str, torch.Tensor | None]:
         """Parameter name -> boolean mask of its trained slices (None: the whole tensor, the head)."""
@@ -306,7 +310,7 @@ class ModuleSearch(L.Callback):
             chosen = solve_exact(problem)
             report["exact_objective"] = problem.objective(chosen)
             report["heuristic_gap"] = report["exact_objective"] - report["heuristic_objective"]
-        selected_blocks = np.array(sorted(b for c in chosen for b in candidates[c].blocks), dtype=np.int64)
+        selected_blocks = blocks_of(candidates, chosen)
         report |= {
             "step": trainer.global_step,
             "baseline": {"accuracy": float(baseline.accuracy.mean()), "loss": float(baseline.loss.mean())},
@@ -354,8 +358,7 @@ class ModuleSearch(L.Callback):
             combinations.append(np.array([c for c in picks if rng.random() < 0.5] or picks[:1]))
         predicted, measured = [], []
         for combination in combinations:
-            blocks = np.array(sorted(b for c in combination for b in candidates[c].blocks), dtype=np.int64)
-            probe = self._probe(trainer, pl_module, optimizer, blocks)
+            probe = self._probe(trainer, pl_module, optimizer, blocks_of(candidates, combination))
             predicted.append(float(gain_a[combination].sum()))
             measured.append(float(probe.accuracy.mean() - baseline.accuracy.mean()))
         quality = predictor_quality(np.array(predicted), np.array(measured))
@@ -364,13 +367,8 @@ class ModuleSearch(L.Callback):
         directory = log_directory(trainer)
         if trainer.is_global_zero:
             fig = predictor_figure(np.array(predicted), np.array(measured), "module-search predictor")
-            fig.savefig(directory / "module_search.png", dpi=120)
-            for logger in trainer.loggers:
-                if hasattr(logger.experiment, "add_figure"):
-                    logger.experiment.add_figure(
-                        "module_search/predictor", fig, global_step=trainer.global_step
-                    )
-            plt.close(fig)
+            path = directory / "module_search.png"
+            publish_figure(trainer, fig, path, "module_search/predictor", trainer.global_step)
         return {**asdict(quality), "predicted": predicted, "measured": measured}
 
     def _probe(
@@ -382,9 +380,10 @@ class ModuleSearch(L.Callback):
     ) -> Probe:
         """Train the head and ``blocks`` for ``probe_steps`` steps, evaluate, and put everything back."""
         params = dict(pl_module.named_parameters())
-        masks = self._block_map().masks(blocks)
+        masks = self._device_masks(pl_module, blocks)
         touched = [*self._head, *masks]
         saved_values = {n: params[n].detach().clone() for n in touched}
+        frozen = frozen_values(params, masks)
         saved_optimizer = copy.deepcopy(optimizer.state_dict())
         saved_flags = {n: p.requires_grad for n, p in params.items()}
         evaluate, train = self._held_back[: self.probe_batches], self._held_back[self.probe_batches :]
@@ -399,13 +398,9 @@ class ModuleSearch(L.Callback):
                     with trainer.precision_plugin.forward_context():
                         batch_loss, _ = pl_module.probe_step(batch)  # type: ignore[operator]
                     batch_loss.backward()
-                    for name, mask in masks.items():
-                        params[name].grad.mul_(mask.to(params[name].device))
+                    mask_gradients(params, masks)
                     optimizer.step()
-                    with torch.no_grad():
-                        for name, mask in masks.items():
-                            keep = ~mask.to(params[name].device)
-                            params[name].masked_scatter_(keep, saved_values[name].masked_select(keep))
+                    restore_frozen(params, masks, frozen)
                 pl_module.eval()
                 with torch.no_grad(), trainer.precision_plugin.forward_context():
                     for batch in evaluate:

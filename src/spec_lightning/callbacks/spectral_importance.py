@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
-import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
-from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
+from spec_lightning.callbacks.strategy import log_directory, publish_figure, refuse_fsdp
 from spec_lightning.spectral import TopKSVD, allocate_components
 from spec_lightning.spectral.importance import SigmaFisher
 
@@ -169,11 +168,7 @@ class SpectralImportance(L.Callback):
         rows = selection_rows(task, self.sigmas, self.scores, self.selected)
         write_rows(rows, directory / "spectral_importance.csv")
         fig = specialisation_figure(rows)
-        fig.savefig(directory / "spectral_importance.png", dpi=120)
-        for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_figure"):
-                logger.experiment.add_figure("spectral_importance/selected", fig, global_step=0)
-        plt.close(fig)
+        publish_figure(trainer, fig, directory / "spectral_importance.png", "spectral_importance/selected", 0)
 
     @override
     def state_dict(self) -> dict[str, Any]:

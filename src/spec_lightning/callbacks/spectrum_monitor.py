@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib.pyplot as plt
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -21,7 +20,7 @@ from spec_lightning.analysis.spectrum import (
     spectrum,
     spectrum_figure,
 )
-from spec_lightning.callbacks.strategy import log_directory, refuse_fsdp
+from spec_lightning.callbacks.strategy import log_directory, publish_figure, refuse_fsdp
 from spec_lightning.naming import matches
 
 
@@ -120,11 +119,9 @@ class SpectrumMonitor(L.Callback):
         self.rows += rows
         write_rows(self.rows, directory / "spectrum.csv", FIELDS)
         fig = spectrum_figure(rows, f"{stage} (step {trainer.global_step})")
-        fig.savefig(directory / f"spectrum_{stage}.png", dpi=120)
-        for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_figure"):
-                logger.experiment.add_figure(f"spectrum/{stage}", fig, global_step=trainer.global_step)
-        plt.close(fig)
+        publish_figure(
+            trainer, fig, directory / f"spectrum_{stage}.png", f"spectrum/{stage}", trainer.global_step
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -157,6 +157,31 @@ class BlockMap:
         return out
 
 
+def frozen_values(
+    params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The values of every masked parameter outside its mask (the slices that must not move)."""
+    return {name: params[name].detach().masked_select(~mask) for name, mask in masks.items()}
+
+
+def mask_gradients(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero every masked parameter's gradient outside its mask (masks on the parameters' devices)."""
+    for name, mask in masks.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.mul_(mask)
+
+
+def restore_frozen(
+    params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor]
+) -> None:
+    """Put the values of :func:`frozen_values` back outside the masks, after an optimiser step, so
+    that weight decay or momentum cannot move them either."""
+    with torch.no_grad():
+        for name, values in frozen.items():
+            params[name].masked_scatter_(~masks[name], values)
+
+
 class GradientSketcher:
     """Random projections g_i ↦ Rᵀ g_i ∈ ℝ^s of every block's gradient, R ~ N(0, 1/s), one R per block
     size (so inner products between same-size blocks are preserved in expectation), from ``seed``.
