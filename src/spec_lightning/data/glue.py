@@ -5,18 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
 
+from spec_lightning.data.base import TokenizedDataModule, load_local_file
 from spec_lightning.data.glue_tasks import GlueTaskName, get_task, read_glue_tsv
-from spec_lightning.pretrained import resolve_pretrained
-
-LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class GLUEDataModule(L.LightningDataModule):
+class GLUEDataModule(TokenizedDataModule):
     """A GLUE task, tokenised once, batched with dynamic padding.
 
     Sources, first match wins: ``data_files`` (split -> file; ``.tsv`` in the GLUE layout, or
@@ -57,7 +53,7 @@ class GLUEDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
     ) -> None:
-        super().__init__()
+        super().__init__(tokenizer, batch_size, num_workers, seed)
         self.spec = get_task(task)
         if train_fraction is not None and not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"data.init_args.train_fraction must be in (0, 1], got {train_fraction}")
@@ -66,22 +62,10 @@ class GLUEDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.task = task
         self.num_labels = self.spec.num_labels
-        self.splits: dict[str, datasets.Dataset] = {}
-        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.dataset_name = f"GLUE {task}"
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.tokenizer))
-            if self._tokenizer.pad_token is None:  # GPT-2 style tokenizers ship without one
-                self._tokenizer.pad_token = self._tokenizer.eos_token
-        return self._tokenizer
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        raw = self._select(self._load())
-        self.splits = {name: self._tokenize(ds) for name, ds in raw.items()}
+    def build_splits(self) -> dict[str, datasets.Dataset]:
+        return {name: self._tokenize(ds) for name, ds in self._select(self._load()).items()}
 
     def _load(self) -> dict[str, datasets.Dataset]:
         hp = self.hparams
@@ -102,13 +86,11 @@ class GLUEDataModule(L.LightningDataModule):
         return dict(loaded)
 
     def _load_file(self, path: Path) -> datasets.Dataset:
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {str(path)!r} does not exist (data.init_args.data_files)")
-        if path.suffix == ".tsv":
+        if path.suffix == ".tsv" and path.is_file():
             return datasets.Dataset.from_dict(read_glue_tsv(path, self.spec))
-        if path.suffix not in LOADERS:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .tsv, {', '.join(LOADERS)}")
-        ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
+        ds = load_local_file(
+            path, (".tsv", ".csv", ".json", ".jsonl", ".parquet"), "data.init_args.data_files"
+        )
         missing = [c for c in self.spec.text_fields if c not in ds.column_names]
         if missing:
             raise ValueError(f"{path}: columns {missing} are missing; found {ds.column_names}")
@@ -150,32 +132,8 @@ class GLUEDataModule(L.LightningDataModule):
         ds = ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep])
         return ds.rename_column("label", "labels") if "labels" not in ds.column_names and keep else ds
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if split not in self.splits:
-            raise ValueError(f"GLUE {self.task} has no {split!r} split in this source")
-        ds = self.splits[split]
-        sampler = None
-        if shuffle:
-            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-            # A seeded, epoch-indexed shuffle (Lightning calls set_epoch): resuming replays the same order.
-            sampler = DistributedSampler(
-                ds, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed
-            )
-        return DataLoader(
-            ds,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            collate_fn=DataCollatorWithPadding(self.tokenizer),
-            num_workers=self.hparams.num_workers,
-            # Its own generator: creating an iterator then leaves the global RNG (dropout) untouched.
-            generator=torch.Generator().manual_seed(self.hparams.seed),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
+    def collator(self) -> DataCollatorWithPadding:
+        return DataCollatorWithPadding(self.tokenizer)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("validation")

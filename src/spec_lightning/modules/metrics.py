@@ -1,10 +1,12 @@
-"""The standard GLUE metric of each task, as torchmetrics collections."""
+"""The standard metric of each task: GLUE collections, and MMLU's per-subject accuracy."""
 
 from __future__ import annotations
 
-from torchmetrics import MetricCollection
+import torch
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef, Precision, Recall
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics.utilities import dim_zero_cat
 
 
 def task_metrics(task: str, num_labels: int) -> MetricCollection:
@@ -24,3 +26,27 @@ def task_metrics(task: str, num_labels: int) -> MetricCollection:
     if task == "cola":
         metrics["matthews"] = MatthewsCorrCoef(task=kind, num_classes=num_labels)
     return MetricCollection(metrics)
+
+
+class GroupedAccuracy(Metric):
+    """Accuracy per group, acc_g = Σ_{i∈g} 1(ŷ_i = y_i) / |g| (MMLU's per-subject accuracy).
+
+    ``compute`` returns ``accuracy`` (over all examples), ``group_average`` (the mean of acc_g over the
+    groups seen) and ``per_group`` (acc_g, NaN for groups not seen). States are concatenated across
+    processes, so the groups need not be known in advance.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("groups", default=[], dist_reduce_fx="cat")
+        self.add_state("hits", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> None:
+        self.groups.append(groups.long())
+        self.hits.append((preds == target).float())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        groups, hits = dim_zero_cat(self.groups), dim_zero_cat(self.hits)
+        count = torch.bincount(groups).float()
+        per_group = torch.bincount(groups, weights=hits) / count
+        return {"accuracy": hits.mean(), "group_average": per_group[count > 0].mean(), "per_group": per_group}

