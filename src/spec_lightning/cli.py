@@ -1,4 +1,4 @@
-"""The ``spec-lightning`` command: LightningCLI (fit/validate/test/predict) plus ``export``.
+"""The ``spec-lightning`` command: LightningCLI (fit/validate/test/predict), ``export`` and ``reproduce``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
         --config configs/method/lora.yaml
     spec-lightning export --config logs/quickstart/version_0/config.yaml \\
         --ckpt_path logs/quickstart/version_0/checkpoints/last.ckpt --output_dir exports/sst2-lora
+    spec-lightning reproduce --grid configs/reproduce/glue_small.yaml
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from spec_lightning.modules import FineTuningModule
+from spec_lightning.reproduce import main as reproduce
 
 
 class SpecLightningCLI(LightningCLI):
@@ -80,5 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["export"]:
         export(args[1:])
+        return
+    if args[:1] == ["reproduce"]:
+        reproduce(args[1:])
         return
     build_cli(argv)  # None: LightningCLI reads sys.argv itself

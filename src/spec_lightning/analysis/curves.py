@@ -30,6 +30,19 @@ def read_scalars(run_dir: str | Path) -> dict[str, Curve]:
     return {tag: sorted((e.step, e.value) for e in events.Scalars(tag)) for tag in events.Tags()["scalars"]}
 
 
+def seconds_per_step(run_dir: str | Path, tag: str = "train/loss") -> float:
+    """Wall seconds per optimiser step between the first and last logged points of ``tag`` (NaN with
+    fewer than two): the training pace, without start-up and final evaluation."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    points = (
+        sorted((e.step, e.wall_time) for e in events.Scalars(tag)) if tag in events.Tags()["scalars"] else []
+    )
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return float("nan")
+    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+
 def curves_figure(curves: Mapping[str, Curve], tag: str) -> Figure:
     """One line per run of ``tag`` against the optimiser step."""
     fig, ax = plt.subplots(figsize=(6, 4))

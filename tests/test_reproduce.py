@@ -1,0 +1,130 @@
+"""The reproduction runner: a tiny grid runs, resumes without rerunning, and renders its report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from spec_lightning.reproduce import Grid, main, read_rows
+from tests.conftest import write_sst2
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_grid(tmp_path: Path, backbone: str) -> Path:
+    """LoRA and BitFit on the tiny BERT, two seeds, and a 50 % few-shot variant of LoRA."""
+    data = write_sst2(tmp_path / "sst2", n_train=64, n_dev=32)
+    (tmp_path / "half.yaml").write_text(yaml.safe_dump({"data": {"init_args": {"train_fraction": 0.5}}}))
+    grid = {
+        "name": "tiny",
+        "tasks": ["sst2"],
+        "seeds": [1, 2],
+        "base_configs": [
+            str(CONFIGS / "trainer" / "cpu.yaml"),
+            str(CONFIGS / "model" / "minilm.yaml"),
+            str(CONFIGS / "glue" / "{task}.yaml"),
+        ],
+        "methods": {
+            "lora": str(CONFIGS / "method" / "lora.yaml"),
+            "bitfit": [str(CONFIGS / "method" / "bitfit.yaml")],
+        },
+        "overrides": [
+            f"--model.init_args.backbone={backbone}",
+            f"--data.init_args.data_dir={data}",
+            "--data.init_args.batch_size=16",
+            "--trainer.log_every_n_steps=1",
+        ],
+        "method_overrides": {"lora": ["--model.init_args.method.init_args.r=2"]},
+        "variants": {
+            "fewshot50": {"overlays": [str(tmp_path / "half.yaml")], "methods": ["lora"], "tasks": ["sst2"]}
+        },
+        "logs": str(tmp_path / "logs"),
+        "output": str(tmp_path / "reports"),
+        "threads": 1,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def test_grid_runs_resumes_and_reports(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grid_file = tiny_grid(tmp_path, tiny_bert)
+    grid = Grid.load(grid_file)
+    assert [r.name for r in grid.runs()] == ["lora-sst2"] * 2 + ["lora-sst2-fewshot50"] * 2 + [
+        "bitfit-sst2"
+    ] * 2
+    main(["--grid", str(grid_file)])
+    out = tmp_path / "reports" / "tiny"
+    rows = pd.DataFrame(read_rows(out / "results.csv"))
+    assert len(rows) == 6 and set(rows["seed"]) == {"1", "2"}
+    lora = rows[(rows["method"] == "lora") & (rows["variant"] == "")]
+    assert (lora["steps"].astype(int) == 4).all() and (
+        rows[rows["variant"] == "fewshot50"]["steps"].astype(int) == 2
+    ).all()
+    assert (rows["trainable"].astype(int) < rows["total"].astype(int)).all()
+    assert (rows["s_per_step"].astype(float) > 0).all()
+    config = yaml.safe_load((Path(lora["run_dir"].iloc[0]) / "config.yaml").read_text())
+    assert config["seed_everything"] == 1 and config["model"]["init_args"]["method"]["init_args"]["r"] == 2
+    report = (out / "report.md").read_text()
+    accuracy = lora["val/accuracy"].astype(float)
+    assert f"{100 * accuracy.mean():.1f} ± {100 * accuracy.std(ddof=1):.1f}" in report
+    assert "| sst2 | lora | fewshot50 | accuracy |" in report
+    assert (out / "comparison.png").is_file() and (out / "fewshot.png").is_file()
+
+    def no_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(subprocess, "run", no_run)
+    main(["--grid", str(grid_file)])  # everything is finished: nothing runs, the report is rendered again
+    assert len(read_rows(out / "results.csv")) == 6
+
+
+def test_grid_errors_name_the_problem(tmp_path: Path) -> None:
+    base = {"name": "g", "tasks": ["sst2"], "methods": {"lora": str(CONFIGS / "method" / "lora.yaml")}}
+    cases = [
+        ({**base, "epochs": 3}, ValueError, r"unknown grid keys \['epochs'\]"),
+        (
+            {**base, "methods": {"lora": "configs/nope/{task}.yaml"}},
+            FileNotFoundError,
+            "configs/nope/sst2.yaml",
+        ),
+        (
+            {**base, "method_overrides": {"dora": []}},
+            ValueError,
+            r"methods \['dora'\] the grid does not define",
+        ),
+        (
+            {**base, "variants": {"v": {"overlays": [], "methods": ["full"], "tasks": ["sst2"]}}},
+            ValueError,
+            r"variant 'v' names methods \['full'\]",
+        ),
+    ]
+    for i, (grid, error, message) in enumerate(cases):
+        path = tmp_path / f"grid{i}.yaml"
+        path.write_text(json.dumps(grid))
+        with pytest.raises(error, match=message):
+            Grid.load(path)
+
+
+@pytest.mark.parametrize("grid", sorted((CONFIGS / "reproduce").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_grids_load(grid: Path) -> None:
+    runs = Grid.load(grid).runs()
+    assert {r.method for r in runs} == {
+        "full",
+        "bitfit",
+        "lora",
+        "dora",
+        "pissa",
+        "lorsa",
+        "speclora",
+        "graph_spectral",
+        "mftc",
+    }
+    assert len({(r.task, r.method) for r in runs}) == 27
