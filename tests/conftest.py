@@ -60,10 +60,8 @@ def lm_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer BERT (hidden 32, 4 heads) with random weights, saved as a pretrained folder."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
+def write_tiny_bert(folder: Path, dropout: float = 0.1) -> str:
+    """A 2-layer BERT (hidden 32, 4 heads) with random weights (seed 0), saved as a pretrained folder."""
     tok = _tokenizer(folder)
     torch.manual_seed(0)
     config = BertConfig(
@@ -73,10 +71,17 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertForSequenceClassification(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

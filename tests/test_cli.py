@@ -18,7 +18,9 @@ from tests.conftest import write_sst2
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GLUE = sorted((CONFIGS / "glue").glob("*.yaml"))
 METHOD = sorted((CONFIGS / "method").glob("*.yaml"))
-TRAINER = sorted((CONFIGS / "trainer").glob("*.yaml"))
+#: Whole trainer configs, and the strategy overlays added after one (DDP, FSDP1, FSDP2).
+TRAINER = [CONFIGS / "trainer" / "cpu.yaml", CONFIGS / "trainer" / "gpu.yaml"]
+STRATEGY = {"ddp": "ddp", "fsdp": "FSDPStrategy", "fsdp2": "ModelParallelStrategy"}
 EXPERIMENT_CLASSES = {
     "bitfit": "BitFit",
     "full": "FullFineTuning",
@@ -59,6 +61,7 @@ def test_every_yaml_is_covered() -> None:
         *GLUE,
         *METHOD,
         *TRAINER,
+        *(CONFIGS / "trainer" / f"{name}.yaml" for name in STRATEGY),
         *EXPERIMENTS,
         *OVERLAYS,
         *DECODER,
@@ -82,6 +85,15 @@ def test_composed_configs_parse(
     out = print_config(capsys, trainer, CONFIGS / "model" / "minilm.yaml", glue, method)
     assert f"task: {glue.stem}" in out
     assert f"class_path: spec_lightning.{method_class(method)}" in out
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGY))
+def test_strategy_overlays_compose(capsys: pytest.CaptureFixture[str], strategy: str) -> None:
+    overlay = CONFIGS / "trainer" / f"{strategy}.yaml"
+    out = print_config(capsys, CONFIGS / "lm" / "wikitext2.yaml", overlay)
+    assert STRATEGY[strategy] in out.split("  strategy:")[1].split("\n  devices:")[0]
+    if strategy == "fsdp":  # the block class given by name becomes FSDP's wrap policy
+        assert "- transformers.models.llama.modeling_llama.LlamaDecoderLayer" in out
 
 
 def method_class(method_yaml: Path) -> str:

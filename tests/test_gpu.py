@@ -7,6 +7,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from transformers.models.bert.modeling_bert import BertLayer
 
 from spec_lightning import GLUEDataModule, SequenceClassificationModule, SpectralImportance, SpectrumMonitor
 from tests.conftest import BACKBONE_TARGETS, METHODS
@@ -57,3 +60,37 @@ def test_fit_bf16_mixed_with_the_callbacks(
     trainer.fit(module, GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8))
     assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["val/loss"])
     assert (tmp_path / "spectrum.csv").is_file()
+
+
+@pytest.mark.parametrize(("strategy", "method_name"), [("fsdp", "full"), ("fsdp2", "lora")])
+def test_sharded_fit_bf16_on_cuda(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, strategy: str, method_name: str
+) -> None:
+    """FSDP1 (full fine-tuning, BertLayer auto-wrap) and FSDP2 (an adapter) train, validate and write a
+    last.ckpt under bf16-mixed on one GPU; the FSDP2 checkpoint holds the whole adapter."""
+    sharding = (
+        FSDPStrategy(auto_wrap_policy={BertLayer}, activation_checkpointing_policy={BertLayer})
+        if strategy == "fsdp"
+        else ModelParallelStrategy(save_distributed_checkpoint=False)
+    )
+    module = SequenceClassificationModule(tiny_bert, METHODS[method_name](*BACKBONE_TARGETS["bert"]))
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        strategy=sharding,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(tmp_path / "ckpt", save_last=True, save_top_k=0)],
+        limit_val_batches=2,
+    )
+    trainer.fit(module, GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8))
+    assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    if strategy == "fsdp2":
+        saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["adapter_state_dict"]
+        assert sum(v.numel() for v in saved.values()) == sum(
+            p.numel() for _, p in module.trainable_parameters()
+        )

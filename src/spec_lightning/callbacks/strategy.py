@@ -6,13 +6,15 @@ from pathlib import Path
 
 import lightning as L
 import matplotlib.pyplot as plt
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from matplotlib.figure import Figure
 
 
 def refuse_fsdp(trainer: L.Trainer, message: str) -> None:
-    """Raise ``message`` when the trainer shards weights with FSDP (the callback needs whole matrices)."""
-    if "FSDP" in type(trainer.strategy).__name__:
+    """Raise ``message`` when the trainer shards weights, with FSDP (``FSDPStrategy``) or FSDP2 / tensor
+    parallelism (``ModelParallelStrategy``): the callback needs whole matrices."""
+    if "FSDP" in type(trainer.strategy).__name__ or isinstance(trainer.strategy, ModelParallelStrategy):
         raise MisconfigurationException(message)
 
 

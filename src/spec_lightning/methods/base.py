@@ -47,6 +47,10 @@ class FineTuningMethod(ABC):
     parameter_efficient: bool = True
     #: False where the update is not linear in the weights (bottleneck adapters): no merge.
     mergeable: bool = True
+    #: False where the method reads or writes whole weights outside the forward pass, which FSDP2
+    #: shards; ``supports_fsdp_reason`` then says why.
+    supports_fsdp: bool = True
+    supports_fsdp_reason: str = ""
 
     @abstractmethod
     def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:

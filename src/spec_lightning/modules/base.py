@@ -11,9 +11,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
+from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
 from spec_lightning.methods import FineTuningMethod, LoRA
 from spec_lightning.pretrained import resolve_pretrained
 from spec_lightning.rng import get_rng_states, set_rng_states
@@ -23,8 +25,10 @@ class FineTuningModule(L.LightningModule, ABC):
     """A pretrained transformers model fine-tuned by any :class:`FineTuningMethod`.
 
     The backbone is built in ``configure_model`` (so strategies can shard it at creation) and handed
-    to ``method.apply``. The objective is ``task_weight · L_task + weight · R`` where the method
-    defines a regulariser R, else L_task, the model's own loss on the batch. Only the method's
+    to ``method.apply``; rank 0's result is then broadcast to every rank, and under
+    ``ModelParallelStrategy`` (FSDP2) every transformer block and then the root are sharded. The
+    objective is ``task_weight · L_task + weight · R`` where the method defines a regulariser R, else
+    L_task, the model's own loss on the batch. Only the method's
     trainable parameters reach the optimiser (AdamW, linear warm-up then linear decay). For
     parameter-efficient methods, checkpoints hold the adapter state only; the frozen backbone is
     rebuilt from ``backbone`` on load. Subclasses load the backbone and evaluate.
@@ -37,6 +41,8 @@ class FineTuningModule(L.LightningModule, ABC):
         weight_decay: AdamW weight decay on matrices (not on biases or norms).
         warmup_ratio: fraction of the optimiser steps spent warming up.
         head: names of freshly initialised head modules, trained fully by every method.
+        gradient_checkpointing: recompute each block's activations in the backward pass
+            (transformers' ``gradient_checkpointing_enable``): less memory, about a third more compute.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class FineTuningModule(L.LightningModule, ABC):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.06,
         head: tuple[str, ...] = (),
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.method = method if method is not None else LoRA()
@@ -61,12 +68,41 @@ class FineTuningModule(L.LightningModule, ABC):
         """The pretrained transformers model, before the method is applied."""
 
     def configure_model(self) -> None:
-        """Load the pretrained backbone and apply the method (idempotent)."""
+        """Load the pretrained backbone, apply the method, make every rank hold rank 0's result, and
+        shard it under FSDP2 (idempotent)."""
         if self.model is not None:
             return
+        self._check_strategy()
+        mesh = self.device_mesh
         base = self.load_backbone(resolve_pretrained(self.hparams.backbone))
+        if self.hparams.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = self.method.apply(base, head=self.hparams.head, total_steps=self._total_steps())
+        broadcast_from_rank0(model)
+        if mesh is not None:
+            if mesh["tensor_parallel"].size() > 1:
+                raise MisconfigurationException(
+                    "spec_lightning shards with FSDP2 only: set ModelParallelStrategy's "
+                    "tensor_parallel_size to 1 (its data_parallel_size is the number of shards)"
+                )
+            shard_fsdp2(model, mesh["data_parallel"])
         self.model = model.train(self.training)  # from_pretrained returns eval mode: dropout would be off
+
+    def _check_strategy(self) -> None:
+        """Refuse the sharded strategies a method cannot train under, saying what to use instead."""
+        name = type(self.method).__name__
+        if self.device_mesh is not None and not self.method.supports_fsdp:
+            raise MisconfigurationException(
+                f"{name} does not support FSDP: {self.method.supports_fsdp_reason} "
+                "Train it with DDP (configs/trainer/ddp.yaml) instead."
+            )
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if "FSDP" in type(strategy).__name__ and self.method.parameter_efficient:
+            raise MisconfigurationException(
+                f"{name} under FSDPStrategy (FSDP1): FSDP1 flattens each wrapped block's parameters into one "
+                "buffer, so the adapter cannot be gathered under its own names. Use FSDP2 "
+                "(configs/trainer/fsdp2.yaml, ModelParallelStrategy) or DDP (configs/trainer/ddp.yaml)."
+            )
 
     def _total_steps(self) -> int | None:
         trainer = self._trainer
@@ -150,21 +186,31 @@ class FineTuningModule(L.LightningModule, ABC):
 
     # ---- checkpoints and export --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adapter-only checkpoints (the frozen backbone is not written again), plus the RNG states."""
+        """Adapter-only checkpoints (the frozen backbone is not written again), plus the RNG states.
+
+        Under FSDP2 the adapter is gathered from every rank's shards first (all ranks run this hook),
+        so the file holds the whole adapter, not rank 0's shard.
+        """
         checkpoint["rng_states"] = get_rng_states()
         if self.method.parameter_efficient:
             checkpoint["state_dict"] = {}
-            checkpoint["adapter_state_dict"] = self.method.adapter_state_dict(self.model)
+            checkpoint["adapter_state_dict"] = gather_full(self.method.adapter_state_dict(self.model))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
         if "adapter_state_dict" in checkpoint:
             self.configure_model()
-            self.method.load_adapter_state_dict(self.model, checkpoint["adapter_state_dict"])
+            state = shard_like(checkpoint["adapter_state_dict"], self.model)
+            self.method.load_adapter_state_dict(self.model, state)
 
     def merged_model(self) -> nn.Module:
         """A plain transformers model with the update folded into its weights (training model untouched)."""
         assert self.model is not None, "call configure_model() first"
+        if is_sharded(self.model):
+            raise RuntimeError(
+                "the model is sharded (FSDP2): merge after gathering, from the checkpoint in one process "
+                "(spec-lightning export --ckpt_path CKPT), whose adapter holds every rank's shards"
+            )
         return self.method.merge(copy.deepcopy(self.model))
 
     def export(self, directory: str | Path, adapter_only: bool = False) -> Path:

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from spec_lightning.distributed import broadcast_from_rank0
 from spec_lightning.methods.base import FineTuningMethod, Regularization
 from spec_lightning.methods.full import FullFineTuning
 from spec_lightning.spectral import GraphConfig, ParameterGraphs, spectral_smoothness
@@ -64,12 +65,19 @@ class GraphSpectral(FineTuningMethod):
         self.objective = objective
         self.parameter_efficient = self.method.parameter_efficient
         self.mergeable = self.method.mergeable
+        self.supports_fsdp = False
+        self.supports_fsdp_reason = (
+            "its spectral term stacks whole trainable tensors into graph nodes outside the forward pass, "
+            "where FSDP2 holds only each rank's shard."
+        )
         self._graphs: ParameterGraphs | None = None
         self._reference: dict[str, torch.Tensor] = {}
 
     def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
-        """Apply the wrapped method, then build the graphs over its trainable tensors and keep θ₀."""
+        """Apply the wrapped method, then build the graphs over its trainable tensors and keep θ₀
+        (rank 0's, so that every rank regularises towards the same θ₀)."""
         model = self.method.apply(model, head, total_steps)
+        broadcast_from_rank0(model)
         params = dict(self.method.trainable_parameters(model))
         self._graphs = ParameterGraphs({n: p.shape for n, p in params.items()}, self.graph)
         self._graphs.initialise(params)

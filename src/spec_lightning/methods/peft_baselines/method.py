@@ -141,6 +141,12 @@ class AdaLoRA(PeftMethod):
         total_step: optimiser steps of the fit; None takes the trainer's estimate.
     """
 
+    supports_fsdp = False
+    supports_fsdp_reason = (
+        "peft computes its orthogonality penalty and the rank allocation from whole P and Q matrices in "
+        "the root forward and after the optimiser step, where FSDP2 holds only each rank's shard."
+    )
+
     def __init__(
         self,
         target_modules: Sequence[str] = ("query", "value"),
