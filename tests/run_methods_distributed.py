@@ -3,7 +3,8 @@ process or under a 2-process CPU strategy (gloo), and save each method's whole a
 
 ``python tests/run_methods_distributed.py STRATEGY BACKBONE DATA OUT`` with STRATEGY ``ddp`` or
 ``fsdp2`` (``ModelParallelStrategy``, data-parallel size 2) writes ``OUT/<method>-rank<r>.pt``; Lightning
-relaunches the script once for rank 1. Rank r seeds its RNG with r, so only an initialisation
+relaunches the script once for rank 1. Under ``ddp`` LoRSA also runs with SpectralImportance choosing its
+components (``OUT/lorsa-importance-rank<r>.pt``). Rank r seeds its RNG with r, so only an initialisation
 broadcast from rank 0 makes the ranks agree with a single process seeded with 0. Under ``fsdp2`` LoRA
 also stops after the first epoch, writes ``OUT/last.ckpt`` and resumes from it to the end
 (``OUT/lora-resumed-rank<r>.pt``). Run by tests/test_distributed.py, which compares the adapters with
@@ -23,7 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spec_lightning import GLUEDataModule, SequenceClassificationModule  # noqa: E402
+from spec_lightning import GLUEDataModule, SequenceClassificationModule, SpectralImportance  # noqa: E402
 from spec_lightning.distributed import gather_full  # noqa: E402
 from tests.conftest import BACKBONE_TARGETS, METHODS  # noqa: E402
 
@@ -59,12 +60,14 @@ def train(
     data: str,
     strategy_name: str | None = None,
     interrupt: bool = False,
+    importance: bool = False,
     ckpt_path: Path | None = None,
     ckpt_dir: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """The adapter after EPOCHS epochs of optimiser steps of BATCH examples (one with ``interrupt``;
-    resumed from ``ckpt_path``; ``last.ckpt`` written to ``ckpt_dir`` after every epoch): in this process when
-    ``strategy_name`` is None, else on 2 ranks of BATCH / 2 each."""
+    resumed from ``ckpt_path``; ``last.ckpt`` written to ``ckpt_dir`` after every epoch; LoRSA's components
+    chosen by SpectralImportance with ``importance``): in this process when ``strategy_name`` is None,
+    else on 2 ranks of BATCH / 2 each."""
     devices = 1 if strategy_name is None else 2
     L.seed_everything(rank())
     module = SequenceClassificationModule(
@@ -81,6 +84,7 @@ def train(
         limit_val_batches=0,
         callbacks=[
             *([Interrupt()] if interrupt else []),
+            *([SpectralImportance(num_samples=EXAMPLES, batch_size=BATCH)] if importance else []),
             *([ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0)] if ckpt_dir else []),
         ],
         logger=False,
@@ -102,6 +106,9 @@ def main(strategy_name: str, backbone: str, data: str, out: Path) -> None:
     for method in fsdp_methods() if strategy_name == "fsdp2" else METHODS:
         adapter = train(method, backbone, data, strategy_name)
         torch.save(adapter, out / f"{method}-rank{rank()}.pt")
+    if strategy_name == "ddp":
+        adapter = train("lorsa", backbone, data, strategy_name, importance=True)
+        torch.save(adapter, out / f"lorsa-importance-rank{rank()}.pt")
     if strategy_name == "fsdp2":
         train("lora", backbone, data, strategy_name, interrupt=True, ckpt_dir=out)
         adapter = train("lora", backbone, data, strategy_name, ckpt_path=out / "last.ckpt")

@@ -54,6 +54,12 @@ def test_ddp_trains_every_method_like_one_process(setup, single, tmp_path: Path)
         ranks = [torch.load(tmp_path / f"{method}-rank{r}.pt") for r in (0, 1)]
         assert_same(ranks[1], ranks[0], f"{method}: rank 1 against rank 0")
         assert_same(ranks[0], reference, f"{method}: DDP against one process")
+    scored = train("lorsa", *setup, importance=True)
+    chosen = [k for k in scored if k.endswith(".index")]
+    assert any(not torch.equal(scored[k], single["lorsa"][k]) for k in chosen)  # the scores chose S
+    assert_same(
+        torch.load(tmp_path / "lorsa-importance-rank1.pt"), scored, "LoRSA + SpectralImportance under DDP"
+    )
 
 
 def test_fsdp2_trains_gathers_and_resumes_like_one_process(setup, single, tmp_path: Path) -> None:
