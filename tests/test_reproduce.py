@@ -70,6 +70,7 @@ def test_grid_runs_resumes_and_reports(
     ).all()
     assert (rows["trainable"].astype(int) < rows["total"].astype(int)).all()
     assert (rows["s_per_step"].astype(float) > 0).all()
+    assert (rows["cpu_s"].astype(float) > 0).all()
     config = yaml.safe_load((Path(lora["run_dir"].iloc[0]) / "config.yaml").read_text())
     assert config["seed_everything"] == 1 and config["model"]["init_args"]["method"]["init_args"]["r"] == 2
     report = (out / "report.md").read_text()

@@ -9,8 +9,8 @@ overlay configs (few-shot subsets, ablations). Every run is ``spec-lightning fit
 process, logged as ``<logs>/<method>-<task>[-<variant>]/seed<seed>``; a run that has finished
 (``checkpoints/last.ckpt`` and a row in the CSV) is not run again, so an interrupted grid
 resumes. ``results.csv`` gets one row per run: the final ``val/*`` metrics, trainable and total
-parameters, optimiser steps, wall seconds of the process and seconds per step between the first
-and last logged training steps; :mod:`spec_lightning.analysis.report`
+parameters, optimiser steps, wall and CPU seconds of the process and seconds per step between the
+first and last logged training steps; :mod:`spec_lightning.analysis.report`
 turns it into ``report.md`` and figures::
 
     spec-lightning reproduce --grid configs/reproduce/glue_small.yaml
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -137,8 +138,9 @@ class Run:
         ]
 
 
-def collect(run: Run, logs: Path, wall_s: float) -> dict[str, object]:
-    """The CSV row of a finished run, from its TensorBoard scalars."""
+def collect(run: Run, logs: Path, wall_s: float, cpu_s: float) -> dict[str, object]:
+    """The CSV row of a finished run, from its TensorBoard scalars; ``cpu_s`` is the CPU time (user +
+    system) of its process, the energy proxy on a machine without a power meter."""
     scalars = read_scalars(run.directory(logs))
     checkpoint = torch.load(
         run.directory(logs) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
@@ -153,6 +155,7 @@ def collect(run: Run, logs: Path, wall_s: float) -> dict[str, object]:
         "total": int(scalars["params/total"][0][1]),
         "steps": steps,
         "wall_s": round(wall_s, 1),
+        "cpu_s": round(cpu_s, 1),
         "s_per_step": round(seconds_per_step(run.directory(logs)), 4),
         "run_dir": str(run.directory(logs)),
     }
@@ -160,6 +163,12 @@ def collect(run: Run, logs: Path, wall_s: float) -> dict[str, object]:
         row["trainable"] = int(scalars["module_search/trainable_parameters"][-1][1])
     row |= {tag: round(points[-1][1], 6) for tag, points in sorted(scalars.items()) if tag.startswith("val/")}
     return row
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -195,10 +204,11 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
         print(" ".join(command[2:]), flush=True)
         if dry_run:
             continue
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), children_cpu_seconds()
         subprocess.run(command, check=True, env=env)
+        wall_s, cpu_s = time.perf_counter() - start, children_cpu_seconds() - cpu
         rows = [r for r in rows if (r["task"], r["method"], r["variant"], int(r["seed"])) != key]
-        rows.append(collect(run, logs, time.perf_counter() - start))
+        rows.append(collect(run, logs, wall_s, cpu_s))
         write_rows(table, rows)
     return table
 

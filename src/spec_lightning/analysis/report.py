@@ -2,8 +2,8 @@
 
 - the method comparison: the task metric per method and task, mean ± sd over seeds, with the
   trainable-parameter percentage (the GLUE table);
-- the cost table: wall seconds of the whole run, seconds per optimiser step while training, and
-  trainable parameters (energy is not measured: no meter on CPU);
+- the cost table: wall and CPU seconds of the whole run (CPU seconds stand in for energy: no power
+  meter on CPU), seconds per optimiser step while training, and trainable parameters;
 - variants (ablations, few-shot subsets) against their method's main runs;
 - figures: ``comparison.png`` (bars with the seed sd), ``fewshot.png`` (variants named
   ``fewshot<percent>``, with the main run as 100 %), ``ablation_<task>.png`` (the task-loss curves of
@@ -56,6 +56,7 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
                 "trainable": int(group["trainable"].max()),
                 "trainable_pct": 100 * float((group["trainable"] / group["total"]).mean()),
                 "wall_s": float(group["wall_s"].mean()),
+                "cpu_s": float(group["cpu_s"].astype(float).mean()),
                 "s_per_step": float(group["s_per_step"].astype(float).mean()),
             }
         )
@@ -92,13 +93,13 @@ def comparison_table(stats: pd.DataFrame) -> str:
 
 def cost_table(stats: pd.DataFrame) -> str:
     lines = [
-        "| task | method | variant | trainable | wall (s) | s / step | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| task | method | variant | trainable | wall (s) | CPU (s) | s / step | seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for _, r in stats.iterrows():
         lines.append(
             f"| {r['task']} | {r['method']} | {r['variant']} | {r['trainable']:,} | {r['wall_s']:.0f} "
-            f"| {r['s_per_step']:.3f} | {r['seeds']} |"
+            f"| {r['cpu_s']:.0f} | {r['s_per_step']:.3f} | {r['seeds']} |"
         )
     return "\n".join(lines)
 
