@@ -87,6 +87,25 @@ def test_grid_runs_resumes_and_reports(
     assert len(read_rows(out / "results.csv")) == 6
 
 
+def test_variant_seeds_and_the_seeds_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid_file = tiny_grid(tmp_path, "unused")
+    raw = yaml.safe_load(grid_file.read_text())
+    raw["variants"]["fewshot50"]["seeds"] = [1]
+    grid_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    runs = [(r.name, r.seed) for r in Grid.load(grid_file).runs()]
+    assert runs == [("lora-sst2", 1), ("lora-sst2", 2), ("lora-sst2-fewshot50", 1)] + [
+        ("bitfit-sst2", 1),
+        ("bitfit-sst2", 2),
+    ]
+    main(["--grid", str(grid_file), "--seeds", "7", "--dry_run"])
+    printed = [
+        (line.split("name=")[1].split()[0], line.split("--seed_everything=")[1].split()[0])
+        for line in capsys.readouterr().out.splitlines()
+    ]
+    assert printed == [("lora-sst2", "7"), ("lora-sst2-fewshot50", "1"), ("bitfit-sst2", "7")]
+    assert not (tmp_path / "reports").exists()
+
+
 def test_grid_errors_name_the_problem(tmp_path: Path) -> None:
     base = {"name": "g", "tasks": ["sst2"], "methods": {"lora": str(CONFIGS / "method" / "lora.yaml")}}
     cases = [

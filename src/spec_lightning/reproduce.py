@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,11 +39,13 @@ from spec_lightning.analysis.report import write_report
 
 @dataclass(frozen=True)
 class Variant:
-    """Extra runs: ``methods`` on ``tasks`` with ``overlays`` added after the method's configs."""
+    """Extra runs: ``methods`` on ``tasks`` with ``overlays`` added after the method's configs, for
+    ``seeds`` (the grid's seeds when not given)."""
 
     overlays: list[str]
     methods: list[str]
     tasks: list[str]
+    seeds: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,13 @@ class Grid:
         for task in self.tasks:
             for method, configs in self.methods.items():
                 base = [Path(c.format(task=task)) for c in [*self.base_configs, *configs]]
-                settings = [("", [])] + [
-                    (name, [Path(o.format(task=task)) for o in v.overlays])
+                settings = [("", [], self.seeds)] + [
+                    (name, [Path(o.format(task=task)) for o in v.overlays], v.seeds or self.seeds)
                     for name, v in self.variants.items()
                     if method in v.methods and task in v.tasks
                 ]
-                for variant, overlays in settings:
-                    for seed in self.seeds:
+                for variant, overlays, seeds in settings:
+                    for seed in seeds:
                         out.append(Run(task, method, variant, seed, base + overlays))
         return out
 
@@ -220,8 +222,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--report_only", action="store_true", help="render the report from the CSV, run nothing"
     )
     parser.add_argument("--dry_run", action="store_true", help="print the commands of the runs still to do")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run these seeds instead of the grid's (variants with own seeds keep them)",
+    )
     args = parser.parse_args(argv)
     grid = Grid.load(args.grid)
+    if args.seeds:
+        grid = replace(grid, seeds=args.seeds)
     table = Path(grid.output) / grid.name / "results.csv"
     if not args.report_only:
         table = run_grid(grid, dry_run=args.dry_run)
