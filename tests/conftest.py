@@ -16,6 +16,8 @@ from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -112,6 +114,30 @@ def tiny_gpt2_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer Llama language model shaped like SmolLM2 (grouped-query attention with 2 key/value
+    heads, tied embeddings; hidden 32) with :func:`lm_tokenizer`."""
+    folder = tmp_path_factory.mktemp("tiny-llama-lm")
+    tok = lm_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def write_sst2(folder: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) -> Path:
     """SST-2-layout TSVs whose label is whether a positive word occurs: learnable in a few steps."""
     rng = random.Random(seed)
@@ -136,6 +162,7 @@ def sst2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 BACKBONE_TARGETS = {
     "bert": (["query", "value"], ["attention.output.dense", "output.dense"]),
     "gpt2": (["c_attn"], ["attn.c_proj", "mlp.c_proj"]),
+    "llama": (["q_proj", "v_proj"], ["o_proj", "down_proj"]),
 }
 METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
     "full": lambda attn, out: FullFineTuning(),

@@ -38,14 +38,23 @@ def lm_batch(path: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method_name", sorted(METHODS))
-def test_every_method_trains_a_decoder_lm(tiny_gpt2_lm: str, method_name: str) -> None:
-    """Identity at init, training, adapter round trip and merge, with peft's CAUSAL_LM wrapper."""
-    build = lambda: CausalLMModule(tiny_gpt2_lm, METHODS[method_name](*BACKBONE_TARGETS["gpt2"]))  # noqa: E731
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_every_method_trains_a_decoder_lm(
+    architecture: str, method_name: str, request: pytest.FixtureRequest
+) -> None:
+    """Identity at init, training, adapter round trip and merge, with peft's CAUSAL_LM wrapper, on
+    GPT-2 and on a Llama model shaped like SmolLM2 (its q_proj/v_proj/o_proj/down_proj names)."""
+    path = request.getfixturevalue(f"tiny_{architecture}_lm")
+    build = lambda: CausalLMModule(path, METHODS[method_name](*BACKBONE_TARGETS[architecture]))  # noqa: E731
     torch.manual_seed(0)
+    if (architecture, method_name) == ("llama", "bitfit"):  # Llama's linear layers and norms have no bias
+        with pytest.raises(ValueError, match="no parameter named .*set method.init_args.bias_names"):
+            build().configure_model()
+        return
     module = build()
     module.configure_model()
-    batch = lm_batch(tiny_gpt2_lm)
-    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_lm).eval()
+    batch = lm_batch(path)
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         torch.testing.assert_close(module.eval()(**batch).logits, base(**batch).logits, atol=1e-5, rtol=1e-4)
     module.train()
