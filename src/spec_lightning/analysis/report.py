@@ -97,9 +97,10 @@ def cost_table(stats: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for _, r in stats.iterrows():
+        pace = "–" if np.isnan(r["s_per_step"]) else f"{r['s_per_step']:.3f}"  # NaN: under two logged steps
         lines.append(
             f"| {r['task']} | {r['method']} | {r['variant']} | {r['trainable']:,} | {r['wall_s']:.0f} "
-            f"| {r['cpu_s']:.0f} | {r['s_per_step']:.3f} | {r['seeds']} |"
+            f"| {r['cpu_s']:.0f} | {pace} | {r['seeds']} |"
         )
     return "\n".join(lines)
 
