@@ -93,7 +93,10 @@ def test_variant_seeds_and_the_seeds_override(tmp_path: Path, capsys: pytest.Cap
     raw["variants"]["fewshot50"]["seeds"] = [1]
     grid_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     runs = [(r.name, r.seed) for r in Grid.load(grid_file).runs()]
-    assert runs == [("lora-sst2", 1), ("lora-sst2", 2), ("lora-sst2-fewshot50", 1)] + [
+    assert runs == [
+        ("lora-sst2", 1),
+        ("lora-sst2", 2),
+        ("lora-sst2-fewshot50", 1),
         ("bitfit-sst2", 1),
         ("bitfit-sst2", 2),
     ]
