@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from spec_lightning.analysis.report import cost_table, summary
 from spec_lightning.reproduce import Grid, main, read_rows
 from tests.conftest import write_sst2
 
@@ -151,3 +152,23 @@ def test_shipped_grids_load(grid: Path) -> None:
         "mftc",
     }
     assert len({(r.task, r.method) for r in runs}) == 27
+
+
+def test_cost_table_gives_the_trainable_range_where_seeds_differ() -> None:
+    runs = pd.DataFrame(
+        {
+            "task": ["rte"] * 4,
+            "method": ["mftc", "mftc", "lora", "lora"],
+            "variant": [""] * 4,
+            "seed": [1, 2, 1, 2],
+            "trainable": [770, 602_882, 74_498, 74_498],
+            "total": [22_713_986] * 4,
+            "wall_s": [10.0, 30.0, 5.0, 7.0],
+            "cpu_s": [20.0, 60.0, 9.0, 11.0],
+            "s_per_step": [0.5, 1.5, 0.2, 0.4],
+            "val/accuracy": [0.5, 0.6, 0.7, 0.8],
+        }
+    )
+    table = cost_table(summary(runs))
+    assert "| rte | mftc |  | 770–602,882 | 20 | 40 | 1.000 | 2 |" in table
+    assert "| rte | lora |  | 74,498 | 6 | 10 | 0.300 | 2 |" in table

@@ -3,7 +3,8 @@
 - the method comparison: the task metric per method and task, mean ± sd over seeds, with the
   trainable-parameter percentage (the GLUE table);
 - the cost table: wall and CPU seconds of the whole run (CPU seconds stand in for energy: no power
-  meter on CPU), seconds per optimiser step while training, and trainable parameters;
+  meter on CPU), seconds per optimiser step while training, and trainable parameters (their range
+  over seeds where they differ: MFTC's search picks per seed);
 - variants (ablations, few-shot subsets) against their method's main runs;
 - figures: ``comparison.png`` (bars with the seed sd), ``fewshot.png`` (variants named
   ``fewshot<percent>``, with the main run as 100 %), ``ablation_<task>.png`` (the task-loss curves of
@@ -53,7 +54,8 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
                 "mean": values.mean(),
                 "sd": values.std(ddof=1) if len(values) > 1 else float("nan"),
                 "seeds": len(values),
-                "trainable": int(group["trainable"].max()),
+                "trainable_min": int(group["trainable"].min()),
+                "trainable_max": int(group["trainable"].max()),
                 "trainable_pct": 100 * float((group["trainable"] / group["total"]).mean()),
                 "wall_s": float(group["wall_s"].mean()),
                 "cpu_s": float(group["cpu_s"].astype(float).mean()),
@@ -91,6 +93,10 @@ def comparison_table(stats: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def parameter_count(low: int, high: int) -> str:
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
 def cost_table(stats: pd.DataFrame) -> str:
     lines = [
         "| task | method | variant | trainable | wall (s) | CPU (s) | s / step | seeds |",
@@ -99,7 +105,8 @@ def cost_table(stats: pd.DataFrame) -> str:
     for _, r in stats.iterrows():
         pace = "–" if np.isnan(r["s_per_step"]) else f"{r['s_per_step']:.3f}"  # NaN: under two logged steps
         lines.append(
-            f"| {r['task']} | {r['method']} | {r['variant']} | {r['trainable']:,} | {r['wall_s']:.0f} "
+            f"| {r['task']} | {r['method']} | {r['variant']} "
+            f"| {parameter_count(r['trainable_min'], r['trainable_max'])} | {r['wall_s']:.0f} "
             f"| {r['cpu_s']:.0f} | {pace} | {r['seeds']} |"
         )
     return "\n".join(lines)
