@@ -40,7 +40,7 @@ def planted_partition(
 
 def test_planted_partition_matches_sklearn_spectral_clustering() -> None:
     weights, truth = planted_partition([30, 25, 40, 20, 35, 30, 25, 30])
-    values, vectors = smallest_eigenvectors(normalized_laplacian(weights), 16)
+    values, vectors, *_ = smallest_eigenvectors(normalized_laplacian(weights), 16)
     k = eigengap_clusters(values, 4, 12)
     ours = kmeans_labels(embed_rows(vectors, k), k, seed=0)
     reference = SpectralClustering(8, affinity="precomputed", random_state=0).fit_predict(weights.toarray())
@@ -55,8 +55,8 @@ def test_warm_started_eigenvectors_match_a_fresh_eigsh_solve() -> None:
     reference_values, reference_vectors = scipy.sparse.linalg.eigsh(lap, k=8, which="SA")
     perturbed, _ = planted_partition([40] * 8, seed=1)
     perturbed = perturbed + 0.05 * scipy.sparse.random(320, 320, density=0.01, random_state=2)
-    _, previous = smallest_eigenvectors(normalized_laplacian(perturbed.maximum(perturbed.T)), 8)
-    values, vectors = smallest_eigenvectors(lap, 8, start=previous)
+    _, previous, *_ = smallest_eigenvectors(normalized_laplacian(perturbed.maximum(perturbed.T)), 8)
+    values, vectors, *_ = smallest_eigenvectors(lap, 8, start=previous)
     np.testing.assert_allclose(values, np.sort(reference_values), atol=1e-5)
     # Degenerate-safe comparison: the projectors onto the two 8-dimensional subspaces agree.
     projector = vectors @ vectors.T - reference_vectors @ reference_vectors.T
@@ -153,3 +153,106 @@ def test_errors_name_the_problem() -> None:
         knn_similarity(np.ones((4, 2)), 2, "rbf")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="need more than 8 eigenvalues"):
         eigengap_clusters(np.arange(5.0), 8, 12)
+
+
+def test_normalized_laplacian_against_its_definition() -> None:
+    """L_sym = I − D^{-1/2} W D^{-1/2}, written out in numpy (an isolated node gets L_ii = 0)."""
+    weights, _ = planted_partition([6, 5, 7], p_in=0.6, p_out=0.1, seed=3)
+    dense = weights.toarray()
+    dense[0, :] = dense[:, 0] = 0.0  # isolate node 0
+    degree = dense.sum(axis=1)
+    scale = np.array([d**-0.5 if d > 0 else 0.0 for d in degree])
+    expected = np.diag((degree > 0).astype(float)) - scale[:, None] * dense * scale[None, :]
+    np.testing.assert_allclose(
+        normalized_laplacian(scipy.sparse.csr_matrix(dense)).toarray(), expected, atol=1e-12
+    )
+
+
+def brute_force_knn(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every point's k nearest other points and their distances, by sorting all pairwise distances."""
+    distances = np.sqrt(((points[:, None, :] - points[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(distances, np.inf)
+    nearest = np.argsort(distances, axis=1)[:, :k]
+    return nearest, np.take_along_axis(distances, nearest, axis=1)
+
+
+def test_gaussian_kernel_against_a_direct_computation() -> None:
+    points = np.random.default_rng(4).standard_normal((30, 5))
+    nearest, distances = brute_force_knn(points, 4)
+    sigma = np.median(distances)
+    expected = np.zeros((30, 30))
+    for i in range(30):
+        expected[i, nearest[i]] = np.exp(-(distances[i] ** 2) / (2 * sigma**2))
+    expected = np.maximum(expected, expected.T)
+    np.testing.assert_allclose(knn_similarity(points, 4, "gaussian").toarray(), expected, atol=1e-12)
+
+
+def test_cosine_knn_against_a_direct_computation() -> None:
+    points = np.random.default_rng(5).standard_normal((30, 5))
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    nearest, _ = brute_force_knn(unit, 4)
+    cosine = unit @ unit.T
+    expected = np.zeros((30, 30))
+    for i in range(30):
+        expected[i, nearest[i]] = np.clip(cosine[i, nearest[i]], 0, 1)
+    expected = np.maximum(expected, expected.T)
+    np.testing.assert_allclose(knn_similarity(points, 4, "cosine").toarray(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "gaussian"])
+def test_a_zero_sketch_gets_no_edges_and_is_nobodys_neighbour(kernel: str) -> None:
+    points = np.random.default_rng(6).standard_normal((12, 4))
+    points[3] = 0.0
+    graph = knn_similarity(points, 3, kernel).toarray()  # type: ignore[arg-type]
+    assert not graph[3].any() and not graph[:, 3].any()
+    others = knn_similarity(np.delete(points, 3, 0), 3, kernel).toarray()  # type: ignore[arg-type]
+    np.testing.assert_allclose(np.delete(np.delete(graph, 3, 0), 3, 1), others, atol=1e-12)
+
+
+def test_keep_strongest_against_a_direct_computation() -> None:
+    rng = np.random.default_rng(7)
+    dense = np.triu(rng.random((25, 25)) * (rng.random((25, 25)) < 0.5), 1)
+    dense = dense + dense.T
+    keep = np.zeros_like(dense, dtype=bool)
+    for i in range(25):
+        row = np.flatnonzero(dense[i])
+        keep[i, row[np.argsort(-dense[i, row])[:3]]] = True
+    expected = np.where(keep | keep.T, dense, 0.0)
+    np.testing.assert_allclose(keep_strongest(scipy.sparse.csr_matrix(dense), 3).toarray(), expected)
+
+
+def test_the_warm_start_converges_in_fewer_iterations() -> None:
+    """From the previous block (guard vectors included), a slightly changed graph takes a fraction of
+    the iterations of a fresh solve."""
+    weights, _ = planted_partition([200] * 8, p_in=0.05, p_out=0.002, seed=8)
+    other, _ = planted_partition([200] * 8, p_in=0.05, p_out=0.002, seed=9)
+    wrong_shape = np.zeros((1, 1))  # not a start: a fresh LOBPCG from a random block
+    previous = smallest_eigenvectors(normalized_laplacian(weights), 8, start=wrong_shape)
+    lap = normalized_laplacian(0.99 * weights + 0.01 * other)
+    fresh = smallest_eigenvectors(lap, 8, start=wrong_shape)
+    warm = smallest_eigenvectors(lap, 8, start=previous.block)
+    assert fresh.solver == "lobpcg-fresh" and warm.solver == "lobpcg-warm"
+    assert warm.iterations < fresh.iterations / 2
+    assert warm.residual < 1e-3 and fresh.residual < 1e-3
+    projector = warm.vectors @ warm.vectors.T - fresh.vectors @ fresh.vectors.T
+    assert np.linalg.norm(projector, 2) < 1e-2
+
+
+def test_an_unconverged_lobpcg_falls_back_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    weights, _ = planted_partition([200] * 8, p_in=0.05, p_out=0.002, seed=8)
+    lap = normalized_laplacian(weights)
+    reference = scipy.sparse.linalg.eigsh(lap, k=8, which="SA")[0]
+    real = scipy.sparse.linalg.lobpcg
+
+    def one_iteration(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return real(*args, **{**kwargs, "maxiter": 1})
+
+    monkeypatch.setattr(scipy.sparse.linalg, "lobpcg", one_iteration)
+    start = np.random.default_rng(0).standard_normal((1600, 8))
+    dense = smallest_eigenvectors(lap, 8, start=start)
+    assert dense.solver == "dense" and "lobpcg-warm residual" in dense.fallback
+    np.testing.assert_allclose(dense.values, np.sort(reference), atol=1e-8)
+    monkeypatch.setattr("spec_lightning.spectral.clustering.DENSE_NODES", 100)
+    sparse = smallest_eigenvectors(lap, 8, start=start)
+    assert sparse.solver == "eigsh" and sparse.residual < 1e-3
+    np.testing.assert_allclose(sparse.values, np.sort(reference), atol=1e-6)

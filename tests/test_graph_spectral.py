@@ -17,6 +17,7 @@ from spec_lightning import (
     LoRA,
     SequenceClassificationModule,
 )
+from spec_lightning.methods import FineTuningMethod
 from spec_lightning.naming import layer_role
 
 TARGETS = ("query", "intermediate.dense")
@@ -171,3 +172,67 @@ def test_spectral_loss_keeps_float32_under_autocast() -> None:
         autocast = method.spectral_loss(model)
     assert autocast.dtype == torch.float32
     torch.testing.assert_close(autocast, exact)
+
+
+def test_lora_cosine_edges_come_from_the_wrapped_pretrained_weights() -> None:
+    """B is zero at init: edges from the adapter's initial values would leave it no edges and L_spec 0.
+    The edges are the cosines of the layers' pretrained weights, and L_spec over B moves with B."""
+    pretrained = {n: p.detach().clone() for n, p in tiny_encoder().named_parameters()}
+    method = GraphSpectral(
+        LoRA(target_modules=["query"], r=2, dropout=0.0),
+        GraphConfig(edge_weights="weight_cosine", neighbors=None),
+    )
+    model = method.apply(tiny_encoder())
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    perturb(model)
+    moved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = [f"bert.encoder.layer.{i}.attention.self.query.weight" for i in range(4)]
+    w = np.clip(cosine_similarity(np.stack([pretrained[n].flatten().double().numpy() for n in names])), 0, 1)
+    np.fill_diagonal(w, 0)
+    expected = torch.zeros((), dtype=torch.float64)
+    for factor in ("lora_A", "lora_B"):
+        keys = [f"base_model.model.{n[: -len('.weight')]}.{factor}.default.weight" for n in names]
+        delta = [(moved[k] - params[k]).double() for k in keys]
+        for i in range(4):
+            for j in range(4):
+                expected = expected + w[i, j] * (delta[i] - delta[j]).pow(2).sum()
+    value = method.regularization(model).value.double()
+    assert value > 0
+    torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-8)
+
+
+def test_cosine_edges_that_no_pretrained_weight_backs_are_refused() -> None:
+    rows = GraphSpectral(
+        LoRA(target_modules=["query"], r=2), GraphConfig(kind="rows", edge_weights="weight_cosine")
+    )
+    with pytest.raises(ValueError, match="an adapter factor's rows are not the pretrained weight's rows"):
+        rows.apply(tiny_encoder())
+    adapter = GraphSpectral(FreshPerLayer(), GraphConfig(edge_weights="weight_cosine"))
+    with pytest.raises(ValueError, match="wrap no pretrained layer"):
+        adapter.apply(tiny_encoder())
+
+
+class FreshPerLayer(FineTuningMethod):
+    """Trains a freshly initialised matrix per layer that wraps nothing (no pretrained weight behind it)."""
+
+    def apply(self, model: torch.nn.Module, head=(), total_steps=None):  # type: ignore[no-untyped-def]
+        model.requires_grad_(False)
+        for layer in model.bert.encoder.layer:
+            layer.extra = torch.nn.Linear(8, 8)
+        return model
+
+
+def test_normalized_laplacian_end_to_end() -> None:
+    """With L_sym, 2 tr(Δθᵀ L_sym Δθ) = Σ_ij W_ij ||Δθ_i/√d_i − Δθ_j/√d_j||², written out pair by pair."""
+    graph = GraphConfig(targets=("query",), edge_weights="weight_cosine", neighbors=None, normalized=True)
+    method = GraphSpectral(FullFineTuning(), graph)
+    model = method.apply(tiny_encoder())
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = perturb(model)
+    names = [f"bert.encoder.layer.{i}.attention.self.query.weight" for i in range(4)]
+    w = np.clip(cosine_similarity(np.stack([pretrained[n].flatten().double().numpy() for n in names])), 0, 1)
+    np.fill_diagonal(w, 0)
+    degree = w.sum(axis=1)
+    delta = [(params[n] - pretrained[n]).double() / np.sqrt(degree[i]) for i, n in enumerate(names)]
+    expected = sum(w[i, j] * (delta[i] - delta[j]).pow(2).sum() for i in range(4) for j in range(4))
+    torch.testing.assert_close(method.regularization(model).value.double(), expected, rtol=1e-4, atol=1e-8)

@@ -84,3 +84,53 @@ def test_bad_configuration_is_named(tiny_bert: str, kwargs: dict, match: str) ->
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     with pytest.raises(ValueError, match=match):
         SpecLoRA(**kwargs).apply(model, head=["classifier"])
+
+
+def test_adapter_means_the_same_update_under_another_svd_seed(tiny_bert: str) -> None:
+    """The basis travels with the adapter: a model built with another SVD seed (standing for another
+    device or BLAS) that loads it reproduces the outputs and the merged weights."""
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+    trained_method = SpecLoRA(r=4, alpha=8, dropout=0.0, top_k=8, seed=0)
+    trained = trained_method.apply(copy.deepcopy(base), head=["classifier"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in trained.modules():
+            if isinstance(module, SpecLoRALinear):
+                module.mask.copy_(torch.randn(module.mask.shape, generator=g))
+                module.lora_B.copy_(0.1 * torch.randn(module.lora_B.shape, generator=g))
+    state = trained_method.adapter_state_dict(trained)
+    other_method = SpecLoRA(r=4, alpha=8, dropout=0.0, top_k=8, seed=123)
+    other = other_method.apply(copy.deepcopy(base), head=["classifier"])
+    name = next(n for n, m in other.named_modules() if isinstance(m, SpecLoRALinear))
+    # The seeds give other directions: recomputing the basis would change the mask part of the update.
+    mine, theirs = trained.get_submodule(name), other.get_submodule(name)
+    mask = mine.mask.detach()
+    part_mine = (mine.u_k * (mask * mine.sigma_k)) @ mine.v_k.T
+    part_theirs = (theirs.u_k * (mask * theirs.sigma_k)) @ theirs.v_k.T
+    assert (part_mine - part_theirs).norm() / part_mine.norm() > 1e-3
+
+    other_method.load_adapter_state_dict(other, state)
+    inputs = AutoTokenizer.from_pretrained(tiny_bert)(
+        ["a fine film", "dull"], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(other(**inputs).logits, trained(**inputs).logits, atol=1e-6, rtol=1e-5)
+        delta_trained = mine.delta_weight()
+        delta_other = other.get_submodule(name).delta_weight()
+    assert ((delta_other - delta_trained).norm() / delta_trained.norm()).item() < 1e-4
+    merged_trained = dict(trained_method.merge(copy.deepcopy(trained)).named_parameters())
+    merged_other = dict(other_method.merge(copy.deepcopy(other)).named_parameters())
+    for key, value in merged_trained.items():
+        torch.testing.assert_close(merged_other[key], value, atol=1e-6, rtol=1e-6)
+
+
+def test_adapter_without_basis_is_refused_with_the_reason(tiny_bert: str) -> None:
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    method = SpecLoRA(top_k=8)
+    method.apply(model, head=["classifier"])
+    state = {
+        k: v for k, v in method.adapter_state_dict(model).items() if not k.endswith(("u_k", "sigma_k", "v_k"))
+    }
+    with pytest.raises(KeyError, match="no singular basis"):
+        method.load_adapter_state_dict(model, state)

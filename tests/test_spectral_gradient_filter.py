@@ -217,3 +217,33 @@ def test_ddp_ranks_filter_identically_and_match_one_process(tmp_path: Path) -> N
     for group, w in callback.graphs.weights.items():
         torch.testing.assert_close(ranks[0]["filter"]["graphs"]["weights"][group], w, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(single.blocks[0]["fc1"].weight, unfiltered.blocks[0]["fc1"].weight)
+
+
+class DropGradient(L.Callback):
+    """Sets one parameter's gradient to None before the filter runs (as a module search's freeze does)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        dict(pl_module.named_parameters())[self.name].grad = None
+
+
+def test_a_graph_without_gradients_is_skipped_by_name_and_the_others_filtered(tmp_path: Path) -> None:
+    before, after = GradRecorder(), GradRecorder()
+    callback = SpectralGradientFilter(GraphConfig(targets=("fc1", "fc2")), filter="heat", tau=0.7)
+    with pytest.warns(
+        UserWarning, match=r"no gradient, e.g. \['blocks.0.fc2.weight'\].*blocks.\*.fc2.weight"
+    ) as record:
+        fit([DropGradient("blocks.0.fc2.weight"), before, callback, after], 3, tmp_path)
+    assert sum("SpectralGradientFilter" in str(w.message) for w in record) == 1  # once, not per step
+    chain = np.diag(np.ones(3), 1) + np.diag(np.ones(3), -1)
+    for pre, post in zip(before.grads, after.grads, strict=True):
+        np.testing.assert_allclose(
+            stacked(post, "fc1"), heat_operator(chain, 0.7) @ stacked(pre, "fc1"), atol=1e-6
+        )
+        for i in (1, 2, 3):
+            assert torch.equal(pre[f"blocks.{i}.fc2.weight"], post[f"blocks.{i}.fc2.weight"])
+    assert callback.steps == 3

@@ -216,3 +216,12 @@ def test_filter_node_gradients_reports_the_energy_removed() -> None:
     torch.testing.assert_close(removed, total - kept)
     for name in ("embeddings.weight", "layer.0.query.bias", "classifier.weight"):
         assert torch.equal(grads[name], before[name])
+
+
+def test_a_clearly_negative_eigenvalue_is_refused_not_clamped() -> None:
+    w = random_weights(6, seed=2)
+    lap = laplacian(w)
+    assert 0.0 <= eigendecompose(lap).values.min() < 1e-12  # round-off negatives would become 0
+    w[0, 1] = w[1, 0] = -3.0  # a negative edge: L is then indefinite
+    with pytest.raises(ValueError, match=r"eigenvalue -.* < 0: .* not symmetric and non-negative"):
+        eigendecompose(laplacian(w))

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -37,8 +38,11 @@ class DynamicSpectralClustering(L.Callback):
     TensorBoard) at fit end and every ``plot_every_n_updates`` updates. W,
     U, the labels, the library and the pending sketches are kept in the checkpoint.
 
-    Blocks whose parameters get no gradient in a step (frozen after a module search) are not
-    sketched: the clustering then stops where it was.
+    A parameter without a gradient in a step (frozen, e.g. by a :class:`ModuleSearch` after its
+    search) contributes a zero sketch for that step, and a warning names it once. Blocks that got
+    no gradient since the last update get no new edges: their old edges decay by α per update while
+    the blocks that still train keep being clustered. An eigensolve that did not converge falls
+    back to a dense or fresh solve, logged as ``clustering/eigen_fallback`` with a warning.
 
     Example::
 
@@ -115,6 +119,7 @@ class DynamicSpectralClustering(L.Callback):
         self._sketches: torch.Tensor | None = None
         self._energy: torch.Tensor | None = None
         self._pending = 0
+        self._warned: set[str] = set()
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -162,15 +167,28 @@ class DynamicSpectralClustering(L.Callback):
         assert self.block_map is not None and self._sketcher is not None
         params = dict(pl_module.named_parameters())
         grads = {name: params[name].grad for name in self.block_map.names}
-        if any(g is None for g in grads.values()):
+        missing = [name for name, g in grads.items() if g is None]
+        if len(missing) == len(grads):
+            self._warn_missing(missing, "nothing is clustered this step")
             return
-        sketches, energy = self._sketcher.sketch(grads)  # type: ignore[arg-type]
+        if missing:
+            self._warn_missing(missing, "their blocks get zero sketches this step")
+        sketches, energy = self._sketcher.sketch(grads)
         self._sketches += sketches
         self._energy += energy
         self._pending += 1
         self.steps += 1
         if self.steps % self.update_every_n_steps == 0:
             self.update(trainer, pl_module)
+
+    def _warn_missing(self, missing: list[str], consequence: str) -> None:
+        new = [name for name in missing if name not in self._warned]
+        if new:
+            self._warned.update(new)
+            rank_zero_warn(
+                f"DynamicSpectralClustering: {len(new)} parameter(s) have no gradient, e.g. {new[:3]}; "
+                f"{consequence} (frozen parameters, or a module search that froze them)."
+            )
 
     def update(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """One DSCA update from the sketches summed since the last one; all ranks hold the same labels."""
@@ -186,6 +204,12 @@ class DynamicSpectralClustering(L.Callback):
         self._pending = 0
         for key in ("modules", "nmi", "ari", "eigen_residual", "seconds"):
             pl_module.log(f"clustering/{key}", float(getattr(result, key)))
+        pl_module.log("clustering/eigen_fallback", float(bool(result.eigen_fallback)))
+        if result.eigen_fallback:
+            rank_zero_warn(
+                f"DynamicSpectralClustering: the eigensolve at step {trainer.global_step} did not converge "
+                f"at first: {result.eigen_fallback}."
+            )
         directory = log_directory(trainer)
         if trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -15,6 +16,7 @@ from spec_lightning.spectral import (
     FilterName,
     GraphConfig,
     NodeFilter,
+    NodeGroup,
     ParameterGraphs,
     filter_node_gradients,
 )
@@ -87,6 +89,7 @@ class SpectralGradientFilter(L.Callback):
         self.graphs: ParameterGraphs | None = None
         self._saved_graphs: dict[str, Any] | None = None
         self._filters: dict[str, NodeFilter] = {}
+        self._warned: set[str] = set()
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -125,21 +128,35 @@ class SpectralGradientFilter(L.Callback):
     def filter_gradients(
         self, params: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """G ← U g(Λ) Uᵀ G for every graph, in place; returns (||G||², energy removed), or None when
-        the graph's parameters have no gradient this step."""
+        """G ← U g(Λ) Uᵀ G for every graph whose parameters all have a gradient, in place; returns
+        (||G||², energy removed), or None when no graph has. Graphs skipped for a missing gradient
+        (e.g. frozen by a module search) are named in a warning, once per graph."""
         graphs = self.graphs
         assert graphs is not None, "build() (on_fit_start) comes first"
-        grads = {name: params[name].grad for name in graphs.parameter_names}
-        if any(g is None for g in grads.values()):
+        present = {n: params[n].grad for n in graphs.parameter_names if params[n].grad is not None}
+        groups = [g for g in graphs.groups if all(p in present for p in g.params)]
+        self._warn_skipped([g for g in graphs.groups if g not in groups], present)
+        if not groups:
             return None
-        present: dict[str, torch.Tensor] = {n: g for n, g in grads.items() if g is not None}
+        grads: dict[str, torch.Tensor] = {n: g for n, g in present.items() if g is not None}
         if graphs.config.edge_weights == "grad_cosine":
-            graphs.observe_gradients(present)
+            graphs.observe_gradients(grads)
             if self.steps % self.recompute_every_n_steps == 0:
                 self._refilter()
-        energies = filter_node_gradients(graphs.groups, self._device_filters(present), present)
+        energies = filter_node_gradients(groups, self._device_filters(grads), grads)
         self.steps += 1
         return energies
+
+    def _warn_skipped(self, skipped: list[NodeGroup], present: Mapping[str, Any]) -> None:
+        new = [g for g in skipped if g.name not in self._warned]
+        if new:
+            self._warned.update(g.name for g in new)
+            missing = [p for g in new for p in g.params if p not in present]
+            rank_zero_warn(
+                f"SpectralGradientFilter: {len(missing)} parameter(s) have no gradient, e.g. {missing[:3]}, "
+                f"so the graphs {[g.name for g in new][:5]} ({len(new)} in all) are not filtered while that "
+                "lasts (frozen parameters, or a module search that froze them); the other graphs are."
+            )
 
     def _refilter(self) -> None:
         """Decompose every graph's Laplacian again and rebuild the filters."""

@@ -203,11 +203,18 @@ class GradientSketcher:
             self._projections[key] = matrix.to(device)
         return self._projections[key]
 
-    def sketch(self, grads: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m, s) sketches and (m,) squared norms of the gradients (float32, on the gradients' device)."""
+    def sketch(self, grads: Mapping[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, s) sketches and (m,) squared norms of the gradients (float32, on the gradients' device);
+        a parameter whose gradient is None gets zero rows."""
+        device = next(g.device for g in grads.values() if g is not None)
         sketches, norms = [], []
         for p in self.block_map.parameters:
-            blocks = p.as_blocks(grads[p.name].float())  # (count, block_numel)
+            grad = grads[p.name]
+            if grad is None:
+                sketches.append(torch.zeros(p.count, self.dim, device=device))
+                norms.append(torch.zeros(p.count, device=device))
+                continue
+            blocks = p.as_blocks(grad.float())  # (count, block_numel)
             sketches.append(blocks @ self._projection(p.block_numel, blocks.device))
             norms.append(blocks.pow(2).sum(dim=1))
         return torch.cat(sketches), torch.cat(norms)

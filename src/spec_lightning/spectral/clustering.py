@@ -3,11 +3,13 @@
 One update, from the gradient sketches g_i(t) of m blocks:
 
 1. S(t): the similarity of every block to its k nearest neighbours (cosine, negatives as 0, or the
-   Gaussian kernel exp(−||g_i − g_j||² / 2σ²), σ = median neighbour distance), symmetrised;
+   Gaussian kernel exp(−||g_i − g_j||² / 2σ²), σ = median neighbour distance), symmetrised; a block
+   whose sketch is zero (no gradient since the last update) gets no edges in S(t);
 2. W(t) = α W(t−1) + (1 − α) S(t), pruned again to the k strongest edges per node: O(m k) edges, k of
    order log m;
 3. L_sym = I − D^{-1/2} W D^{-1/2}; its r smallest eigenvectors U(t) by LOBPCG started from U(t−1),
-   with a periodic full recompute (dense, or LOBPCG from a random block for large graphs);
+   with a periodic full recompute (dense, or LOBPCG from a random block for large graphs); a solve
+   whose residual is over :data:`RESIDUAL_TOLERANCE` falls back to a dense or fresh one, and says so;
 4. k-means on the unit-normalised rows of U(t)[:, :k] (Ng, Jordan and Weiss), k ∈ [k_min, k_max]
    chosen by the largest eigengap; clusters under ``min_size`` blocks merge into the nearest centroid,
    clusters over ``max_size`` are split in two by k-means until none is;
@@ -21,7 +23,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -40,6 +42,8 @@ Kernel = Literal["cosine", "gaussian"]
 DENSE_NODES = 2048
 #: Extra LOBPCG vectors beyond the r wanted.
 GUARD_VECTORS = 4
+#: Largest accepted eigen-residual max_k ||L u_k − λ_k u_k|| (LOBPCG stops at 1e-4 per vector).
+RESIDUAL_TOLERANCE = 1e-3
 
 
 def default_neighbors(num_nodes: int) -> int:
@@ -49,25 +53,35 @@ def default_neighbors(num_nodes: int) -> int:
 
 def knn_similarity(points: np.ndarray, neighbors: int, kernel: Kernel = "cosine") -> scipy.sparse.csr_matrix:
     """S: symmetric sparse similarities of every row of ``points`` (m, s) to its ``neighbors`` nearest
-    rows (sklearn ``NearestNeighbors``, brute force); no self loops, entries in [0, 1]."""
+    rows (sklearn ``NearestNeighbors``, brute force); no self loops, entries in [0, 1].
+
+    A row that is all zeros (a block that got no gradient) has no direction: it gets no edges and is
+    nobody's neighbour, as in :func:`~spec_lightning.spectral.graph.cosine_weights`.
+    """
     m = points.shape[0]
     if kernel not in ("cosine", "gaussian"):
         raise ValueError(f"kernel must be cosine or gaussian, got {kernel!r}")
+    norms = np.linalg.norm(points, axis=1)
+    active = np.flatnonzero(norms > 0)
+    if len(active) < 2:
+        return scipy.sparse.csr_matrix((m, m))
+    points = points[active]
     if kernel == "cosine":  # on unit rows ||a − b||² = 2 − 2 cos: euclidean k-NN, sklearn's fast path
-        points = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
-    index = NearestNeighbors(n_neighbors=neighbors + 1, algorithm="brute").fit(points)
-    graph = index.kneighbors_graph(mode="distance", n_neighbors=neighbors)  # excludes each point itself
+        points = points / norms[active, None]
+    reach = min(neighbors, len(active) - 1)
+    index = NearestNeighbors(n_neighbors=reach + 1, algorithm="brute").fit(points)
+    graph = index.kneighbors_graph(mode="distance", n_neighbors=reach).tocoo()  # excludes each point
     distances = graph.data
     if kernel == "cosine":
-        graph.data = np.clip(1.0 - distances**2 / 2.0, 0.0, 1.0)
+        values = np.clip(1.0 - distances**2 / 2.0, 0.0, 1.0)
     else:
         sigma = float(np.median(distances)) or 1.0
-        graph.data = np.exp(-(distances**2) / (2 * sigma**2))
-    graph = graph.maximum(graph.T).tocsr()
-    graph.setdiag(0.0)
-    graph.eliminate_zeros()
-    assert graph.shape == (m, m)
-    return graph
+        values = np.exp(-(distances**2) / (2 * sigma**2))
+    full = scipy.sparse.csr_matrix((values, (active[graph.row], active[graph.col])), shape=(m, m))
+    full = full.maximum(full.T).tocsr()
+    full.setdiag(0.0)
+    full.eliminate_zeros()
+    return full
 
 
 def keep_strongest(weights: scipy.sparse.csr_matrix, neighbors: int) -> scipy.sparse.csr_matrix:
@@ -98,42 +112,103 @@ def normalized_laplacian(weights: scipy.sparse.csr_matrix) -> scipy.sparse.csr_m
     return scipy.sparse.csgraph.laplacian(weights.astype(np.float64), normed=True).tocsr()
 
 
+class Eigenpairs(NamedTuple):
+    """The r smallest eigenpairs of L_sym, ascending, and how they were found.
+
+    Attributes:
+        values: (r,) eigenvalues.
+        vectors: (m, r) unit eigenvectors.
+        residual: max_k ||L u_k − λ_k u_k||.
+        solver: ``dense``, ``lobpcg-warm``, ``lobpcg-fresh`` or ``eigsh``: the solve that was kept.
+        iterations: LOBPCG iterations of the kept solve (0 for the others).
+        fallback: why the first solve was not kept ("" when it was).
+        block: (m, r + guard) the whole block of the solve, the warm start of the next one (the
+            guard vectors converged too: a start with random guards takes nearly as long as none).
+    """
+
+    values: np.ndarray
+    vectors: np.ndarray
+    residual: float
+    solver: str
+    iterations: int
+    fallback: str
+    block: np.ndarray
+
+
 def smallest_eigenvectors(
     lap: scipy.sparse.csr_matrix, num: int, start: np.ndarray | None = None, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``num`` smallest eigenpairs of L_sym, ascending: (values (r,), vectors (m, r)).
+) -> Eigenpairs:
+    """The ``num`` smallest eigenpairs of L_sym, ascending, checked for convergence.
 
-    With ``start`` (the previous eigenvectors) LOBPCG refines them in a few iterations (graphs too
-    small for LOBPCG are solved densely). A full solve is LAPACK's ``eigh`` up to :data:`DENSE_NODES`
-    nodes, else LOBPCG from a seeded random block. Both
-    block methods keep repeated eigenvalues (one zero per connected component of a k-NN graph), which
-    single-vector Lanczos (``eigsh``) can miss.
+    With ``start`` (the previous solve's ``block``, r to r + :data:`GUARD_VECTORS` columns) LOBPCG
+    refines it in a few iterations (graphs too small for LOBPCG are solved densely). A full solve is
+    LAPACK's ``eigh`` up to :data:`DENSE_NODES` nodes, else LOBPCG from a seeded random block. Both block methods keep repeated eigenvalues (one
+    zero per connected component of a k-NN graph), which single-vector Lanczos (``eigsh``) can miss.
+    A LOBPCG result whose residual max_k ||L u_k − λ_k u_k|| exceeds :data:`RESIDUAL_TOLERANCE` is
+    not used: the solve falls back to ``eigh`` (small graphs), else to a fresh LOBPCG and then to
+    ``eigsh``, and ``fallback`` says why. A residual still above the tolerance after that raises.
     """
     m = lap.shape[0]
     if not 1 <= num < m:
         raise ValueError(f"cannot compute {num} eigenvectors of a graph with {m} nodes; use fewer")
     lobpcg_fits = m >= 5 * (num + GUARD_VECTORS)
-    if m <= DENSE_NODES and (start is None or not lobpcg_fits):
-        values, vectors = scipy.linalg.eigh(lap.toarray(), subset_by_index=[0, num - 1])
-    elif not lobpcg_fits:
+    if not lobpcg_fits and m > DENSE_NODES:
         raise ValueError(
             f"LOBPCG needs at least 5 x {num + GUARD_VECTORS} nodes, got {m}; compute fewer eigenvectors"
         )
-    else:
-        # A few guard vectors make the wanted block's last vector converge as fast as the others.
-        fresh = start is None or start.shape != (m, num)
-        block = np.random.default_rng(seed).standard_normal((m, num + GUARD_VECTORS))
-        if not fresh:
-            block[:, :num] = start
-        with warnings.catch_warnings():  # it warns when the guard vectors lag; residuals are below
-            warnings.simplefilter("ignore", UserWarning)
-            values, vectors = scipy.sparse.linalg.lobpcg(
-                lap, block, largest=False, tol=1e-4, maxiter=1000 if fresh else 200
-            )
-        order = np.argsort(values)[:num]
-        return values[order], np.ascontiguousarray(vectors[:, order])
+    if m <= DENSE_NODES and (start is None or not lobpcg_fits):
+        return _dense(lap, num, "")
+    warm = start is not None and start.shape[0] == m and num <= start.shape[1] <= num + GUARD_VECTORS
+    result = _lobpcg(lap, num, start if warm else None, seed)
+    if result.residual <= RESIDUAL_TOLERANCE:
+        return result
+    reason = f"{result.solver} residual {result.residual:.2e} > {RESIDUAL_TOLERANCE:.0e}"
+    if m <= DENSE_NODES:
+        return _dense(lap, num, reason)
+    if warm:
+        result = _lobpcg(lap, num, None, seed)
+        if result.residual <= RESIDUAL_TOLERANCE:
+            return result._replace(fallback=reason)
+    wanted = min(num + GUARD_VECTORS, m - 1)
+    values, vectors = scipy.sparse.linalg.eigsh(lap, k=wanted, which="SA", tol=1e-8)
     order = np.argsort(values)
-    return values[order], np.ascontiguousarray(vectors[:, order])
+    values, block = values[order], np.ascontiguousarray(vectors[:, order])
+    residual = eigen_residual(lap, values[:num], block[:, :num])
+    if residual > RESIDUAL_TOLERANCE:
+        raise RuntimeError(
+            f"no eigensolver converged on the {m}-node clustering graph ({reason}; eigsh residual "
+            f"{residual:.2e}); compute fewer eigenvectors or raise neighbors"
+        )
+    return Eigenpairs(values[:num], block[:, :num].copy(), residual, "eigsh", 0, reason, block)
+
+
+def _dense(lap: scipy.sparse.csr_matrix, num: int, fallback: str) -> Eigenpairs:
+    wanted = min(num + GUARD_VECTORS, lap.shape[0])
+    values, block = scipy.linalg.eigh(lap.toarray(), subset_by_index=[0, wanted - 1])
+    values, vectors = values[:num], np.ascontiguousarray(block[:, :num])
+    return Eigenpairs(values, vectors, eigen_residual(lap, values, vectors), "dense", 0, fallback, block)
+
+
+def _lobpcg(lap: scipy.sparse.csr_matrix, num: int, start: np.ndarray | None, seed: int) -> Eigenpairs:
+    """LOBPCG from ``start`` plus seeded guard vectors (a random block when ``start`` is None); the
+    guard vectors make the wanted block's last vector converge as fast as the others."""
+    m = lap.shape[0]
+    block = np.random.default_rng(seed).standard_normal((m, num + GUARD_VECTORS))
+    if start is not None:
+        block[:, : start.shape[1]] = start
+    with warnings.catch_warnings():  # it warns when only the guard vectors lag; the residual is checked
+        warnings.simplefilter("ignore", UserWarning)
+        values, vectors, history = scipy.sparse.linalg.lobpcg(
+            lap, block, largest=False, tol=1e-4, maxiter=1000 if start is None else 200,
+            retResidualNormsHistory=True,
+        )  # fmt: skip
+    order = np.argsort(values)
+    values, block = values[order], np.ascontiguousarray(vectors[:, order])
+    block /= np.linalg.norm(block, axis=0, keepdims=True)
+    values, vectors = values[:num], np.ascontiguousarray(block[:, :num])
+    solver = "lobpcg-fresh" if start is None else "lobpcg-warm"
+    residual = eigen_residual(lap, values, vectors)
+    return Eigenpairs(values, vectors, residual, solver, len(history), "", block)
 
 
 def eigen_residual(lap: scipy.sparse.csr_matrix, values: np.ndarray, vectors: np.ndarray) -> float:
@@ -269,6 +344,7 @@ class ClusteringUpdate:
     ari: float
     full_recompute: bool
     eigen_residual: float
+    eigen_fallback: str
     eigen_seconds: float
     seconds: float
 
@@ -313,6 +389,7 @@ class SpectralClusterer:
         self.weights: scipy.sparse.csr_matrix | None = None
         self.vectors: np.ndarray | None = None
         self.values: np.ndarray | None = None
+        self.block: np.ndarray | None = None
         self.labels: np.ndarray | None = None
         self.previous: np.ndarray | None = None
         self.library: list[Module] = []
@@ -327,11 +404,12 @@ class SpectralClusterer:
         similarity = knn_similarity(sketches, neighbors, self.kernel)
         self.weights = ema_weights(self.weights, similarity, self.alpha, neighbors)
         lap = normalized_laplacian(self.weights)
-        full = self.vectors is None or self.updates % self.full_recompute_every == 0
+        full = self.block is None or self.updates % self.full_recompute_every == 0
         eigen_start = time.perf_counter()
-        self.values, self.vectors = smallest_eigenvectors(
-            lap, min(self.eigenvectors, m - 1), None if full else self.vectors, self.seed
+        eigen = smallest_eigenvectors(
+            lap, min(self.eigenvectors, m - 1), None if full else self.block, self.seed
         )
+        self.values, self.vectors, self.block = eigen.values, eigen.vectors, eigen.block
         eigen_seconds = time.perf_counter() - eigen_start
         k = eigengap_clusters(self.values, min(self.clusters[0], m - 1), self.clusters[1])
         points = embed_rows(self.vectors, k)
@@ -347,7 +425,8 @@ class SpectralClusterer:
             nmi=nmi,
             ari=ari,
             full_recompute=full,
-            eigen_residual=eigen_residual(lap, self.values, self.vectors),
+            eigen_residual=eigen.residual,
+            eigen_fallback=f"{eigen.fallback}; solved again by {eigen.solver}" if eigen.fallback else "",
             eigen_seconds=eigen_seconds,
             seconds=time.perf_counter() - start,
         )
@@ -366,6 +445,7 @@ class SpectralClusterer:
                 "shape": list(weights.shape),
             },
             "vectors": _tensor(self.vectors),
+            "block": _tensor(self.block),
             "values": _tensor(self.values),
             "labels": _tensor(self.labels),
             "previous": _tensor(self.previous),
@@ -383,6 +463,7 @@ class SpectralClusterer:
             )
         )
         self.vectors, self.values = _array(state["vectors"]), _array(state["values"])
+        self.block = _array(state.get("block"))  # absent before warm starts kept the guard vectors
         self.labels, self.previous = _array(state["labels"]), _array(state["previous"])
         self.library = [Module(**module) for module in state["library"]]
 

@@ -85,11 +85,14 @@ class ParameterGraphs:
 
     @torch.no_grad()
     def observe_gradients(self, grads: Mapping[str, torch.Tensor], all_reduce: AllReduce = _identity) -> None:
-        """Fold one step's gradient cosines into S (``grad_cosine`` only; a no-op otherwise)."""
+        """Fold one step's gradient cosines into S (``grad_cosine`` only; a no-op otherwise). A graph
+        with a parameter missing from ``grads`` keeps its S."""
         if self.config.edge_weights != "grad_cosine":
             return
         beta = self.config.ema
         for group in self.groups:
+            if not all(p in grads for p in group.params):
+                continue
             cosine = cosine_weights(all_reduce(gram(group.stack(grads))))
             previous = self.similarity.get(group.name)
             self.similarity[group.name] = (

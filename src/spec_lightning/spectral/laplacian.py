@@ -55,7 +55,7 @@ def eigendecompose(
         solver = "dense" if m <= DENSE_NODES or k >= m - 1 else "eigsh"
     if solver == "dense":
         values, vectors = torch.linalg.eigh(lap.double().cpu())
-        return LaplacianSpectrum(values[:k].clamp_min(0.0), vectors[:, :k])
+        return LaplacianSpectrum(_non_negative(values[:k], lap), vectors[:, :k])
     if k >= m - 1:
         raise ValueError(
             f"the sparse eigensolver {solver} computes fewer than m - 1 = {m - 1} pairs; use dense"
@@ -70,9 +70,21 @@ def eigendecompose(
         raise ValueError(f"eigensolver must be auto, dense, eigsh or lobpcg, got {solver!r}")
     order = np.argsort(values)
     return LaplacianSpectrum(
-        torch.from_numpy(values[order]).clamp_min(0.0),
+        _non_negative(torch.from_numpy(values[order]), lap),
         torch.from_numpy(np.ascontiguousarray(vectors[:, order])),
     )
+
+
+def _non_negative(values: torch.Tensor, lap: torch.Tensor) -> torch.Tensor:
+    """Round-off negatives (|λ| ≤ 1e-9 · ||L||_max · m) to 0; a clearly negative eigenvalue means L is
+    not a Laplacian of symmetric non-negative weights, and raises."""
+    tolerance = 1e-9 * max(float(lap.abs().max()), 1e-300) * lap.shape[0]
+    if values.numel() and float(values.min()) < -tolerance:
+        raise ValueError(
+            f"the Laplacian has the eigenvalue {float(values.min()):.3e} < 0: a graph Laplacian is positive "
+            "semi-definite, so its weights W are not symmetric and non-negative (check the edge weights)"
+        )
+    return values.clamp_min(0.0)
 
 
 def spectral_smoothness(nodes: torch.Tensor, spectrum: LaplacianSpectrum) -> torch.Tensor:

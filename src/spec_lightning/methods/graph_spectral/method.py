@@ -80,13 +80,42 @@ class GraphSpectral(FineTuningMethod):
         broadcast_from_rank0(model)
         params = dict(self.method.trainable_parameters(model))
         self._graphs = ParameterGraphs({n: p.shape for n, p in params.items()}, self.graph)
-        self._graphs.initialise(params)
+        self._graphs.initialise(self._edge_source(model, params))
         self._graphs.refresh()
         self._reference = {
             g.name: g.stack(params).detach().clone() if self.reference == "pretrained" else torch.zeros(())
             for g in self._graphs.groups
         }
         return model
+
+    def _edge_source(self, model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """The tensors whose cosines weight the edges: the trainable tensors themselves under a method
+        that trains pretrained weights (full fine-tuning), else, for adapter tensors (LoRA's B is
+        zero at init, A random), the pretrained weight of the layer each adapter wraps.
+
+        Raises:
+            ValueError: ``weight_cosine`` edges over adapter tensors of a ``rows`` graph (an adapter's
+                rows do not correspond to the pretrained weight's), or over a fresh tensor that
+                wraps no pretrained layer (a bottleneck adapter).
+        """
+        if self.graph.edge_weights != "weight_cosine" or not self.method.parameter_efficient:
+            return dict(params)
+        if self.graph.kind == "rows":
+            raise ValueError(
+                "method.init_args.graph.edge_weights=weight_cosine with kind=rows over adapter tensors: an "
+                "adapter factor's rows are not the pretrained weight's rows. Use kind: cross_layer (edges "
+                "from the wrapped layers' pretrained weights) or edge_weights: structural."
+            )
+        names = self.graphs.parameter_names
+        sources = {n: wrapped_weight(model, n) for n in names}
+        fresh = [n for n, weight in sources.items() if weight is None]
+        if fresh:
+            raise ValueError(
+                f"method.init_args.graph.edge_weights=weight_cosine: {fresh[:3]} wrap no pretrained layer, "
+                "so their cosine edges would come from a random or zero initialisation. Use "
+                "edge_weights: structural, or exclude them with graph.targets."
+            )
+        return {n: weight for n, weight in sources.items() if weight is not None}
 
     @property
     def graphs(self) -> ParameterGraphs:
@@ -134,3 +163,17 @@ class GraphSpectral(FineTuningMethod):
 
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
         self.method.on_optimizer_step(model, global_step)
+
+
+def wrapped_weight(model: nn.Module, parameter: str) -> torch.Tensor | None:
+    """The frozen pretrained weight of the layer that owns an adapter tensor (peft's ``base_layer``,
+    spec_lightning's ``base``), found by walking up the parameter's module path; None when no
+    enclosing module wraps a layer."""
+    parts = parameter.split(".")[:-1]
+    for end in range(len(parts), 0, -1):
+        module = model.get_submodule(".".join(parts[:end]))
+        for attribute in ("base_layer", "base"):
+            base = getattr(module, attribute, None)
+            if isinstance(base, nn.Module) and isinstance(getattr(base, "weight", None), torch.Tensor):
+                return base.weight.detach()
+    return None

@@ -20,9 +20,10 @@ class SpecLoRALinear(nn.Module):
     never forming an m x n update. A is Kaiming-uniform and B zero at init (peft's LoRA init), so
     W' = W at init exactly.
 
-    U_k, σ_k, V_k are buffers that are not saved: the update depends on each pair (u_i, v_i) only
-    through u_i v_iᵀ, which is unchanged by the sign flip an SVD leaves free, so recomputing them
-    from the frozen weight with the same seed rebuilds the same update.
+    U_k, σ_k, V_k are persistent buffers and part of the adapter state: a randomized SVD is not
+    bit-identical across devices, random streams and BLAS builds, and the learned mask is tied to
+    the directions it was trained on, so an adapter loaded elsewhere must bring them along rather
+    than recompute them (that would merge another update).
 
     Args:
         base: the frozen ``nn.Linear`` (or GPT-2 ``Conv1D``).
@@ -37,15 +38,19 @@ class SpecLoRALinear(nn.Module):
         self.base = base
         device = base.weight.device
         out_features, in_features = weight_matrix(base).shape
-        self.register_buffer("u_k", spectrum.U.to(device).contiguous(), persistent=False)  # (m, k)
-        self.register_buffer("sigma_k", spectrum.S.to(device).contiguous(), persistent=False)  # (k,)
-        self.register_buffer("v_k", spectrum.V.to(device).contiguous(), persistent=False)  # (n, k)
+        self.register_buffer("u_k", spectrum.U.to(device).contiguous())  # (m, k)
+        self.register_buffer("sigma_k", spectrum.S.to(device).contiguous())  # (k,)
+        self.register_buffer("v_k", spectrum.V.to(device).contiguous())  # (n, k)
         self.mask = nn.Parameter(torch.zeros(spectrum.S.numel(), device=device))
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def adapter_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The basis U_k, σ_k, V_k, keyed as in the model's state_dict."""
+        return {prefix + name: getattr(self, name).detach().clone() for name in ("u_k", "sigma_k", "v_k")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from spec_lightning.methods.base import FineTuningMethod, freeze_except_head
@@ -34,7 +35,8 @@ class SpecLoRA(FineTuningMethod):
         alpha: LoRA scaling numerator; the LoRA update is (alpha / r) · B A.
         dropout: dropout on the LoRA input.
         top_k: k, the singular directions the mask rescales; default min(32, min(m, n)).
-        seed: base seed of the randomized SVD (layer i uses seed + i).
+        seed: base seed of the randomized SVD (layer i uses seed + i). The basis is saved with the
+            adapter, so loading it under another seed or device gives the same update.
     """
 
     def __init__(
@@ -64,6 +66,25 @@ class SpecLoRA(FineTuningMethod):
             spectrum = top_k_svd(weight_matrix(module).detach(), k, self.seed + i)
             replace_module(model, name, SpecLoRALinear(module, spectrum, self.r, self.alpha, self.dropout))
         return model
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """LoRA factors, masks and head, plus each layer's basis U_k, σ_k, V_k (so the adapter means
+        the same update wherever it is loaded)."""
+        state = super().adapter_state_dict(model)
+        for name, module in model.named_modules():
+            if isinstance(module, SpecLoRALinear):
+                state.update(module.adapter_state(name + "."))
+        return state
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if not any(key.endswith(".u_k") for key in state):
+            raise KeyError(
+                "SpecLoRA: this adapter state has no singular basis (u_k, sigma_k, v_k): it was saved by an "
+                "earlier spec_lightning that recomputed the basis by a randomized SVD on load, so its mask "
+                "is not tied to the directions it was trained on. Train it again, or export a merged model "
+                "with the spec_lightning version that trained it."
+            )
+        super().load_adapter_state_dict(model, state)
 
     def merge(self, model: nn.Module) -> nn.Module:
         return merge_wrapped(model, SpecLoRALinear)
