@@ -142,8 +142,9 @@ def smallest_eigenvectors(
 
     With ``start`` (the previous solve's ``block``, r to r + :data:`GUARD_VECTORS` columns) LOBPCG
     refines it in a few iterations (graphs too small for LOBPCG are solved densely). A full solve is
-    LAPACK's ``eigh`` up to :data:`DENSE_NODES` nodes, else LOBPCG from a seeded random block. Both block methods keep repeated eigenvalues (one
-    zero per connected component of a k-NN graph), which single-vector Lanczos (``eigsh``) can miss.
+    LAPACK's ``eigh`` up to :data:`DENSE_NODES` nodes, else LOBPCG from a seeded random block. Both
+    block methods keep repeated eigenvalues (one zero per connected component of a k-NN graph),
+    which single-vector Lanczos (``eigsh``) can miss.
     A LOBPCG result whose residual max_k ||L u_k − λ_k u_k|| exceeds :data:`RESIDUAL_TOLERANCE` is
     not used: the solve falls back to ``eigh`` (small graphs), else to a fresh LOBPCG and then to
     ``eigsh``, and ``fallback`` says why. A residual still above the tolerance after that raises.
