@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spec_lightning import BlockRule, DynamicSpectralClustering, ModuleSearch
+from spec_lightning.callbacks.module_search import Candidate
 from spec_lightning.spectral.blocks import BlockMap, load_slices, save_slices
 from tests.run_mftc_ddp import make_callbacks
 from tests.user_model import LayerStack, probe_step
@@ -138,9 +139,14 @@ def test_search_trains_only_the_selected_slices(tmp_path: Path) -> None:
     module = ProbedStack()
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
     fitted = trainer(tmp_path, [dsca, search, snapshots], 8, logger=True)
-    fitted.fit(module)
+    with pytest.warns(UserWarning, match="DynamicSpectralClustering: .* have no gradient.*zero sketches"):
+        fitted.fit(module)
+    assert dsca.clusterer.updates == 4  # it goes on clustering after the search, over what still trains
     assert search.selected is not None and len(search.selected) > 0
     before, at_search, end = snapshots.weights[2], snapshots.weights[3], snapshots.weights[-1]
+    # The probes are scored on the batches of steps 2 and 3, on which nothing trained (the head too).
+    for name in start:
+        assert torch.equal(snapshots.weights[1][name], at_search[name]), name
     for name in start:  # before the search only the head trains
         assert torch.equal(before[name], start[name]) != name.startswith("head")
     masks = search.trained_parameters()
@@ -153,6 +159,7 @@ def test_search_trains_only_the_selected_slices(tmp_path: Path) -> None:
             assert not torch.equal(value[mask], at_search[name][mask])
         else:
             assert torch.equal(value, at_search[name]), name
+            assert not module.get_parameter(name).requires_grad, f"{name}: no slice selected, no gradient"
     exported = search.export(module, tmp_path / "export")
     fresh = ProbedStack()  # the same seeded initial weights: the slices alone make it the trained model
     assert sorted(load_slices(fresh, exported)) == sorted(masks)
@@ -173,13 +180,14 @@ def test_probing_restores_weights_and_optimizer_state(tmp_path: Path) -> None:
     fitted.fit(module)
     assert search.selected is not None and len(search._held_back) == 3
     weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
     optimizer = fitted.optimizers[0]
     state = {
         k: {n: v.clone() for n, v in s.items() if torch.is_tensor(v)} for k, s in optimizer.state.items()
     }
     first = search._probe(fitted, module, optimizer, np.array([0, 7]))
     for name, p in module.named_parameters():
-        assert torch.equal(p, weights[name]) and p.requires_grad
+        assert torch.equal(p, weights[name]) and p.requires_grad == flags[name]
     for key, saved in state.items():
         for field, value in saved.items():
             assert torch.equal(optimizer.state[key][field], value)
@@ -275,3 +283,76 @@ def test_ddp_ranks_cluster_and_select_identically(tmp_path: Path) -> None:
     single_labels = single[0].labels
     labels_at_search = ranks[0]["clustering"]["clusterer"]["previous"]  # one update (step 6) later
     np.testing.assert_array_equal(labels_at_search.numpy(), single_labels)
+
+
+class StubProbes:
+    """Fixed per-batch (accuracy, loss) for each probed block set: the search's arithmetic by hand."""
+
+    def __init__(self, table: dict[tuple[int, ...], tuple[list[float], list[float]]]) -> None:
+        self.table = table
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, trainer: Any, pl_module: Any, optimizer: Any, blocks: np.ndarray) -> Any:
+        from spec_lightning.callbacks.module_search import Probe
+
+        key = tuple(int(b) for b in blocks)
+        self.calls.append(key)
+        accuracy, loss = self.table[key]
+        return Probe(np.array(accuracy), np.array(loss))
+
+
+def test_search_increments_bound_and_predictor_inputs_by_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two search nodes with one candidate each; probe results fixed, everything else by hand:
+    b^A = mean(acc) − mean(acc_e), b^L likewise, σ = sd(acc − acc_e, ddof=1) / √n, gain b^A − τσ."""
+    dsca = clustering()
+    search = ModuleSearch(4, always_train=["head"], probe_steps=1, probe_batches=2, predictor_samples=2)
+    fitted = trainer(tmp_path, [dsca, search], 4)
+    fitted.fit(ProbedStack())  # a real run, for the clustering and held-back batches
+    first, second = [0, 1, 2], [12, 13, 14]  # node blocks.0.fc1 (3 blocks), node blocks.0.fc2
+    monkeypatch.setattr(
+        search,
+        "candidates",
+        lambda: [Candidate("blocks.0.fc1", 0, first, 12), Candidate("blocks.0.fc2", 1, second, 12)],
+    )
+    stub = StubProbes(
+        {
+            (): ([0.5, 0.7], [1.0, 1.2]),  # N_e
+            (0, 1, 2): ([0.6, 1.0], [0.9, 1.1]),  # b^A = 0.2, diffs (0.1, 0.3): σ = 0.1414/√2 = 0.1
+            (12, 13, 14): ([0.55, 0.65], [1.0, 1.4]),  # b^A = 0.0, diffs (0.05, −0.05): σ = 0.05
+            (0, 1, 2, 12, 13, 14): ([0.7, 0.9], [0.8, 1.0]),  # measured gain 0.2
+        }
+    )
+    monkeypatch.setattr(search, "_probe", stub)
+    monkeypatch.setattr(fitted.lightning_module, "log", lambda *args, **kwargs: None)  # outside a loop
+    search.selected = None
+    search.confidence = 2.5
+    search.loss_margin = 0.0
+    search.search(fitted, fitted.lightning_module)
+    rows = search.report["candidates"]
+    assert [r["b_accuracy"] for r in rows] == pytest.approx([0.2, 0.0])
+    assert [r["b_loss"] for r in rows] == pytest.approx([-0.1, 0.1])
+    assert [r["sigma"] for r in rows] == pytest.approx([0.1, 0.05])
+    # Lower bounds 0.2 − 2.5·0.1 = −0.05 and 0 − 2.5·0.05 = −0.125: no positive bound, nothing chosen.
+    assert search.report["selected"] == [] and search.report["heuristic_objective"] == pytest.approx(0.0)
+    predictor = search.report["predictor"]
+    assert predictor["predicted"][0] == 0.0 and predictor["measured"][0] == 0.0  # the (empty) choice
+    for combination, predicted, measured in zip(
+        stub.calls[4:], predictor["predicted"][1:], predictor["measured"][1:], strict=True
+    ):
+        expected = {(0, 1, 2): (0.2, 0.2), (12, 13, 14): (0.0, 0.0), (0, 1, 2, 12, 13, 14): (0.2, 0.2)}
+        assert (predicted, measured) == pytest.approx(expected[combination])
+
+    search.selected, search.confidence = None, 1.0  # bounds 0.1 and −0.05: the first candidate only
+    search.search(fitted, fitted.lightning_module)
+    assert search.report["selected"] == [0] and search.selected == first
+    assert search.report["selected_parameters"] == 12
+
+
+def test_sixteen_bit_precision_is_refused_with_the_fix() -> None:
+    scaled = SimpleNamespace(
+        strategy=None, precision="16-mixed", precision_plugin=SimpleNamespace(scaler=object()), callbacks=[]
+    )
+    with pytest.raises(MisconfigurationException, match="precision='16-mixed'.*Use precision: bf16-mixed"):
+        ModuleSearch(4, always_train=["head"]).setup(scaled, ProbedStack(), "fit")  # type: ignore[arg-type]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import numpy as np
 import pytest
-import scipy.stats
-from sklearn.metrics import r2_score
 
 from spec_lightning.methods.mftc.search import (
     SearchProblem,
@@ -80,16 +79,45 @@ def test_two_opt_fixes_a_greedy_trap() -> None:
     assert problem.objective(solve_exact(problem)) == pytest.approx(0.13)
 
 
-def test_predictor_quality_against_references() -> None:
-    rng = np.random.default_rng(0)
-    measured = rng.normal(size=10)
-    predicted = measured + rng.normal(scale=0.3, size=10)
+def test_predictor_quality_against_hand_computed_values() -> None:
+    predicted = np.array([0.1, 0.4, 0.2, 0.8])
+    measured = np.array([0.2, 0.3, 0.1, 0.6])
     quality = predictor_quality(predicted, measured)
-    assert quality.mae == pytest.approx(np.abs(predicted - measured).mean())
-    assert quality.r2 == pytest.approx(r2_score(measured, predicted))
-    assert quality.spearman == pytest.approx(scipy.stats.spearmanr(predicted, measured).statistic)
+    assert quality.mae == pytest.approx((0.1 + 0.1 + 0.1 + 0.2) / 4)
+    # R² = 1 − Σ(m − p)² / Σ(m − m̄)², m̄ = 0.3: 1 − 0.07 / 0.14 = 0.5
+    assert quality.r2 == pytest.approx(0.5)
+    # ranks (1, 3, 2, 4) and (2, 3, 1, 4): ρ = 1 − 6 Σd² / (n(n² − 1)) = 1 − 6·2 / 60 = 0.8
+    assert quality.spearman == pytest.approx(0.8)
     with pytest.raises(ValueError, match="at least 3 probed combinations"):
         predictor_quality(predicted[:2], measured[:2])
+
+
+def test_undefined_predictor_quality_is_nan_not_zero() -> None:
+    flat = predictor_quality(np.array([0.1, 0.2, 0.3]), np.array([0.5, 0.5, 0.5]))
+    assert np.isnan(flat.r2) and np.isnan(flat.spearman)
+    constant_prediction = predictor_quality(np.zeros(3), np.array([0.1, 0.2, 0.3]))
+    assert np.isnan(constant_prediction.spearman) and np.isfinite(constant_prediction.r2)
+
+
+def brute_force(problem: SearchProblem) -> float:
+    """The best objective over every one-or-none-per-node selection, by enumeration."""
+    nodes = np.unique(problem.node)
+    options = [[-1, *np.flatnonzero(problem.node == n).tolist()] for n in nodes]
+    best = -np.inf
+    for choice in itertools.product(*options):
+        selected = np.array([c for c in choice if c >= 0], dtype=np.int64)
+        if problem.feasible(selected):
+            best = max(best, problem.objective(selected))
+    return best
+
+
+@pytest.mark.parametrize("budget", [False, True], ids=["loss bound", "loss and parameter bounds"])
+def test_milp_equals_brute_force_enumeration(budget: bool) -> None:
+    for seed in range(60):
+        problem = random_problem(seed, nodes=4, per_node=3, budget=budget)
+        exact = solve_exact(problem)
+        assert problem.feasible(exact)
+        assert problem.objective(exact) == pytest.approx(brute_force(problem), abs=1e-12), seed
 
 
 def test_infeasible_ilp_names_the_problem() -> None:

@@ -12,6 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from typing_extensions import override
@@ -75,10 +77,13 @@ class ModuleSearch(L.Callback):
 
     1. makes the candidates: for each search node (a layer) and module, the module's blocks in it;
     2. probes N_e and every candidate: from the current weights, ``probe_steps`` optimiser steps on
-       the last training batches before the search, training the head plus the candidate only, then
-       loss and accuracy on the ``probe_batches`` batches before those (the validation set stays
-       unseen by the search); b^A, b^L are the differences to N_e's probe and
-       σ the standard error of the per-batch accuracy difference. Every probe runs under
+       training batches, training the head plus the candidate only, then loss and accuracy on
+       ``probe_batches`` held-out batches; b^A, b^L are the differences to N_e's probe and σ the
+       standard error of the per-batch accuracy difference. The held-out batches are those of the
+       ``probe_batches`` optimiser steps just before the search: their gradients are dropped (they
+       still reach the clustering), so no weight, the head's included, was ever trained on the
+       batches the probes are scored on, and the validation set stays unseen by the search. The
+       probe-training batches are the ``probe_steps`` batches before those. Every probe runs under
        ``isolate_rng`` and restores the weights and the optimiser state;
     3. solves max Σ (b^A − τσ) o s.t. L(N_e) + Σ b^L o ≤ L̂, one candidate per node, and an optional
        parameter budget, by greedy + 2-opt, and by ``scipy.optimize.milp`` up to ``exact_up_to``
@@ -86,9 +91,14 @@ class ModuleSearch(L.Callback):
     4. measures the predictor on ``predictor_samples`` random combinations plus the chosen one
        (MAE, R², Spearman; ``module_search.png`` plots predicted against measured gains).
 
-    From then on only the selected blocks' slices (and the head) train: gradients are masked before
-    every optimiser step and the frozen slices restored after it, so no optimiser (weight decay,
-    momentum) moves them. The selection, increments and predictor quality go to
+    From then on only the selected blocks' slices (and the head) train: matrices with no selected
+    slice stop requiring gradients (none is computed for them, so a step is cheaper than full
+    fine-tuning; under DDP this needs ``find_unused_parameters=True``, else their gradients are
+    computed and dropped, with a warning), the other matrices' gradients are masked before every
+    optimiser step and their frozen slices restored after it, so no optimiser (weight decay,
+    momentum) moves them. The probes step the optimiser outside the trainer's precision plugin, so
+    ``16-mixed`` (a GradScaler) is refused; use ``bf16-mixed`` or 32-bit. The selection, increments
+    and predictor quality go to
     ``module_search.json`` in the log dir and into the checkpoint; :meth:`export` writes the trained
     slices alone (a few MB), which ``load_slices`` puts back into the base model. The module must
     implement :class:`Probeable`.
@@ -161,6 +171,12 @@ class ModuleSearch(L.Callback):
         if stage != "fit":
             return
         refuse_fsdp(trainer, "ModuleSearch masks whole weight matrices and does not support FSDP yet.")
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise MisconfigurationException(
+                f"ModuleSearch under precision={trainer.precision!r}: its probes step the optimiser outside "
+                "the trainer's gradient scaler, so fp16 gradients would be unscaled and could overflow. "
+                "Use precision: bf16-mixed (or 32-true)."
+            )
         if not isinstance(pl_module, Probeable):
             raise MisconfigurationException(
                 f"ModuleSearch probes candidates through probe_step(batch) -> (loss, accuracy), which "
@@ -192,7 +208,7 @@ class ModuleSearch(L.Callback):
                 f"{type(pl_module).__name__}; name the task head, e.g. 'classifier'"
             )
         if self.selected is not None:  # resumed after the search
-            self._freeze_outside(pl_module, np.array(self.selected))
+            self._freeze_outside(trainer, pl_module, np.array(self.selected))
 
     @override
     def on_train_batch_start(
@@ -202,10 +218,17 @@ class ModuleSearch(L.Callback):
         if self.selected is None and trainer.global_step >= self.search_at_step - held:
             self._held_back = [*self._held_back, batch][-held:]
 
+    def _evaluation_step(self, trainer: L.Trainer) -> bool:
+        """Whether this optimiser step's batch is held out for scoring the probes (not trained on)."""
+        return self.selected is None and trainer.global_step >= self.search_at_step - self.probe_batches
+
     @override
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self._evaluation_step(trainer):
+            for p in pl_module.parameters():
+                p.grad = None  # a held-out batch: the optimiser skips every parameter
         self._mask_gradients(pl_module)
 
     @override
@@ -226,10 +249,25 @@ class ModuleSearch(L.Callback):
         params = dict(pl_module.named_parameters())
         return {n: m.to(params[n].device) for n, m in self._block_map().masks(blocks).items()}
 
-    def _freeze_outside(self, pl_module: L.LightningModule, blocks: np.ndarray) -> None:
-        """Train the head and ``blocks``' slices only, from now on."""
+    def _freeze_outside(self, trainer: L.Trainer, pl_module: L.LightningModule, blocks: np.ndarray) -> None:
+        """Train the head and ``blocks``' slices only, from now on; parameters with no trained slice
+        stop requiring gradients where the strategy allows it."""
+        params = dict(pl_module.named_parameters())
         self._masks = self._device_masks(pl_module, blocks)
-        self._frozen_values = frozen_values(dict(pl_module.named_parameters()), self._masks)
+        self._frozen_values = frozen_values(params, self._masks)
+        unused = [
+            n for n, p in params.items() if p.requires_grad and n not in self._head and n not in self._masks
+        ]
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
+            rank_zero_warn(
+                f"ModuleSearch: {len(unused)} parameter(s) with no selected slice keep requires_grad under "
+                "DDP (its reducer waits for every gradient it was built with): their gradients are still "
+                "computed, then dropped. Use DDPStrategy(find_unused_parameters=True) to skip them."
+            )
+            return
+        for name in unused:
+            params[name].requires_grad_(False)
 
     def _mask_gradients(self, pl_module: L.LightningModule) -> None:
         params = dict(pl_module.named_parameters())
@@ -326,7 +364,7 @@ class ModuleSearch(L.Callback):
             )
         self.selected = trainer.strategy.broadcast(selected_blocks.tolist(), src=0)
         self.report = trainer.strategy.broadcast(report, src=0)
-        self._freeze_outside(pl_module, np.array(self.selected, dtype=np.int64))
+        self._freeze_outside(trainer, pl_module, np.array(self.selected, dtype=np.int64))
         pl_module.log("module_search/trainable_parameters", float(report["trainable_parameters"]))
         pl_module.log("module_search/selected_candidates", float(len(chosen)))
         directory = log_directory(trainer)
@@ -356,15 +394,18 @@ class ModuleSearch(L.Callback):
             probe = self._probe(trainer, pl_module, optimizer, blocks_of(candidates, combination))
             predicted.append(float(gain_a[combination].sum()))
             measured.append(float(probe.accuracy.mean() - baseline.accuracy.mean()))
-        quality = predictor_quality(np.array(predicted), np.array(measured))
-        for key, value in asdict(quality).items():
-            pl_module.log(f"module_search/predictor_{key}", value)
+        quality = {k: v if np.isfinite(v) else None for k, v in asdict(predictor_quality(
+            np.array(predicted), np.array(measured)
+        )).items()}  # fmt: skip
+        for key, value in quality.items():  # an undefined R² or ρ is None in the report, not logged
+            if value is not None:
+                pl_module.log(f"module_search/predictor_{key}", value)
         directory = log_directory(trainer)
         if trainer.is_global_zero:
             fig = predictor_figure(np.array(predicted), np.array(measured), "module-search predictor")
             path = directory / "module_search.png"
             publish_figure(trainer, fig, path, "module_search/predictor", trainer.global_step)
-        return {**asdict(quality), "predicted": predicted, "measured": measured}
+        return {**quality, "predicted": predicted, "measured": measured}
 
     def _probe(
         self,
@@ -381,7 +422,7 @@ class ModuleSearch(L.Callback):
         frozen = frozen_values(params, masks)
         saved_optimizer = copy.deepcopy(optimizer.state_dict())
         saved_flags = {n: p.requires_grad for n, p in params.items()}
-        evaluate, train = self._held_back[: self.probe_batches], self._held_back[self.probe_batches :]
+        train, evaluate = self._held_back[: self.probe_steps], self._held_back[self.probe_steps :]
         accuracy, loss = [], []
         with isolate_rng():
             for name, p in params.items():  # backward reaches the probed parameters only

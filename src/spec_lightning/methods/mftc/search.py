@@ -170,7 +170,7 @@ def best_selection(problem: SearchProblem, exact: bool) -> tuple[np.ndarray, dic
 
 @dataclass(frozen=True)
 class PredictorQuality:
-    """How well Σ b^A predicts the measured gain of module combinations."""
+    """How well Σ b^A predicts the measured gain of module combinations (NaN: undefined)."""
 
     mae: float
     r2: float
@@ -178,12 +178,17 @@ class PredictorQuality:
 
 
 def predictor_quality(predicted: np.ndarray, measured: np.ndarray) -> PredictorQuality:
-    """MAE, R² (sklearn) and Spearman's ρ (SciPy) of predicted against measured gains."""
+    """MAE, R² = 1 − Σ(m − p)² / Σ(m − m̄)² and Spearman's ρ of predicted against measured gains.
+
+    R² is undefined (NaN) when every measured gain is equal, ρ when either side is constant: NaN
+    says so, where 0 would read as "no correlation".
+    """
     if len(predicted) < 3:
         raise ValueError(f"predictor quality needs at least 3 probed combinations, got {len(predicted)}")
-    rho = scipy.stats.spearmanr(predicted, measured).statistic
+    flat = np.ptp(measured) == 0
+    rho = scipy.stats.spearmanr(predicted, measured).statistic if not flat and np.ptp(predicted) else np.nan
     return PredictorQuality(
         mae=float(mean_absolute_error(measured, predicted)),
-        r2=float(r2_score(measured, predicted)),
-        spearman=float(rho) if np.isfinite(rho) else 0.0,
+        r2=float("nan") if flat else float(r2_score(measured, predicted)),
+        spearman=float(rho),
     )
