@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,31 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was",
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _repo_status() -> set[str] | None:
+    """``git status --porcelain`` lines of the repository (None outside a git checkout)."""
+    result = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True, text=True
+    )
+    return set(result.stdout.splitlines()) if result.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_STATUS] = _repo_status()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tests write under tmp_path only: a file the run added to or changed in the repository fails it."""
+    before, after = session.config.stash.get(_STATUS, None), _repo_status()
+    if before is None or after is None or after <= before:
+        return
+    print(f"\nERROR: the tests wrote into the repository: {sorted(after - before)}; write under tmp_path")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_STATUS = pytest.StashKey[set[str] | None]()
 
 
 #: Extra words of the causal-LM tokenizer: the answer letters and the prompt words of Alpaca and MMLU.

@@ -88,6 +88,7 @@ def train(
             *([ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0)] if ckpt_dir else []),
         ],
         logger=False,
+        default_root_dir=Path(data).parent / "runs",  # beside the test data, never the working directory
         enable_checkpointing=ckpt_dir is not None,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -104,3 +104,15 @@ def test_default_top_k_is_capped_by_the_matrix(tiny_bert: str) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     LoRSA(num_components=4, rank=2).apply(model, head=["classifier"])
     assert {layer.top_k for layer in lorsa_layers(model).values()} == {32}
+
+
+def test_projection_scale_follows_the_spec() -> None:
+    """P (m x r) has entries N(0, 1/m) and Q (n x r) entries N(0, 1/n), so P p_i and u_i are of one scale."""
+    p, q = projections(800, 300, 64, seed=5)
+    assert p.shape == (800, 64) and q.shape == (300, 64)
+    for matrix, fan in ((p, 800), (q, 300)):
+        assert abs(matrix.mean().item()) < 4 / (fan * matrix.numel()) ** 0.5
+        assert matrix.var().item() * fan == pytest.approx(1.0, rel=0.05)
+    again = projections(800, 300, 64, seed=5)
+    assert torch.equal(again[0], p) and torch.equal(again[1], q)
+    assert not torch.equal(projections(800, 300, 64, seed=6)[0], p)
