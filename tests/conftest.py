@@ -60,7 +60,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     before, after = session.config.stash.get(_STATUS, None), _repo_status()
     if before is None or after is None or after <= before:
         return
-    print(f"\nERROR: the tests wrote into the repository: {sorted(after - before)}; write under tmp_path")
+    print(
+        f"\nERROR: the repository changed during the test run: {sorted(after - before)}. Tests write under "
+        "tmp_path only (or were these files edited by hand while the tests ran?)"
+    )
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
