@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from spec_lightning.checkpoints import load_checkpoint
 from spec_lightning.cli import build_cli, main
 from spec_lightning.reproduce import Grid, Run
 from tests.conftest import write_sst2
@@ -301,3 +303,43 @@ def test_unknown_task_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str
         build_cli(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.task=sst3"])
     assert exit_info.value.code != 0
     assert "sst3" in capsys.readouterr().err
+
+
+class Payload:
+    """A pickled object that would create ``marker`` when unpickled (a stand-in for arbitrary code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+def test_a_pickled_payload_is_refused_by_every_command(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "payload": Payload(marker)}, evil)
+    run_args = [
+        "--config",
+        str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--config",
+        str(CONFIGS / "model" / "minilm.yaml"),
+        "--config",
+        str(CONFIGS / "glue" / "sst2.yaml"),
+        "--config",
+        str(CONFIGS / "method" / "lora.yaml"),
+        f"--model.init_args.backbone={tiny_bert}",
+        f"--data.init_args.data_dir={sst2_dir}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load .*evil.ckpt.*could run code"):
+        main(["export", *run_args, "--ckpt_path", str(evil), "--output_dir", str(tmp_path / "out")])
+    for command in ("validate", "test"):
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            main([command, *run_args, "--ckpt_path", str(evil)])
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):  # what reproduce reads runs with
+        load_checkpoint(evil)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    assert not marker.exists() and not (tmp_path / "out").exists()

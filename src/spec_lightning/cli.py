@@ -17,9 +17,9 @@ import sys
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from spec_lightning.checkpoints import load_checkpoint
 from spec_lightning.modules import FineTuningModule
 from spec_lightning.reproduce import main as reproduce
 
@@ -69,7 +69,7 @@ def export(argv: list[str]) -> None:
     known, rest = parser.parse_known_args(argv)
     cli = build_cli(rest, run=False)
     module: Any = cli.model
-    checkpoint = torch.load(known.ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(known.ckpt_path)
     module.configure_model()
     module.on_load_checkpoint(checkpoint)
     if checkpoint["state_dict"]:

@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 import yaml
 
 from spec_lightning.analysis.curves import read_scalars, seconds_per_step
 from spec_lightning.analysis.report import write_report
+from spec_lightning.checkpoints import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -144,9 +144,7 @@ def collect(run: Run, logs: Path, wall_s: float, cpu_s: float) -> dict[str, obje
     """The CSV row of a finished run, from its TensorBoard scalars; ``cpu_s`` is the CPU time (user +
     system) of its process, the energy proxy on a machine without a power meter."""
     scalars = read_scalars(run.directory(logs))
-    checkpoint = torch.load(
-        run.directory(logs) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    checkpoint = load_checkpoint(run.directory(logs) / "checkpoints" / "last.ckpt")
     steps = int(checkpoint["global_step"])
     row: dict[str, object] = {
         "task": run.task,
