@@ -150,3 +150,43 @@ def test_package_backbone_must_be_installed() -> None:
     module = SequenceClassificationModule("package:not_a_model_package_xyz")
     with pytest.raises(ImportError, match="not installed"):
         module.configure_model()
+
+
+def test_export_is_atomic_and_never_mixes_runs(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = SequenceClassificationModule(tiny_bert, LoRA(r=4))
+    module.configure_model()
+    target = tmp_path / "export"
+    module.export(target, adapter_only=True)
+    with pytest.raises(FileExistsError, match=r"export: .*export is not empty; pass --overwrite"):
+        module.export(target)
+    out = module.export(target, overwrite=True)  # a merged export replaces the adapter export whole
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(module.model.base_model.model), "save_pretrained", fail, raising=False)
+    with pytest.raises(OSError, match="disk full"):
+        module.export(tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no half-written folder, no staging
+
+
+def test_non_finite_weights_are_refused_on_export_and_load(tiny_bert: str, tmp_path: Path) -> None:
+    module = SequenceClassificationModule(tiny_bert, LoRA(r=4))
+    module.configure_model()
+    state = module.method.adapter_state_dict(module.model)
+    name = next(k for k in state if "lora_B" in k)
+    with torch.no_grad():
+        module.model.get_parameter(name).fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the adapter holds non-finite values .*lora_B"):
+        module.export(tmp_path / "adapter", adapter_only=True)
+    with pytest.raises(ValueError, match="the merged model holds non-finite values"):
+        module.export(tmp_path / "merged")
+    fresh = SequenceClassificationModule(tiny_bert, LoRA(r=4))
+    with pytest.raises(ValueError, match="the checkpoint holds non-finite values"):
+        fresh.on_load_checkpoint(
+            {"state_dict": {}, "adapter_state_dict": module.method.adapter_state_dict(module.model)}
+        )
+    assert not any(tmp_path.iterdir())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from spec_lightning.checkpoints import load_checkpoint
 from spec_lightning.modules import FineTuningModule
+from spec_lightning.modules.base import refuse_non_empty
 from spec_lightning.reproduce import main as reproduce
 
 
@@ -66,7 +68,9 @@ def export(argv: list[str]) -> None:
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
     parser.add_argument("--output_dir", required=True, help="folder to write")
     parser.add_argument("--adapter_only", action="store_true", help="write the adapter alone, unmerged")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     known, rest = parser.parse_known_args(argv)
+    refuse_non_empty(Path(known.output_dir), known.overwrite)  # before the model is built
     cli = build_cli(rest, run=False)
     module: Any = cli.model
     checkpoint = load_checkpoint(known.ckpt_path)
@@ -74,7 +78,7 @@ def export(argv: list[str]) -> None:
     module.on_load_checkpoint(checkpoint)
     if checkpoint["state_dict"]:
         module.load_state_dict(checkpoint["state_dict"])
-    out = module.export(known.output_dir, adapter_only=known.adapter_only)
+    out = module.export(known.output_dir, adapter_only=known.adapter_only, overwrite=known.overwrite)
     print(f"exported {'adapter' if known.adapter_only else 'merged model'} to {out}")
 
 

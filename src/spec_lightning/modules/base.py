@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -198,6 +200,9 @@ class FineTuningModule(L.LightningModule, ABC):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
+        check_finite(
+            checkpoint.get("adapter_state_dict") or checkpoint.get("state_dict") or {}, "the checkpoint"
+        )
         if "adapter_state_dict" in checkpoint:
             self.configure_model()
             state = shard_like(checkpoint["adapter_state_dict"], self.model)
@@ -213,12 +218,56 @@ class FineTuningModule(L.LightningModule, ABC):
             )
         return self.method.merge(copy.deepcopy(self.model))
 
-    def export(self, directory: str | Path, adapter_only: bool = False) -> Path:
-        """Write a merged ``save_pretrained`` folder (with tokenizer), or the adapter alone."""
+    def export(self, directory: str | Path, adapter_only: bool = False, overwrite: bool = False) -> Path:
+        """Write a merged ``save_pretrained`` folder (with tokenizer), or the adapter alone.
+
+        The folder is written whole or not at all: into a temporary sibling, renamed into place at the
+        end. A non-empty ``directory`` is refused unless ``overwrite`` (then it is replaced, never
+        mixed: files of an older export would load alongside the new ones). Non-finite weights are
+        refused.
+        """
         directory = Path(directory)
+        refuse_non_empty(directory, overwrite)
+        assert self.model is not None, "call configure_model() first"
         if adapter_only:
-            self.method.export_adapter(self.model, directory)
-            return directory
-        self.merged_model().save_pretrained(directory)
-        AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.backbone)).save_pretrained(directory)
+            check_finite(self.method.adapter_state_dict(self.model), "the adapter")
+        else:
+            merged = self.merged_model()
+            check_finite(merged.state_dict(), "the merged model")
+        staging = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            if adapter_only:
+                self.method.export_adapter(self.model, staging)
+            else:
+                merged.save_pretrained(staging)
+                AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.backbone)).save_pretrained(
+                    staging
+                )
+            if directory.exists():
+                shutil.rmtree(directory)
+            staging.rename(directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return directory
+
+
+def check_finite(state: dict[str, Any], what: str) -> None:
+    """Raise a ValueError naming the tensors of ``state`` that hold NaN or infinite values."""
+    bad = [
+        k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(
+            f"{what} holds non-finite values (NaN or inf) in {bad[:3]} ({len(bad)} tensors in all): the run "
+            "diverged before this checkpoint; resume from an earlier one or lower the learning rate"
+        )
+
+
+def refuse_non_empty(directory: Path, overwrite: bool) -> None:
+    """Raise a FileExistsError when an export would land in a non-empty folder without ``overwrite``."""
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"export: {directory} is not empty; pass --overwrite to replace it, or choose another "
+            "--output_dir (writing over an older export would mix the two)"
+        )
