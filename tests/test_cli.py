@@ -126,6 +126,18 @@ def test_fit_then_export(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
     run = Path(cli.trainer.log_dir)
     assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
     export_matches_the_module(run, tmp_path / "merged", cli.model)
+    with pytest.raises(ValueError, match=r"written by another run: method: .*LoRA.*FullFineTuning"):
+        main(
+            [
+                "export",
+                "--config",
+                str(run / "config.yaml"),
+                "--config",
+                str(CONFIGS / "method" / "full.yaml"),
+            ]
+            + ["--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--output_dir", str(tmp_path / "full")]
+        )
+    assert not (tmp_path / "full").exists()
 
 
 def export_matches_the_module(run: Path, output: Path, module: torch.nn.Module) -> None:

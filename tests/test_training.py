@@ -190,3 +190,39 @@ def test_non_finite_weights_are_refused_on_export_and_load(tiny_bert: str, tmp_p
             {"state_dict": {}, "adapter_state_dict": module.method.adapter_state_dict(module.model)}
         )
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("other", "match"),
+    [
+        (
+            lambda path: SequenceClassificationModule(path, FullFineTuning()),
+            r"method: checkpoint .*LoRA.*FullFineTuning",
+        ),
+        (lambda path: SequenceClassificationModule(path, LoRA(r=2)), r"'r': 4.*'r': 2"),
+        (
+            lambda path: SequenceClassificationModule(path, LoRA(r=4), task="rte"),
+            r"task: checkpoint 'sst2', this run 'rte'",
+        ),
+    ],
+    ids=["method", "rank", "task"],
+)
+def test_a_checkpoint_of_another_run_is_refused(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, other: object, match: str
+) -> None:
+    fit(SequenceClassificationModule(tiny_bert, LoRA(r=4)), sst2_dir, tiny_bert, 1, tmp_path)
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    data = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1, max_epochs=2
+    )
+    for run in (trainer.validate, trainer.test, trainer.fit):
+        with pytest.raises(
+            ValueError, match=rf"the checkpoint was written by another run: .*{match}.*config\.yaml"
+        ):
+            run(other(tiny_bert), data, ckpt_path=ckpt)  # type: ignore[operator]
+    same = SequenceClassificationModule(tiny_bert, LoRA(r=4, dropout=0.3))  # dropout: training only
+    assert trainer.validate(same, data, ckpt_path=ckpt)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    with pytest.raises(ValueError, match="num_labels: checkpoint 2, this run 3"):
+        SequenceClassificationModule(tiny_bert, LoRA(r=4), num_labels=3).check_run_facts(checkpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -12,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
@@ -58,6 +59,13 @@ class FineTuningModule(L.LightningModule, ABC):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if not 0.0 <= warmup_ratio <= 1.0:
+            raise ValueError(f"model.init_args.warmup_ratio must lie in [0, 1], got {warmup_ratio}")
+        if learning_rate <= 0 or weight_decay < 0:
+            raise ValueError(
+                f"model.init_args.learning_rate must be > 0 and weight_decay >= 0, got {learning_rate} and "
+                f"{weight_decay}"
+            )
         self.method = method if method is not None else LoRA()
         self.model: nn.Module | None = None
         self._rng_to_restore: dict[str, Any] | None = None
@@ -194,11 +202,44 @@ class FineTuningModule(L.LightningModule, ABC):
         so the file holds the whole adapter, not rank 0's shard.
         """
         checkpoint["rng_states"] = get_rng_states()
+        checkpoint["run_facts"] = self.run_facts()
         if self.method.parameter_efficient:
             checkpoint["state_dict"] = {}
             checkpoint["adapter_state_dict"] = gather_full(self.method.adapter_state_dict(self.model))
 
+    #: Hyper-parameters a checkpoint must share with the run it is loaded into.
+    RUN_FACTS: tuple[str, ...] = ("backbone",)
+
+    def run_facts(self) -> dict[str, Any]:
+        """What a checkpoint of this run is only valid for: backbone, method (class and arguments) and
+        the task facts of :attr:`RUN_FACTS`, as plain values."""
+        facts = {key: self.hparams[key] for key in self.RUN_FACTS}
+        return {**facts, "method": describe(self.method)}
+
+    def check_run_facts(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by another run (backbone, task, labels or method differ)."""
+        saved = checkpoint.get("run_facts")
+        if saved is None:
+            rank_zero_warn(
+                "the checkpoint records no run facts (written before spec_lightning recorded them): it is "
+                "loaded without checking that its backbone, task and method match this run"
+            )
+            return
+        current = self.run_facts()
+        differences = [
+            f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current))
+            if not _same_fact(key, saved.get(key), current.get(key))
+        ]
+        if differences:
+            raise ValueError(
+                "the checkpoint was written by another run: "
+                + "; ".join(differences)
+                + ". Load it with the config of the run that wrote it (logs/<name>/version_N/config.yaml)."
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_run_facts(checkpoint)
         self._rng_to_restore = checkpoint.get("rng_states")
         check_finite(
             checkpoint.get("adapter_state_dict") or checkpoint.get("state_dict") or {}, "the checkpoint"
@@ -271,3 +312,40 @@ def refuse_non_empty(directory: Path, overwrite: bool) -> None:
             f"export: {directory} is not empty; pass --overwrite to replace it, or choose another "
             "--output_dir (writing over an older export would mix the two)"
         )
+
+
+def describe(value: Any) -> Any:
+    """A plain, JSON-able description of a method's configuration: class path and public init args,
+    recursively (nested methods, dataclasses such as GraphConfig, sequences)."""
+    if isinstance(value, FineTuningMethod):
+        args = {k: describe(v) for k, v in vars(value).items() if not k.startswith("_")}
+        return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": args}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
+#: Method arguments that change training but not what a trained adapter computes: not compared.
+TRAINING_ONLY = frozenset({"dropout"})
+
+
+def _without_training_only(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_training_only(v) for k, v in value.items() if k not in TRAINING_ONLY}
+    if isinstance(value, list):
+        return [_without_training_only(v) for v in value]
+    return value
+
+
+def _same_fact(key: str, saved: Any, current: Any) -> bool:
+    """Equal facts; a backbone given as two spellings of one local folder counts as equal, and the
+    method's training-only arguments (dropout) may differ."""
+    if key == "backbone" and isinstance(saved, str) and isinstance(current, str):
+        return saved == current or (Path(saved).exists() and Path(saved).resolve() == Path(current).resolve())
+    return _without_training_only(saved) == _without_training_only(current)

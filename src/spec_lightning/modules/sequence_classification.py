@@ -52,6 +52,8 @@ class SequenceClassificationModule(FineTuningModule):
         self.val_metrics = task_metrics(task, num_labels).clone(prefix="val/")
         self.test_metrics = task_metrics(task, num_labels).clone(prefix="test/")
 
+    RUN_FACTS = ("backbone", "task", "num_labels")
+
     def load_backbone(self, name_or_path: str) -> nn.Module:
         base = AutoModelForSequenceClassification.from_pretrained(
             name_or_path, num_labels=self.hparams.num_labels
