@@ -92,7 +92,8 @@ def lm_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def write_tiny_bert(folder: Path, dropout: float = 0.1) -> str:
-    """A 2-layer BERT (hidden 32, 4 heads) with random weights (seed 0), saved as a pretrained folder."""
+    """A 2-layer BERT (hidden 32, 4 heads, 128 positions) with random weights (seed 0), saved as a
+    pretrained folder."""
     tok = _tokenizer(folder)
     torch.manual_seed(0)
     config = BertConfig(
@@ -101,7 +102,7 @@ def write_tiny_bert(folder: Path, dropout: float = 0.1) -> str:
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
@@ -122,7 +123,7 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
     tok = _tokenizer(folder)
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0
+        vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0
     )
     GPT2ForSequenceClassification(config).save_pretrained(folder)
     tok.save_pretrained(folder)

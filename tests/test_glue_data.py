@@ -152,3 +152,70 @@ def test_real_qqp_subset_skips_its_malformed_line() -> None:
     with pytest.warns(UserWarning, match="skipped 1 malformed row"):
         cols = read_glue_tsv(SHARED_DATA / "glue" / "QQP" / "train_subset_23497.tsv", get_task("qqp"))
     assert len(cols["label"]) == 23496
+
+
+def write_tsv(path: Path, rows: list[str], header: str = "sentence\tlabel") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        (
+            ["good\t1", "bad\t0", "fine\t5"],
+            r"train.tsv, line 4: label '5' is not one of the task's labels \['0', '1'\]",
+        ),
+        (["good\t1", "bad\tx"], r"train.tsv, line 3: label 'x' is not one of"),
+    ],
+    ids=["out of range", "not a label"],
+)
+def test_a_bad_tsv_label_is_named_with_file_and_line(
+    tiny_bert: str, tmp_path: Path, rows: list[str], match: str
+) -> None:
+    write_tsv(tmp_path / "glue" / "train.tsv", rows)
+    write_tsv(tmp_path / "glue" / "dev.tsv", ["good\t1"])
+    with pytest.raises(ValueError, match=match):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(tmp_path / "glue")).setup("fit")
+
+
+def test_json_labels_and_null_texts_are_checked_before_training(tiny_bert: str, tmp_path: Path) -> None:
+    def data(train: list[dict]) -> GLUEDataModule:
+        (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train))
+        (tmp_path / "dev.jsonl").write_text(json.dumps({"sentence": "fine", "label": 1}))
+        files = {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "dev.jsonl")}
+        return GLUEDataModule("sst2", tokenizer=tiny_bert, data_files=files)
+
+    good = {"sentence": "good", "label": 1}
+    with pytest.raises(
+        ValueError, match=r"train.jsonl: example 2 of the train split has the label 2, which is not one"
+    ):
+        data([good, {"sentence": "odd", "label": 2}]).setup("fit")
+    with pytest.raises(ValueError, match=r"train.jsonl: example 3 of the train split has no 'sentence'"):
+        data([good, good, {"sentence": None, "label": 0}]).setup("fit")
+    with pytest.raises(ValueError, match=r"the train split has no 'label' column"):
+        data([{"sentence": "good"}]).setup("fit")
+
+
+def test_undecodable_bytes_and_long_fields(tiny_bert: str, tmp_path: Path) -> None:
+    folder = tmp_path / "glue"
+    write_tsv(folder / "dev.tsv", ["good\t1"])
+    (folder / "train.tsv").write_bytes(b"sentence\tlabel\ngood\t1\nbad \xff\xfe\t0\n")
+    with pytest.raises(
+        ValueError, match=r"train.tsv: the bytes at offset 26 are not UTF-8.*re-save the file"
+    ):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(folder)).setup("fit")
+    write_tsv(
+        folder / "train.tsv", ["good " * 40_000 + "\t1", "bad\t0"]
+    )  # 200,000 characters: over csv's limit
+    data = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(folder), max_length=16)
+    data.setup("fit")
+    assert len(data.splits["train"][0]["input_ids"]) == 16
+
+
+def test_max_length_over_the_model_positions_is_refused(tiny_bert: str, sst2_dir: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"data.init_args.max_length=512 exceeds the 128 positions of .*at most 128"
+    ):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, max_length=512).setup("fit")

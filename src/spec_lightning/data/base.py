@@ -10,7 +10,7 @@ import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from spec_lightning.pretrained import resolve_pretrained
 
@@ -75,6 +75,20 @@ class TokenizedDataModule(L.LightningDataModule):
             if self._tokenizer.pad_token is None:  # GPT-2 style tokenizers ship without one
                 self._tokenizer.pad_token = self._tokenizer.eos_token
         return self._tokenizer
+
+    def check_max_length(self, length: int, key: str) -> None:
+        """Refuse a length over the model's positions (a position-embedding index error otherwise,
+        at the first long batch). Models whose config states no limit are not checked."""
+        try:
+            config = AutoConfig.from_pretrained(resolve_pretrained(self.hparams.tokenizer))
+        except (OSError, ValueError):  # a tokenizer-only folder: nothing to check against
+            return
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"{key}={length} exceeds the {limit} positions of {self.hparams.tokenizer}; set it to at "
+                f"most {limit}"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:

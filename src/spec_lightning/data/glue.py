@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import datasets
@@ -9,7 +10,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from spec_lightning.data.base import TokenizedDataModule, load_local_file
-from spec_lightning.data.glue_tasks import GlueTaskName, get_task, read_glue_tsv
+from spec_lightning.data.glue_tasks import GlueTask, GlueTaskName, get_task, read_glue_tsv
 
 
 class GLUEDataModule(TokenizedDataModule):
@@ -65,11 +66,19 @@ class GLUEDataModule(TokenizedDataModule):
         self.dataset_name = f"GLUE {task}"
 
     def build_splits(self) -> dict[str, datasets.Dataset]:
-        return {name: self._tokenize(ds) for name, ds in self._select(self._load()).items()}
+        self.check_max_length(self.hparams.max_length, "data.init_args.max_length")
+        selected = self._select(self._load())
+        for name, ds in selected.items():
+            check_examples(
+                ds, self.spec, self._sources.get(name, f"{self.hparams.hub_name} {self.task}"), name
+            )
+        return {name: self._tokenize(ds) for name, ds in selected.items()}
 
     def _load(self) -> dict[str, datasets.Dataset]:
         hp = self.hparams
+        self._sources: dict[str, str] = {}
         if hp.data_files:
+            self._sources = {self._split_name(s): str(path) for s, path in hp.data_files.items()}
             return {split: self._load_file(Path(path)) for split, path in hp.data_files.items()}
         if hp.data_dir:
             folder = Path(hp.data_dir)
@@ -81,6 +90,7 @@ class GLUEDataModule(TokenizedDataModule):
             found = {s: folder / f for s, f in self.spec.tsv_files.items() if (folder / f).is_file()}
             if "train" not in found:
                 raise FileNotFoundError(f"{folder / self.spec.tsv_files['train']} is missing")
+            self._sources = {self._split_name(s): str(path) for s, path in found.items()}
             return {split: self._load_file(path) for split, path in found.items()}
         loaded = datasets.load_dataset(hp.hub_name, self.task)
         return dict(loaded)
@@ -95,6 +105,10 @@ class GLUEDataModule(TokenizedDataModule):
         if missing:
             raise ValueError(f"{path}: columns {missing} are missing; found {ds.column_names}")
         return ds
+
+    def _split_name(self, split: str) -> str:
+        """The split's name after :meth:`_select` renames the task's validation split."""
+        return "validation" if split == self.spec.validation else split
 
     def _select(self, raw: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
         """Rename the validation split, apply limit/fraction, carve validation if needed."""
@@ -140,3 +154,39 @@ class GLUEDataModule(TokenizedDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test" if "test" in self.splits else "validation")
+
+
+def check_examples(ds: datasets.Dataset, spec: GlueTask, source: str, split: str) -> None:
+    """Refuse, before training, a split with an empty text field or a label outside the task's labels
+    (an out-of-range class id fails only when its batch comes, possibly hours in). The error names
+    the source and the 1-based example; GLUE's unlabelled test splits (label −1) are left alone.
+
+    Raises:
+        ValueError: a text field is null, the label column is missing from a train or validation
+            split, or a label is not one of the task's.
+    """
+    for name in spec.text_fields:
+        nulls = [i for i, text in enumerate(ds[name]) if text is None]
+        if nulls:
+            raise ValueError(
+                f"{source}: example {nulls[0] + 1} of the {split} split has no {name!r} ({len(nulls)} such "
+                "examples); fill or drop them"
+            )
+    if "label" not in ds.column_names:
+        if split in ("train", "validation"):
+            raise ValueError(f"{source}: the {split} split has no 'label' column; found {ds.column_names}")
+        return
+    if split == "test":
+        return
+    labels = ds["label"]
+    if spec.num_labels == 1:
+        bad = [i for i, y in enumerate(labels) if not isinstance(y, int | float) or not math.isfinite(y)]
+        expected = "a finite number (a regression score)"
+    else:
+        bad = [i for i, y in enumerate(labels) if isinstance(y, bool) or y not in range(spec.num_labels)]
+        expected = f"one of the class ids {list(range(spec.num_labels))}"
+    if bad:
+        raise ValueError(
+            f"{source}: example {bad[0] + 1} of the {split} split has the label {labels[bad[0]]!r}, which is "
+            f"not {expected} ({len(bad)} such examples); fix the labels or the task"
+        )

@@ -102,15 +102,24 @@ def read_glue_tsv(path: Path, task: GlueTask) -> dict[str, list]:
     starts with a byte-order mark). A row too short for the needed columns is skipped and counted
     in a warning. The label column is kept only where the file has it (GLUE test files do not).
     """
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    limit = csv.field_size_limit(2**31 - 1)  # a long text is truncated by the tokenizer, not refused
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: the bytes at offset {error.start} are not UTF-8 ({error.reason}); re-save the file "
+            "as UTF-8"
+        ) from error
+    finally:
+        csv.field_size_limit(limit)
     if not rows:
         raise ValueError(f"{path} is empty; expected a GLUE TSV file with {task.text_fields} columns")
     first = rows[0]
     if all(task.tsv_columns[f] in first for f in task.text_fields):
-        header, body = first, rows[1:]
+        header, body, first_line = first, rows[1:], 2
     elif task.headerless:
-        header, body = list(task.headerless), rows
+        header, body, first_line = list(task.headerless), rows, 1
     else:
         raise ValueError(
             f"{path}: header {first} lacks the columns {[task.tsv_columns[f] for f in task.text_fields]} "
@@ -119,11 +128,13 @@ def read_glue_tsv(path: Path, task: GlueTask) -> dict[str, list]:
     wanted = {hub: header.index(col) for hub, col in task.tsv_columns.items() if col in header}
     width = max(wanted.values()) + 1
     columns: dict[str, list] = {hub: [] for hub in wanted}
+    lines: list[int] = []
     skipped = 0
-    for row in body:
+    for line, row in enumerate(body, first_line):
         if len(row) < width:
             skipped += 1
             continue
+        lines.append(line)
         for hub, i in wanted.items():
             columns[hub].append(row[i])
     if skipped:
@@ -131,16 +142,28 @@ def read_glue_tsv(path: Path, task: GlueTask) -> dict[str, list]:
             f"{path}: skipped {skipped} malformed row(s) with fewer than {width} columns", stacklevel=2
         )
     if "label" in columns:
-        columns["label"] = [parse_label(v, task, path) for v in columns["label"]]
+        columns["label"] = [
+            parse_label(v, task, f"{path}, line {n}") for v, n in zip(columns["label"], lines, strict=True)
+        ]
     return columns
 
 
-def parse_label(value: str, task: GlueTask, path: Path) -> int | float:
-    """A TSV label as the hub stores it: class id, or a float score for regression."""
+def parse_label(value: str, task: GlueTask, where: str) -> int | float:
+    """A TSV label as the hub stores it: class id, or a float score for regression.
+
+    Raises:
+        ValueError: naming ``where`` (file and line), when the label is not one of the task's.
+    """
     if task.num_labels == 1:
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: label {value!r} is not a number (a regression score)") from None
     if task.label_map:
         if value not in task.label_map:
-            raise ValueError(f"{path}: label {value!r} is not one of {sorted(task.label_map)}")
+            raise ValueError(f"{where}: label {value!r} is not one of {sorted(task.label_map)}")
         return task.label_map[value]
+    classes = [str(c) for c in range(task.num_labels)]
+    if value.strip() not in classes:
+        raise ValueError(f"{where}: label {value!r} is not one of the task's labels {classes}")
     return int(value)
