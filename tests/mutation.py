@@ -29,32 +29,18 @@ SOURCE = ROOT / "src" / "spec_lightning"
 
 #: Target file (under src/spec_lightning) -> the pytest arguments that cover it.
 TARGETS: dict[str, list[str]] = {
-    "spectral/clustering.py": ["tests/test_clustering.py", "tests/test_mftc_callbacks.py"],
+    "spectral/clustering.py": ["tests/test_clustering.py"],
     "spectral/graph.py": ["tests/test_spectral_graph.py", "tests/test_graph_spectral.py"],
     "spectral/laplacian.py": ["tests/test_spectral_graph.py", "tests/test_graph_spectral.py"],
-    "spectral/filters.py": ["tests/test_spectral_graph.py", "tests/test_spectral_gradient_filter.py"],
-    "spectral/coordination.py": [
-        "tests/test_spectral_graph.py",
-        "tests/test_graph_spectral.py",
-        "tests/test_spectral_gradient_filter.py",
-    ],
+    "spectral/filters.py": ["tests/test_spectral_graph.py"],
+    "spectral/coordination.py": ["tests/test_spectral_graph.py", "tests/test_graph_spectral.py"],
     "spectral/svd.py": ["tests/test_spectral_svd.py", "tests/test_lorsa.py", "tests/test_speclora.py"],
     "spectral/importance.py": ["tests/test_spectral_importance.py"],
     "spectral/blocks.py": ["tests/test_mftc_callbacks.py"],
-    "methods/lorsa/layer.py": [
-        "tests/test_lorsa.py",
-        "tests/test_method_contract.py",
-        "-k",
-        "lorsa or LoRSA",
-    ],
-    "methods/speclora/layer.py": [
-        "tests/test_speclora.py",
-        "tests/test_method_contract.py",
-        "-k",
-        "speclora",
-    ],
+    "methods/lorsa/layer.py": ["tests/test_lorsa.py", "tests/test_method_contract.py", "-k", "lorsa or LoRSA"],
+    "methods/speclora/layer.py": ["tests/test_speclora.py", "tests/test_method_contract.py", "-k", "speclora"],
     "methods/houlsby/layer.py": ["tests/test_method_contract.py", "-k", "houlsby"],
-    "methods/mftc/search.py": ["tests/test_search.py", "tests/test_mftc_callbacks.py"],
+    "methods/mftc/search.py": ["tests/test_search.py"],
     "methods/graph_spectral/method.py": ["tests/test_graph_spectral.py"],
     "callbacks/spectral_gradient_filter.py": ["tests/test_spectral_gradient_filter.py"],
     "callbacks/module_search.py": ["tests/test_mftc_callbacks.py"],
