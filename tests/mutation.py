@@ -10,6 +10,10 @@ caught when they fail or time out. Writes ``mutation.json`` (every mutant, caugh
     python -m tests.mutation                      # every mutant (about an hour on 2 cores)
     python -m tests.mutation --sample 60 --seed 0  # a seeded random sample
     python -m tests.mutation --files spectral/clustering.py --list
+    python -m tests.mutation --from-log mutation.log  # rerun what survived
+
+Mutants listed in :data:`EQUIVALENT` (read and judged unable to change a result, e.g. a float
+compared exactly at a tolerance) are run and reported, but not counted.
 """
 
 from __future__ import annotations
@@ -37,13 +41,53 @@ TARGETS: dict[str, list[str]] = {
     "spectral/svd.py": ["tests/test_spectral_svd.py", "tests/test_lorsa.py", "tests/test_speclora.py"],
     "spectral/importance.py": ["tests/test_spectral_importance.py"],
     "spectral/blocks.py": ["tests/test_mftc_callbacks.py"],
-    "methods/lorsa/layer.py": ["tests/test_lorsa.py", "tests/test_method_contract.py", "-k", "lorsa or LoRSA"],
-    "methods/speclora/layer.py": ["tests/test_speclora.py", "tests/test_method_contract.py", "-k", "speclora"],
+    "methods/lorsa/layer.py": [
+        "tests/test_lorsa.py",
+        "tests/test_method_contract.py",
+        "-k",
+        "lorsa or LoRSA",
+    ],
+    "methods/speclora/layer.py": [
+        "tests/test_speclora.py",
+        "tests/test_method_contract.py",
+        "-k",
+        "speclora",
+    ],
     "methods/houlsby/layer.py": ["tests/test_method_contract.py", "-k", "houlsby"],
     "methods/mftc/search.py": ["tests/test_search.py"],
     "methods/graph_spectral/method.py": ["tests/test_graph_spectral.py"],
     "callbacks/spectral_gradient_filter.py": ["tests/test_spectral_gradient_filter.py"],
     "callbacks/module_search.py": ["tests/test_mftc_callbacks.py"],
+}
+#: Mutants that cannot change a result, judged by reading them: (file, source line, change) -> why.
+#: They are run and reported, but not counted.
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    **{
+        ("spectral/clustering.py", line, change): "a float exactly at the residual tolerance"
+        for line, change in [
+            ("if result.residual <= RESIDUAL_TOLERANCE:", "LtE -> Lt"),
+            ("if residual > RESIDUAL_TOLERANCE:", "Gt -> GtE"),
+        ]
+    },
+    **{
+        (
+            "spectral/clustering.py",
+            line,
+            change,
+        ): "a graph of exactly the boundary size: both solvers are exact"
+        for line, change in [
+            ("lobpcg_fits = m >= 5 * (num + GUARD_VECTORS)", "GtE -> Gt"),
+            ("if not lobpcg_fits and m > DENSE_NODES:", "Gt -> GtE"),
+            ("if m <= DENSE_NODES and (start is None or not lobpcg_fits):", "LtE -> Lt"),
+            ("if m <= DENSE_NODES:", "LtE -> Lt"),
+        ]
+    },
+    ("spectral/clustering.py", "wanted = min(num + GUARD_VECTORS, m - 1)", "Sub -> Add"): (
+        "only reached for m > 2048 nodes, where num + 4 < m − 1 always"
+    ),
+    ("spectral/clustering.py", "if min(halves.sum(), len(halves) - halves.sum()) < min_size:", "Lt -> LtE"): (
+        "halves of exactly min_size: k-means' split and the median split both satisfy the bounds"
+    ),
 }
 #: Tests that start extra processes are left to the default run.
 EXCLUDE = "not ddp and not distributed"
@@ -67,7 +111,9 @@ class Mutant:
     line: int
     index: int
     change: str
+    source: str = ""
     caught: bool | None = None
+    equivalent: str = ""
     seconds: float = 0.0
 
 
@@ -97,8 +143,14 @@ def _sites(tree: ast.AST) -> list[tuple[ast.AST, str]]:
 
 
 def mutants(file: str) -> list[Mutant]:
-    tree = ast.parse((SOURCE / file).read_text())
-    return [Mutant(file, node.lineno, i, change) for i, (node, change) in enumerate(_sites(tree))]
+    text = (SOURCE / file).read_text()
+    lines = text.splitlines()
+    found = []
+    for i, (node, change) in enumerate(_sites(ast.parse(text))):
+        source = lines[node.lineno - 1].strip()
+        why = EQUIVALENT.get((file, source, change), "")
+        found.append(Mutant(file, node.lineno, i, change, source, equivalent=why))
+    return found
 
 
 class _Apply(ast.NodeTransformer):
@@ -155,12 +207,17 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--sample", type=int, default=0, help="run a seeded random sample of this size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds; a timed-out mutant is caught")
+    parser.add_argument("--from-log", type=Path, help="run only the mutants a previous run's log SURVIVED")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--out", type=Path, default=Path("/tmp/spec_lightning_mutation"))
     args = parser.parse_args()
     planted = [m for f in args.files for m in mutants(f)]
+    if args.from_log:
+        lines = args.from_log.read_text().splitlines()  # "[i/n] SURVIVED file:line change (s)"
+        survived = {line.split(maxsplit=2)[2].rsplit(" (", 1)[0] for line in lines if " SURVIVED " in line}
+        planted = [m for m in planted if f"{m.file}:{m.line} {m.change}" in survived]
     if args.sample:
         planted = sorted(
             random.Random(args.seed).sample(planted, min(args.sample, len(planted))),
@@ -173,12 +230,16 @@ def main() -> None:
         return
     for number, mutant in enumerate(planted, 1):
         run(mutant, args.timeout)
-        status = "caught" if mutant.caught else "SURVIVED"
+        status = "caught" if mutant.caught else "EQUIVALENT" if mutant.equivalent else "SURVIVED"
         where = f"{mutant.file}:{mutant.line} {mutant.change}"
         print(f"[{number}/{len(planted)}] {status:8} {where} ({mutant.seconds:.0f} s)", flush=True)
-    caught = sum(bool(m.caught) for m in planted)
-    rate = caught / max(len(planted), 1)
-    print(f"caught {caught} of {len(planted)} planted bugs ({rate:.1%})")
+    counted = [m for m in planted if m.caught or not m.equivalent]
+    caught = sum(bool(m.caught) for m in counted)
+    rate = caught / max(len(counted), 1)
+    print(
+        f"caught {caught} of {len(counted)} planted bugs ({rate:.1%}); "
+        f"{len(planted) - len(counted)} equivalent mutants not counted"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mutation.json").write_text(json.dumps([asdict(m) for m in planted], indent=1))
     sys.exit(0 if rate >= args.threshold else 1)

@@ -13,6 +13,7 @@ from spec_lightning.spectral.clustering import (
     SpectralClusterer,
     align_labels,
     bound_sizes,
+    default_neighbors,
     eigengap_clusters,
     ema_weights,
     embed_rows,
@@ -256,3 +257,55 @@ def test_an_unconverged_lobpcg_falls_back_and_says_so(monkeypatch: pytest.Monkey
     sparse = smallest_eigenvectors(lap, 8, start=start)
     assert sparse.solver == "eigsh" and sparse.residual < 1e-3
     np.testing.assert_allclose(sparse.values, np.sort(reference), atol=1e-6)
+
+
+def test_knn_edge_cases_two_points_and_more_neighbours_than_points() -> None:
+    two = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])  # two non-zero rows: they are each other's neighbour
+    graph = knn_similarity(two, 4).toarray()
+    assert graph[0, 2] == pytest.approx(np.cos(np.pi / 4)) and graph[0, 2] == graph[2, 0]
+    points = np.random.default_rng(9).standard_normal((5, 3))
+    complete = knn_similarity(points, 10, "gaussian").toarray()  # k capped at m − 1: every pair joined
+    assert (complete + np.eye(5) > 0).all()
+    assert default_neighbors(3) == 2 and default_neighbors(1000) == 10 and default_neighbors(8) == 4
+
+
+def test_eigengap_bounds_are_inclusive_and_capped() -> None:
+    values = np.array([0.0, 0.01, 0.02, 0.2, 0.21, 0.9])
+    assert eigengap_clusters(values, 3, 3) == 3  # k_min = k_max is a fixed k
+    assert eigengap_clusters(values, 2, 10) == 5  # k_max capped at r − 1 = 5: the gap 0.9 − 0.21 wins
+    assert eigengap_clusters(values, 2, 4) == 3
+
+
+def test_embed_rows_are_unit_rows_of_the_first_k_columns() -> None:
+    vectors = np.array([[3.0, 4.0, 9.0], [0.0, 2.0, 9.0], [0.0, 0.0, 9.0]])
+    np.testing.assert_allclose(embed_rows(vectors, 2), [[0.6, 0.8], [0.0, 1.0], [0.0, 0.0]])
+
+
+def test_bound_sizes_edges() -> None:
+    points = np.concatenate([np.full((3, 2), 0.0), np.full((10, 2), 5.0)])
+    labels = np.repeat([0, 1], [3, 10])
+    assert (
+        bound_sizes(points, labels, min_size=3, max_size=10, seed=0).tolist() == labels.tolist()
+    )  # sizes on the bounds
+    merged = bound_sizes(points, labels, min_size=4, max_size=20, seed=0)  # two clusters, one too small
+    assert len(np.unique(merged)) == 1
+    near = np.concatenate([np.full((2, 2), 4.0), np.full((10, 2), 5.0), np.full((10, 2), -5.0)])
+    moved = bound_sizes(near, np.repeat([0, 1, 2], [2, 10, 10]), min_size=3, max_size=30, seed=0)
+    assert len(np.unique(moved[:12])) == 1 and moved[0] != moved[-1]  # into the nearest centroid's cluster
+
+
+def test_small_graphs_with_a_start_are_solved_densely() -> None:
+    weights, _ = planted_partition([10, 10, 10], p_in=0.6, p_out=0.05, seed=2)
+    lap = normalized_laplacian(weights)
+    start = np.random.default_rng(0).standard_normal((30, 12))
+    result = smallest_eigenvectors(lap, 8, start=start)  # 30 < 5 x (8 + 4): too small for LOBPCG
+    assert (result.solver, result.fallback) == ("dense", "")
+    np.testing.assert_allclose(result.values, np.linalg.eigvalsh(lap.toarray())[:8], atol=1e-10)
+
+
+def test_update_timings_are_consistent() -> None:
+    rng = np.random.default_rng(0)
+    update = SpectralClusterer(clusters=(2, 4), eigenvectors=6).update(
+        rng.standard_normal((60, 8)), np.ones(60), np.ones(60)
+    )
+    assert 0.0 <= update.eigen_seconds <= update.seconds

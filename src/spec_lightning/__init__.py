@@ -3,6 +3,7 @@
 from spec_lightning.callbacks import (
     DynamicSpectralClustering,
     ModuleSearch,
+    PreemptionCheckpoint,
     SpectralGradientFilter,
     SpectralImportance,
     SpectrumMonitor,
@@ -52,6 +53,7 @@ __all__ = [
     "MMLUDataModule",
     "ModuleSearch",
     "PiSSA",
+    "PreemptionCheckpoint",
     "SpecLoRA",
     "SequenceClassificationModule",
     "SpectralGradientFilter",

@@ -13,17 +13,21 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from spec_lightning.callbacks.preemption import PreemptionCheckpoint
 from spec_lightning.checkpoints import load_checkpoint
 from spec_lightning.modules import FineTuningModule
 from spec_lightning.modules.base import refuse_non_empty
 from spec_lightning.reproduce import main as reproduce
+from spec_lightning.runs import resolve_fit_folders
 
 
 class SpecLightningCLI(LightningCLI):
@@ -34,6 +38,17 @@ class SpecLightningCLI(LightningCLI):
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
         parser.link_arguments("data.init_args.task", "model.init_args.task")
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """``fit``: ``--ckpt_path last`` resumes the newest run of this name in its own folder; a run
+        without a logger writes into a folder of its own (see :mod:`spec_lightning.runs`)."""
+        if self.subcommand == "fit":
+            resolve_fit_folders(self.config["fit"])
+
+    def before_fit(self) -> None:
+        """Save a resumable checkpoint on SIGTERM or Ctrl-C wherever checkpoints are kept."""
+        if self.trainer.checkpoint_callback is not None:
+            self.trainer.callbacks.append(PreemptionCheckpoint())
 
 
 class ExportCLI(SpecLightningCLI):
@@ -90,4 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["reproduce"]:
         reproduce(args[1:])
         return
-    build_cli(argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        build_cli(argv)  # None: LightningCLI reads sys.argv itself
+    except SIGTERMException:
+        print("spec-lightning: stopped by SIGTERM; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)

@@ -166,6 +166,7 @@ class FineTuningModule(L.LightningModule, ABC):
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
         total = self._total_steps() or 1
+        self._schedule_steps = total
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -179,7 +180,35 @@ class FineTuningModule(L.LightningModule, ABC):
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
+    def check_resume(self) -> None:
+        """On resume: refuse a fit whose limits the checkpoint already reached (it would train 0 steps
+        and end as if done), and warn when the learning-rate schedule was planned for another length."""
+        resumed, trainer = getattr(self, "_resumed_from", None), self.trainer
+        if resumed is None or trainer.ckpt_path is None:
+            return
+        epochs, step = resumed["epochs"], resumed["step"]
+        reached = []
+        if epochs is not None and trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs:
+            reached.append(f"max_epochs={trainer.max_epochs} (it completed {epochs} epochs)")
+        if step is not None and trainer.max_steps != -1 and step >= trainer.max_steps:
+            reached.append(f"max_steps={trainer.max_steps} (it is at step {step})")
+        if reached:
+            raise MisconfigurationException(
+                f"resuming from {trainer.ckpt_path} would train nothing: it already reached "
+                + " and ".join(reached)
+                + ". Raise trainer.max_epochs and/or trainer.max_steps to train further."
+            )
+        planned, now = resumed["schedule_steps"], getattr(self, "_schedule_steps", None)
+        if planned is not None and now is not None and planned != now:
+            rank_zero_warn(
+                f"the learning-rate schedule of {trainer.ckpt_path} was planned for {planned} optimiser "
+                f"steps, this run plans {now}: from step {step} on the linear decay follows the new length, "
+                "so the learning rate jumps. To continue the original schedule, resume with the original "
+                "max_epochs / max_steps."
+            )
+
     def on_fit_start(self) -> None:
+        self.check_resume()
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
         total = sum(p.numel() for p in self.model.parameters())
         self.parameter_counts = {
@@ -203,6 +232,7 @@ class FineTuningModule(L.LightningModule, ABC):
         """
         checkpoint["rng_states"] = get_rng_states()
         checkpoint["run_facts"] = self.run_facts()
+        checkpoint["schedule_steps"] = getattr(self, "_schedule_steps", None)
         if self.method.parameter_efficient:
             checkpoint["state_dict"] = {}
             checkpoint["adapter_state_dict"] = gather_full(self.method.adapter_state_dict(self.model))
@@ -241,6 +271,13 @@ class FineTuningModule(L.LightningModule, ABC):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_run_facts(checkpoint)
         self._rng_to_restore = checkpoint.get("rng_states")
+        start_next_epoch_cleanly(checkpoint)
+        epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+        self._resumed_from = {
+            "epochs": epochs.get("current", {}).get("completed"),
+            "step": checkpoint.get("global_step"),
+            "schedule_steps": checkpoint.get("schedule_steps"),
+        }
         check_finite(
             checkpoint.get("adapter_state_dict") or checkpoint.get("state_dict") or {}, "the checkpoint"
         )
@@ -349,3 +386,23 @@ def _same_fact(key: str, saved: Any, current: Any) -> bool:
     if key == "backbone" and isinstance(saved, str) and isinstance(current, str):
         return saved == current or (Path(saved).exists() and Path(saved).resolve() == Path(current).resolve())
     return _without_training_only(saved) == _without_training_only(current)
+
+
+def start_next_epoch_cleanly(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint taken after an epoch finished resume at the start of the next epoch.
+
+    A run that ends when an epoch ends (``max_epochs``, or ``max_steps`` on the epoch's last batch)
+    saves its epoch as completed while the batch counter still holds that epoch's batches; Lightning
+    then takes the next epoch for finished too, so a resume with higher limits trained 0 or 1 steps
+    and reported ``max_epochs`` reached. The batch counters (training and validation) of a completed
+    epoch are reset here (the dict is the one Lightning restores the loops from, after this hook).
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or "epoch_loop.batch_progress" not in fit:
+        return
+    epochs, batches = fit["epoch_progress"]["current"], fit["epoch_loop.batch_progress"]["current"]
+    if epochs["completed"] == epochs["ready"] > 0 and batches["completed"] > 0:
+        for progress in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):
+            if progress in fit:
+                fit[progress]["current"] = dict.fromkeys(fit[progress]["current"], 0)
+                fit[progress]["is_last_batch"] = False

@@ -1,0 +1,45 @@
+"""A resumable checkpoint when a fit is stopped by SIGTERM (a preempted job) or Ctrl-C."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM or KeyboardInterrupt during ``fit``, write ``last.ckpt`` where the trainer's
+    ``ModelCheckpoint`` writes it, so ``--ckpt_path last`` continues from the step that was reached.
+
+    Lightning stops the loop at the end of the current optimiser step on SIGTERM (and raises
+    ``SIGTERMException``, a ``SystemExit`` whose status ``spec-lightning`` turns into 143); on Ctrl-C it
+    stops at once, so that checkpoint may be taken mid-step. A mid-epoch checkpoint resumes at its
+    step, but the epoch's data order restarts (see README, "Resuming and recovering").
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[ModelCheckpoint(save_last=True), PreemptionCheckpoint()])
+    """
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or trainer.state.fn != "fit":
+            return
+        callback = trainer.checkpoint_callback
+        if callback is None or callback.dirpath is None:
+            rank_zero_warn(
+                f"PreemptionCheckpoint: {type(exception).__name__} but no ModelCheckpoint folder to save to: "
+                "the run stops without a checkpoint"
+            )
+            return
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"{type(exception).__name__}: saved a resumable checkpoint at step {trainer.global_step} to "
+            f"{path}; continue with --ckpt_path last"
+        )

@@ -1,0 +1,71 @@
+"""Where a ``fit`` run writes, and which checkpoint ``--ckpt_path last`` resumes.
+
+Lightning resolves ``ckpt_path="last"`` inside the new run's own folder, where a crashed run's
+checkpoint never is: with a TensorBoard logger every fit gets a new ``version_N``. Here ``last``
+means the newest ``last.ckpt`` of the same run name, and the resumed run goes on writing into that
+run's folder. Without a logger every run gets a folder of its own under ``default_root_dir``, so two
+concurrent runs never write into each other's checkpoints and config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+
+#: Folder of a run without a logger, under default_root_dir.
+RUN_PREFIX = "run_"
+
+
+def newest_last_checkpoint(pattern_root: Path, pattern: str) -> Path | None:
+    """The most recently written ``last.ckpt`` matching ``pattern`` under ``pattern_root``."""
+    found = sorted(pattern_root.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def resolve_fit_folders(config: Namespace) -> None:
+    """Rewrite a ``fit`` config in place: ``ckpt_path: last`` becomes the newest ``last.ckpt`` of this
+    run name (and the logger's version that run's), and a run without a logger gets its own folder.
+
+    Raises:
+        FileNotFoundError: ``ckpt_path: last`` and no ``last.ckpt`` of this run exists.
+    """
+    trainer = config["trainer"]
+    resume = config.get("ckpt_path") == "last"
+    root = Path(trainer.get("default_root_dir") or os.getcwd())
+    logger = trainer.get("logger")
+    init: Any = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if init is not None and init.get("save_dir") is not None:
+        if resume:
+            folder = Path(init["save_dir"]) / (init.get("name") or "lightning_logs")
+            found = _require(
+                newest_last_checkpoint(folder, "*/checkpoints/last.ckpt"), folder / "*/checkpoints"
+            )
+            init["version"] = found.parent.parent.name
+            config["ckpt_path"] = str(found)
+        return
+    if logger is False:
+        if resume:
+            found = _require(newest_last_checkpoint(root, f"{RUN_PREFIX}*/checkpoints/last.ckpt"), root)
+            trainer["default_root_dir"] = str(found.parent.parent)
+            config["ckpt_path"] = str(found)
+        else:
+            trainer["default_root_dir"] = str(
+                root / f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            )
+        return
+    if resume:  # the default logger: resume the newest run, log into a new version
+        folder = root / "lightning_logs"
+        config["ckpt_path"] = str(_require(newest_last_checkpoint(folder, "*/checkpoints/last.ckpt"), folder))
+
+
+def _require(found: Path | None, where: Path) -> Path:
+    if found is None:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no last.ckpt of this run under {where}, so there is nothing to resume. Drop "
+            "--ckpt_path to start a new run, or pass the checkpoint file itself."
+        )
+    return found
