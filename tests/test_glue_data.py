@@ -219,3 +219,20 @@ def test_max_length_over_the_model_positions_is_refused(tiny_bert: str, sst2_dir
         ValueError, match=r"data.init_args.max_length=512 exceeds the 128 positions of .*at most 128"
     ):
         GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, max_length=512).setup("fit")
+
+
+def test_undecodable_csv_names_the_file(tiny_bert: str, tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_bytes(b"sentence,label\ngood,1\nbad \xff\xfe,0\n")
+    files = {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "train.csv")}
+    with pytest.raises(ValueError, match=r"train.csv: the bytes at offset \d+ are not UTF-8"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_files=files).setup("fit")
+
+
+def test_bad_sizes_are_named(tiny_bert: str, sst2_dir: str) -> None:
+    with pytest.raises(ValueError, match="validation_size must be >= 1 example, got 0"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, validation_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, batch_size=0)
+    files = {"train": str(Path(sst2_dir) / "train.tsv")}
+    with pytest.raises(ValueError, match=r"validation_size=500 leaves no training example of the 96"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, data_files=files, validation_size=500).setup("fit")

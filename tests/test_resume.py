@@ -151,3 +151,20 @@ def test_a_stopped_fit_continues_with_ckpt_path_last(
     assert f"Restoring states from the checkpoint path at {checkpoint}" in resumed.stderr + resumed.stdout
     assert sorted(p.name for p in (tmp_path / "logs" / "run").iterdir()) == ["version_0"]
     assert int(torch.load(checkpoint, weights_only=True)["global_step"]) == EPOCHS * BATCHES
+
+
+def test_a_run_that_fails_before_a_checkpoint_says_so(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "train.tsv").write_text("sentence\tlabel\ngood\t7\n")
+    (tmp_path / "glue" / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    with (
+        pytest.warns(UserWarning, match=r"the failed run leaves .*version_0 without a checkpoint"),
+        pytest.raises(ValueError, match=r"train.tsv, line 2: label '7'"),
+    ):
+        build_cli(["fit", *cli_args(tiny_bert, str(tmp_path / "glue"), tmp_path, epochs=1)])
+    diverging = [*cli_args(tiny_bert, sst2_dir, tmp_path, epochs=1), "--model.init_args.learning_rate=1e30"]
+    with (
+        pytest.warns(UserWarning, match=r"the failed run leaves .*version_1 without a checkpoint"),
+        pytest.raises(FloatingPointError, match="lower model.init_args.learning_rate"),
+    ):
+        build_cli(["fit", *diverging])

@@ -13,6 +13,7 @@ from typing_extensions import override
 class PreemptionCheckpoint(L.Callback):
     """On SIGTERM or KeyboardInterrupt during ``fit``, write ``last.ckpt`` where the trainer's
     ``ModelCheckpoint`` writes it, so ``--ckpt_path last`` continues from the step that was reached.
+    On any other error, say when the run's folder holds no checkpoint (nothing to resume there).
 
     Lightning stops the loop at the end of the current optimiser step on SIGTERM (and raises
     ``SIGTERMException``, a ``SystemExit`` whose status ``spec-lightning`` turns into 143); on Ctrl-C it
@@ -28,7 +29,10 @@ class PreemptionCheckpoint(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, SIGTERMException | KeyboardInterrupt) or trainer.state.fn != "fit":
+        if trainer.state.fn != "fit":
+            return
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            self._say_what_is_left(trainer)
             return
         callback = trainer.checkpoint_callback
         if callback is None or callback.dirpath is None:
@@ -43,3 +47,14 @@ class PreemptionCheckpoint(L.Callback):
             f"{type(exception).__name__}: saved a resumable checkpoint at step {trainer.global_step} to "
             f"{path}; continue with --ckpt_path last"
         )
+
+    @staticmethod
+    def _say_what_is_left(trainer: L.Trainer) -> None:
+        """A run that failed before its first checkpoint leaves a folder with its config and logs only:
+        say so, so that nobody tries to resume it."""
+        folder = trainer.log_dir
+        if folder is not None and Path(folder).is_dir() and not any(Path(folder).rglob("*.ckpt")):
+            rank_zero_warn(
+                f"the failed run leaves {folder} without a checkpoint (its config and logs only): there "
+                "is nothing to resume there; delete it, or keep it for its logs"
+            )

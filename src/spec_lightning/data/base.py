@@ -9,6 +9,7 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
+from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -44,6 +45,14 @@ def load_local_file(path: Path, suffixes: tuple[str, ...], argument: str) -> dat
         return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except ValueError as err:  # e.g. an empty JSON list: "corresponds to no data"
         raise ValueError(f"{path}: no examples could be read ({argument}): {err}") from err
+    except DatasetGenerationError as err:  # the reader's own error is its cause
+        cause = err.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            raise ValueError(
+                f"{path}: the bytes at offset {cause.start} are not UTF-8 ({cause.reason}); re-save the "
+                f"file as UTF-8 ({argument})"
+            ) from err
+        raise ValueError(f"{path}: could not be read as {builder} ({argument}): {cause or err}") from err
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -64,6 +73,11 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def __init__(self, tokenizer: str, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(
+                f"data.init_args.batch_size must be >= 1 and num_workers >= 0, got {batch_size} and "
+                f"{num_workers}"
+            )
         self.seed = seed
         self.splits: dict[str, datasets.Dataset] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None

@@ -60,6 +60,8 @@ class GLUEDataModule(TokenizedDataModule):
             raise ValueError(f"data.init_args.train_fraction must be in (0, 1], got {train_fraction}")
         if train_limit is not None and train_limit < 1:
             raise ValueError(f"data.init_args.train_limit must be >= 1, got {train_limit}")
+        if validation_size is not None and validation_size < 1:
+            raise ValueError(f"data.init_args.validation_size must be >= 1 example, got {validation_size}")
         self.save_hyperparameters()
         self.task = task
         self.num_labels = self.spec.num_labels
@@ -123,6 +125,11 @@ class GLUEDataModule(TokenizedDataModule):
         if hp.train_limit is not None:
             train = train.select(range(min(hp.train_limit, len(train))))
         if hp.validation_size is not None and "validation" not in raw:
+            if hp.validation_size >= len(train):
+                raise ValueError(
+                    f"data.init_args.validation_size={hp.validation_size} leaves no training example of the "
+                    f"{len(train)}; carve fewer"
+                )
             parts = train.train_test_split(test_size=hp.validation_size, seed=hp.seed)
             train, raw["validation"] = parts["train"], parts["test"]
         if hp.train_fraction is not None:
