@@ -207,13 +207,14 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--sample", type=int, default=0, help="run a seeded random sample of this size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", type=int, default=0, help="skip the first N mutants (resume a run)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds; a timed-out mutant is caught")
     parser.add_argument("--from-log", type=Path, help="run only the mutants a previous run's log SURVIVED")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--out", type=Path, default=Path("/tmp/spec_lightning_mutation"))
     args = parser.parse_args()
-    planted = [m for f in args.files for m in mutants(f)]
+    planted = [m for f in args.files for m in mutants(f)][args.start :]
     if args.from_log:
         lines = args.from_log.read_text().splitlines()  # "[i/n] SURVIVED file:line change (s)"
         survived = {line.split(maxsplit=2)[2].rsplit(" (", 1)[0] for line in lines if " SURVIVED " in line}
