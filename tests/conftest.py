@@ -43,6 +43,17 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def composed_args(backbone: str, data_dir: str, method: str = "lora") -> list[str]:
+    """README's composition (CPU trainer, MiniLM model, GLUE SST-2, a method config) on a tiny backbone
+    and data folder made in the test."""
+    parts = ["trainer/cpu.yaml", "model/minilm.yaml", "glue/sst2.yaml", f"method/{method}.yaml"]
+    return [
+        *(arg for part in parts for arg in ("--config", str(REPO / "configs" / part))),
+        f"--model.init_args.backbone={backbone}",
+        f"--data.init_args.data_dir={data_dir}",
+    ]
+
+
 def _repo_status() -> set[str] | None:
     """``git status --porcelain`` lines of the repository (None outside a git checkout)."""
     result = subprocess.run(

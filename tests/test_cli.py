@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from spec_lightning.checkpoints import load_checkpoint
 from spec_lightning.cli import build_cli, main
 from spec_lightning.reproduce import Grid, Run
-from tests.conftest import write_sst2
+from tests.conftest import composed_args, write_sst2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GLUE = sorted((CONFIGS / "glue").glob("*.yaml"))
@@ -106,16 +106,7 @@ def test_fit_then_export(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
     cli = build_cli(
         [
             "fit",
-            "--config",
-            str(CONFIGS / "trainer" / "cpu.yaml"),
-            "--config",
-            str(CONFIGS / "model" / "minilm.yaml"),
-            "--config",
-            str(CONFIGS / "glue" / "sst2.yaml"),
-            "--config",
-            str(CONFIGS / "method" / "lora.yaml"),
-            f"--model.init_args.backbone={tiny_bert}",
-            f"--data.init_args.data_dir={sst2_dir}",
+            *composed_args(tiny_bert, sst2_dir),
             "--data.init_args.batch_size=8",
             "--trainer.limit_train_batches=4",
             "--trainer.limit_val_batches=2",
@@ -332,16 +323,7 @@ def test_a_pickled_payload_is_refused_by_every_command(tiny_bert: str, sst2_dir:
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "global_step": 1, "payload": Payload(marker)}, evil)
     run_args = [
-        "--config",
-        str(CONFIGS / "trainer" / "cpu.yaml"),
-        "--config",
-        str(CONFIGS / "model" / "minilm.yaml"),
-        "--config",
-        str(CONFIGS / "glue" / "sst2.yaml"),
-        "--config",
-        str(CONFIGS / "method" / "lora.yaml"),
-        f"--model.init_args.backbone={tiny_bert}",
-        f"--data.init_args.data_dir={sst2_dir}",
+        *composed_args(tiny_bert, sst2_dir),
         "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp_path}",
     ]

@@ -16,24 +16,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spec_lightning import GLUEDataModule, LoRA, SequenceClassificationModule
 from spec_lightning.cli import build_cli
+from tests.conftest import composed_args
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
 EPOCHS, BATCHES = 12, 12  # 144 optimiser steps of the tiny model: long enough to stop it midway
 
 
 def cli_args(tiny_bert: str, sst2_dir: str, root: Path, epochs: int = EPOCHS) -> list[str]:
     return [
-        "--config",
-        str(CONFIGS / "trainer" / "cpu.yaml"),
-        "--config",
-        str(CONFIGS / "model" / "minilm.yaml"),
-        "--config",
-        str(CONFIGS / "glue" / "sst2.yaml"),
-        "--config",
-        str(CONFIGS / "method" / "lora.yaml"),
-        f"--model.init_args.backbone={tiny_bert}",
-        f"--data.init_args.data_dir={sst2_dir}",
+        *composed_args(tiny_bert, sst2_dir),
         "--data.init_args.batch_size=8",
         f"--trainer.max_epochs={epochs}",
         f"--trainer.limit_train_batches={BATCHES}",
