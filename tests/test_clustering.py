@@ -309,3 +309,12 @@ def test_update_timings_are_consistent() -> None:
         rng.standard_normal((60, 8)), np.ones(60), np.ones(60)
     )
     assert 0.0 <= update.eigen_seconds <= update.seconds
+
+
+def test_a_split_kmeans_cannot_balance_falls_back_to_the_principal_axis() -> None:
+    """An outlier makes 2-means split 1 vs 8; the fallback cuts at the median of the centred principal
+    axis (here x), whatever the offset of the points from the origin."""
+    x = np.array([0.0, 1, 2, 3, 4, 5, 6, 7, 60])
+    points = np.stack([x, np.full_like(x, 500.0)], axis=1)
+    labels = bound_sizes(points, np.zeros(9, dtype=int), min_size=3, max_size=6, seed=0)
+    assert len(set(labels[:4])) == 1 and len(set(labels[4:])) == 1 and labels[0] != labels[-1]
