@@ -318,3 +318,11 @@ def test_a_split_kmeans_cannot_balance_falls_back_to_the_principal_axis() -> Non
     points = np.stack([x, np.full_like(x, 500.0)], axis=1)
     labels = bound_sizes(points, np.zeros(9, dtype=int), min_size=3, max_size=6, seed=0)
     assert len(set(labels[:4])) == 1 and len(set(labels[4:])) == 1 and labels[0] != labels[-1]
+
+
+def test_a_small_cluster_merges_into_the_nearest_centroid_not_the_nearest_rest() -> None:
+    """The centroid of each cluster's own points decides: 2 points at 4 join the 20 at 5, not the 3 at −5."""
+    x = np.concatenate([np.full(2, 4.0), np.full(20, 5.0), np.full(3, -5.0)])
+    points = np.stack([x, np.zeros_like(x)], axis=1)
+    labels = bound_sizes(points, np.repeat([0, 1, 2], [2, 20, 3]), min_size=3, max_size=30, seed=0)
+    assert labels[0] == labels[2] != labels[-1]

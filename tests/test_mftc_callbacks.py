@@ -344,9 +344,11 @@ def test_search_increments_bound_and_predictor_inputs_by_hand(
         expected = {(0, 1, 2): (0.2, 0.2), (12, 13, 14): (0.0, 0.0), (0, 1, 2, 12, 13, 14): (0.2, 0.2)}
         assert (predicted, measured) == pytest.approx(expected[combination])
 
-    search.selected, search.confidence = None, 1.0  # bounds 0.1 and −0.05: the first candidate only
+    assert "exact_objective" in search.report  # 2 candidates <= exact_up_to: the ILP ran too
+    search.selected, search.confidence, search.exact_up_to = None, 1.0, 2  # bounds 0.1 and −0.05
     search.search(fitted, fitted.lightning_module)
     assert search.report["selected"] == [0] and search.selected == first
+    assert "exact_objective" in search.report  # exactly exact_up_to candidates: still exact
     assert search.report["selected_parameters"] == 12
 
 
