@@ -188,6 +188,11 @@ def test_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         SpectralGradientFilter(filter="box")  # type: ignore[arg-type]
     with pytest.raises(MisconfigurationException, match="cutoff=0"):
         SpectralGradientFilter(cutoff=0)
+    with pytest.raises(MisconfigurationException, match="recompute_every_n_steps=0"):
+        SpectralGradientFilter(recompute_every_n_steps=0)
+    with pytest.raises(MisconfigurationException, match="tau=-0.1"):
+        SpectralGradientFilter(tau=-0.1)
+    SpectralGradientFilter(cutoff=1, tau=0.0, recompute_every_n_steps=1)  # the bounds themselves are fine
     with pytest.raises(MisconfigurationException, match="'attn' matches no trainable matrix"):
         fit([SpectralGradientFilter(GraphConfig(targets=("fc1", "attn")))], 1, tmp_path)
     with pytest.raises(MisconfigurationException, match="no cross_layer graph has two nodes"):
