@@ -85,6 +85,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("spectral/clustering.py", "wanted = min(num + GUARD_VECTORS, m - 1)", "Sub -> Add"): (
         "only reached for m > 2048 nodes, where num + 4 < m − 1 always"
     ),
+    ("spectral/graph.py", "if neighbors is None or neighbors >= m - 1:", "GtE -> Gt"): (
+        "with m − 1 neighbours the top-k keeps every edge too"
+    ),
     ("methods/graph_spectral/method.py", "if reference.device != nodes.device:", "NotEq -> Eq"): (
         "moving a tensor to the device it is on changes nothing: observable on a GPU only"
     ),

@@ -150,3 +150,21 @@ def test_best_selection_keeps_the_heuristic_when_the_solver_returns_less(monkeyp
     assert report["exact_objective"] == 0.0 and report["heuristic_gap"] == pytest.approx(-3e-8)
     chosen, report = best_selection(problem, exact=False)
     assert chosen.tolist() == [0] and set(report) == {"heuristic_objective"}
+
+
+def test_resource_use_and_the_efficiency_ranking_by_hand() -> None:
+    """use = max(b^L, 0) / max(|L̂ − L(N_e)|, mean |b^L|) + n / P, floored at 1e-6."""
+    problem = SearchProblem(
+        node=np.array([0, 1, 2]),
+        gain=np.array([0.05, 0.02, 0.01]),
+        loss=np.array([0.02, -0.01, 0.0]),
+        cost=np.array([10.0, 50.0, 0.0]),
+        loss_budget=0.01,
+        parameter_budget=100.0,
+    )
+    np.testing.assert_allclose(problem.resource_use(), [2.0 + 0.1, 0.0 + 0.5, 1e-6])
+    # Ranked by gain per use (0.024, 0.04, 1e4) the greedy takes 2, 1, then 0: together they use the
+    # whole loss budget (0.02 − 0.01) and 60 of the 100 parameters.
+    assert greedy(problem, by="efficiency").tolist() == [0, 1, 2]
+    unbounded = SearchProblem(problem.node, problem.gain, problem.loss, problem.cost, loss_budget=0.01)
+    np.testing.assert_allclose(unbounded.resource_use(), [2.0, 1e-6, 1e-6])
