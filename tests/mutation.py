@@ -85,9 +85,12 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("spectral/clustering.py", "wanted = min(num + GUARD_VECTORS, m - 1)", "Sub -> Add"): (
         "only reached for m > 2048 nodes, where num + 4 < m − 1 always"
     ),
-    ("spectral/graph.py", "if neighbors is None or neighbors >= m - 1:", "GtE -> Gt"): (
-        "with m − 1 neighbours the top-k keeps every edge too"
-    ),
+    **{
+        ("spectral/graph.py", "if neighbors is None or neighbors >= m - 1:", change): (
+            "with m − 1 or m neighbours the top-k keeps every edge too (the diagonal is 0 either way)"
+        )
+        for change in ("GtE -> Gt", "Sub -> Add")
+    },
     ("methods/graph_spectral/method.py", "if reference.device != nodes.device:", "NotEq -> Eq"): (
         "moving a tensor to the device it is on changes nothing: observable on a GPU only"
     ),
