@@ -225,3 +225,13 @@ def test_a_clearly_negative_eigenvalue_is_refused_not_clamped() -> None:
     w[0, 1] = w[1, 0] = -3.0  # a negative edge: L is then indefinite
     with pytest.raises(ValueError, match=r"eigenvalue -.* < 0: .* not symmetric and non-negative"):
         eigendecompose(laplacian(w))
+
+
+def test_auto_takes_the_dense_solver_for_m_minus_one_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lanczos computes fewer than m − 1 pairs: ``auto`` must go dense for m − 1 even on large graphs."""
+    monkeypatch.setattr("spec_lightning.spectral.laplacian.DENSE_NODES", 10)
+    lap = laplacian(random_weights(20, seed=3))
+    spectrum = eigendecompose(lap, 19)
+    np.testing.assert_allclose(spectrum.values.numpy(), np.linalg.eigvalsh(lap.numpy())[:19], atol=1e-10)
+    with pytest.raises(ValueError, match="computes fewer than m - 1 = 19 pairs; use dense"):
+        eigendecompose(lap, 19, "eigsh")
