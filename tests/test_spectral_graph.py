@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -229,7 +231,7 @@ def test_a_clearly_negative_eigenvalue_is_refused_not_clamped() -> None:
 
 def test_auto_takes_the_dense_solver_for_m_minus_one_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lanczos computes fewer than m − 1 pairs: ``auto`` must go dense for m − 1 even on large graphs."""
-    monkeypatch.setattr("spec_lightning.spectral.laplacian.DENSE_NODES", 10)
+    monkeypatch.setattr(importlib.import_module("spec_lightning.spectral.laplacian"), "DENSE_NODES", 10)
     lap = laplacian(random_weights(20, seed=3))
     spectrum = eigendecompose(lap, 19)
     np.testing.assert_allclose(spectrum.values.numpy(), np.linalg.eigvalsh(lap.numpy())[:19], atol=1e-10)
