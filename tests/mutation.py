@@ -200,11 +200,14 @@ def run(mutant: Mutant, timeout: float) -> Mutant:
         selection = args[args.index("-k") + 1] if "-k" in args else ""
         keyword = f"({selection}) and ({EXCLUDE})" if selection else EXCLUDE
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *files, "-k", keyword]
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            result = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=timeout)
-            mutant.caught = result.returncode != 0
-        except subprocess.TimeoutExpired:
+            mutant.caught = child.wait(timeout=timeout) != 0
+        except subprocess.TimeoutExpired:  # a mutant that loops forever
             mutant.caught = True
+        finally:  # also on Ctrl-C: never leave a mutated test run behind
+            child.kill()
+            child.wait()
     finally:
         path.write_text(original)
     mutant.seconds = time.perf_counter() - start
