@@ -53,7 +53,7 @@ TARGETS: dict[str, list[str]] = {
         "-k",
         "speclora",
     ],
-    "methods/houlsby/layer.py": ["tests/test_method_contract.py", "-k", "houlsby"],
+    "methods/houlsby/layer.py": ["tests/test_houlsby.py", "tests/test_method_contract.py", "-k", "houlsby"],
     "methods/mftc/search.py": ["tests/test_search.py"],
     "methods/graph_spectral/method.py": ["tests/test_graph_spectral.py"],
     "callbacks/spectral_gradient_filter.py": ["tests/test_spectral_gradient_filter.py"],
