@@ -55,11 +55,18 @@ def composed_args(backbone: str, data_dir: str, method: str = "lora") -> list[st
 
 
 def _repo_status() -> set[str] | None:
-    """``git status --porcelain`` lines of the repository (None outside a git checkout)."""
-    result = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True, text=True
-    )
-    return set(result.stdout.splitlines()) if result.returncode == 0 else None
+    """``git status --porcelain`` lines of the repository: every untracked file, and the ignored paths
+    (a test writing ``checkpoints/`` or ``lightning_logs/`` into the working directory shows there);
+    None outside a git checkout."""
+    lines: set[str] = set()
+    for extra in (["--untracked-files=all"], ["--untracked-files=normal", "--ignored=matching"]):
+        result = subprocess.run(
+            ["git", "status", "--porcelain", *extra], cwd=REPO, capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            return None
+        lines.update(result.stdout.splitlines())
+    return lines
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -12,7 +12,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spec_lightning import GLUEDataModule, LoRA, SequenceClassificationModule
 from spec_lightning.cli import build_cli
@@ -37,6 +36,7 @@ def trainer(root: Path, **kwargs: object) -> L.Trainer:
     options = {"limit_train_batches": 3, "limit_val_batches": 1, "max_epochs": 1, **kwargs}
     return L.Trainer(
         accelerator="cpu",
+        default_root_dir=root,
         logger=False,
         enable_progress_bar=False,
         callbacks=[callback],
@@ -44,16 +44,16 @@ def trainer(root: Path, **kwargs: object) -> L.Trainer:
     )
 
 
-def test_a_resume_that_would_train_nothing_is_refused(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
+def test_a_resume_that_trains_nothing_says_so_and_higher_limits_train_on(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path
+) -> None:
     data = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8)
     trainer(tmp_path, max_steps=3).fit(SequenceClassificationModule(tiny_bert, LoRA(r=4)), data)
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
-    with pytest.raises(
-        MisconfigurationException, match=r"would train nothing: it already reached max_epochs=1"
-    ):
-        trainer(tmp_path, max_steps=6).fit(
-            SequenceClassificationModule(tiny_bert, LoRA(r=4)), data, ckpt_path=ckpt
-        )
+    same_limits = trainer(tmp_path, max_steps=6)
+    with pytest.warns(UserWarning, match=r"trains nothing: it already reached max_epochs=1"):
+        same_limits.fit(SequenceClassificationModule(tiny_bert, LoRA(r=4)), data, ckpt_path=ckpt)
+    assert same_limits.global_step == 3
     longer = trainer(tmp_path, max_steps=6, max_epochs=2)
     with pytest.warns(
         UserWarning, match=r"schedule of .* was planned for 3 optimiser steps, this run plans 6"

@@ -108,7 +108,7 @@ def test_adapter_means_the_same_update_under_another_svd_seed(tiny_bert: str) ->
     mask = mine.mask.detach()
     part_mine = (mine.u_k * (mask * mine.sigma_k)) @ mine.v_k.T
     part_theirs = (theirs.u_k * (mask * theirs.sigma_k)) @ theirs.v_k.T
-    assert (part_mine - part_theirs).norm() / part_mine.norm() > 1e-3
+    assert (part_mine - part_theirs).norm() / part_mine.norm() > 1e-4
 
     other_method.load_adapter_state_dict(other, state)
     inputs = AutoTokenizer.from_pretrained(tiny_bert)(
@@ -118,7 +118,7 @@ def test_adapter_means_the_same_update_under_another_svd_seed(tiny_bert: str) ->
         torch.testing.assert_close(other(**inputs).logits, trained(**inputs).logits, atol=1e-6, rtol=1e-5)
         delta_trained = mine.delta_weight()
         delta_other = other.get_submodule(name).delta_weight()
-    assert ((delta_other - delta_trained).norm() / delta_trained.norm()).item() < 1e-4
+    assert ((delta_other - delta_trained).norm() / delta_trained.norm()).item() < 1e-7  # the same tensors
     merged_trained = dict(trained_method.merge(copy.deepcopy(trained)).named_parameters())
     merged_other = dict(other_method.merge(copy.deepcopy(other)).named_parameters())
     for key, value in merged_trained.items():

@@ -214,7 +214,12 @@ def test_a_checkpoint_of_another_run_is_refused(
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
     data = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8)
     trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1, max_epochs=2
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=1,
+        max_epochs=2,
+        default_root_dir=tmp_path / "other",
     )
     for run in (trainer.validate, trainer.test, trainer.fit):
         with pytest.raises(

@@ -181,8 +181,8 @@ class FineTuningModule(L.LightningModule, ABC):
             self._rng_to_restore = None
 
     def check_resume(self) -> None:
-        """On resume: refuse a fit whose limits the checkpoint already reached (it would train 0 steps
-        and end as if done), and warn when the learning-rate schedule was planned for another length."""
+        """On resume: warn when the checkpoint already reached this fit's limits (it trains 0 steps and
+        ends as if done) and when the learning-rate schedule was planned for another length."""
         resumed, trainer = getattr(self, "_resumed_from", None), self.trainer
         if resumed is None or trainer.ckpt_path is None:
             return
@@ -193,8 +193,8 @@ class FineTuningModule(L.LightningModule, ABC):
         if step is not None and trainer.max_steps != -1 and step >= trainer.max_steps:
             reached.append(f"max_steps={trainer.max_steps} (it is at step {step})")
         if reached:
-            raise MisconfigurationException(
-                f"resuming from {trainer.ckpt_path} would train nothing: it already reached "
+            rank_zero_warn(
+                f"resuming from {trainer.ckpt_path} trains nothing: it already reached "
                 + " and ".join(reached)
                 + ". Raise trainer.max_epochs and/or trainer.max_steps to train further."
             )
