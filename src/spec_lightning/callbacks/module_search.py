@@ -259,7 +259,8 @@ class ModuleSearch(L.Callback):
             n for n, p in params.items() if p.requires_grad and n not in self._head and n not in self._masks
         ]
         strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
+        ddp_options = getattr(strategy, "_ddp_kwargs", {})  # DDPStrategy(**kwargs) keeps them there
+        if isinstance(strategy, DDPStrategy) and not ddp_options.get("find_unused_parameters"):
             rank_zero_warn(
                 f"ModuleSearch: {len(unused)} parameter(s) with no selected slice keep requires_grad under "
                 "DDP (its reducer waits for every gradient it was built with): their gradients are still "
@@ -394,9 +395,8 @@ class ModuleSearch(L.Callback):
             probe = self._probe(trainer, pl_module, optimizer, blocks_of(candidates, combination))
             predicted.append(float(gain_a[combination].sum()))
             measured.append(float(probe.accuracy.mean() - baseline.accuracy.mean()))
-        quality = {k: v if np.isfinite(v) else None for k, v in asdict(predictor_quality(
-            np.array(predicted), np.array(measured)
-        )).items()}  # fmt: skip
+        measures = asdict(predictor_quality(np.array(predicted), np.array(measured)))
+        quality = {key: value if np.isfinite(value) else None for key, value in measures.items()}
         for key, value in quality.items():  # an undefined R² or ρ is None in the report, not logged
             if value is not None:
                 pl_module.log(f"module_search/predictor_{key}", value)

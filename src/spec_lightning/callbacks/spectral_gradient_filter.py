@@ -133,12 +133,13 @@ class SpectralGradientFilter(L.Callback):
         (e.g. frozen by a module search) are named in a warning, once per graph."""
         graphs = self.graphs
         assert graphs is not None, "build() (on_fit_start) comes first"
-        present = {n: params[n].grad for n in graphs.parameter_names if params[n].grad is not None}
-        groups = [g for g in graphs.groups if all(p in present for p in g.params)]
-        self._warn_skipped([g for g in graphs.groups if g not in groups], present)
+        grads: dict[str, torch.Tensor] = {
+            n: grad for n in graphs.parameter_names if (grad := params[n].grad) is not None
+        }
+        groups = [g for g in graphs.groups if all(p in grads for p in g.params)]
+        self._warn_skipped([g for g in graphs.groups if g not in groups], grads)
         if not groups:
             return None
-        grads: dict[str, torch.Tensor] = {n: g for n, g in present.items() if g is not None}
         if graphs.config.edge_weights == "grad_cosine":
             graphs.observe_gradients(grads)
             if self.steps % self.recompute_every_n_steps == 0:

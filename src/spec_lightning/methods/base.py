@@ -9,11 +9,13 @@ adds an optional regulariser to the objective and an optional hook after each op
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -86,8 +88,7 @@ class FineTuningMethod(ABC):
             {k: v.contiguous() for k, v in self.adapter_state_dict(model).items()},
             str(directory / "adapter_model.safetensors"),
         )
-        config = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": vars(self)}
-        (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (directory / "adapter_config.json").write_text(json.dumps(describe(self), indent=2))
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the update into the base weights and return a plain model without method modules."""
@@ -124,3 +125,21 @@ def freeze_except_head(model: nn.Module, head: Sequence[str]) -> None:
     for name, module in model.named_modules():
         if any(matches(name, h) for h in head):
             module.requires_grad_(True)
+
+
+def describe(value: Any) -> Any:
+    """A plain, JSON-able description of a method's configuration: class path and public init args,
+    recursively (nested methods, dataclasses such as GraphConfig, sequences). It is the adapter's
+    ``adapter_config.json`` and what a checkpoint records of its method."""
+    if isinstance(value, FineTuningMethod):
+        args = {k: describe(v) for k, v in vars(value).items() if not k.startswith("_")}
+        return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": args}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)

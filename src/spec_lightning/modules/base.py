@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
 from spec_lightning.methods import FineTuningMethod, LoRA
+from spec_lightning.methods.base import describe
 from spec_lightning.pretrained import resolve_pretrained
 from spec_lightning.rng import get_rng_states, set_rng_states
 
@@ -69,6 +69,8 @@ class FineTuningModule(L.LightningModule, ABC):
         self.method = method if method is not None else LoRA()
         self.model: nn.Module | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._schedule_steps: int | None = None  # optimiser steps the LR schedule is planned for
+        self._resumed_from: dict[str, Any] | None = None  # the loaded checkpoint's epochs, step, schedule
         if self.method.parameter_efficient:
             self.strict_loading = False  # checkpoints carry the adapter only; see on_save_checkpoint
 
@@ -183,7 +185,7 @@ class FineTuningModule(L.LightningModule, ABC):
     def check_resume(self) -> None:
         """On resume: warn when the checkpoint already reached this fit's limits (it trains 0 steps and
         ends as if done) and when the learning-rate schedule was planned for another length."""
-        resumed, trainer = getattr(self, "_resumed_from", None), self.trainer
+        resumed, trainer = self._resumed_from, self.trainer
         if resumed is None or trainer.ckpt_path is None:
             return
         epochs, step = resumed["epochs"], resumed["step"]
@@ -198,7 +200,7 @@ class FineTuningModule(L.LightningModule, ABC):
                 + " and ".join(reached)
                 + ". Raise trainer.max_epochs and/or trainer.max_steps to train further."
             )
-        planned, now = resumed["schedule_steps"], getattr(self, "_schedule_steps", None)
+        planned, now = resumed["schedule_steps"], self._schedule_steps
         if planned is not None and now is not None and planned != now:
             rank_zero_warn(
                 f"the learning-rate schedule of {trainer.ckpt_path} was planned for {planned} optimiser "
@@ -232,7 +234,7 @@ class FineTuningModule(L.LightningModule, ABC):
         """
         checkpoint["rng_states"] = get_rng_states()
         checkpoint["run_facts"] = self.run_facts()
-        checkpoint["schedule_steps"] = getattr(self, "_schedule_steps", None)
+        checkpoint["schedule_steps"] = self._schedule_steps
         if self.method.parameter_efficient:
             checkpoint["state_dict"] = {}
             checkpoint["adapter_state_dict"] = gather_full(self.method.adapter_state_dict(self.model))
@@ -349,23 +351,6 @@ def refuse_non_empty(directory: Path, overwrite: bool) -> None:
             f"export: {directory} is not empty; pass --overwrite to replace it, or choose another "
             "--output_dir (writing over an older export would mix the two)"
         )
-
-
-def describe(value: Any) -> Any:
-    """A plain, JSON-able description of a method's configuration: class path and public init args,
-    recursively (nested methods, dataclasses such as GraphConfig, sequences)."""
-    if isinstance(value, FineTuningMethod):
-        args = {k: describe(v) for k, v in vars(value).items() if not k.startswith("_")}
-        return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": args}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list | tuple):
-        return [describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): describe(v) for k, v in value.items()}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return repr(value)
 
 
 #: Method arguments that change training but not what a trained adapter computes: not compared.
