@@ -128,7 +128,7 @@ def test_callback_selects_saves_and_resumes(tiny_bert: str, sst2_dir: str, tmp_p
     assert all(torch.equal(saved["selected"][n], ix) for n, ix in callback.selected.items())
 
     resumed = module()
-    other = SpectralImportance(num_samples=16, batch_size=8, seed=99)  # would pick S differently afresh
+    other = SpectralImportance(num_samples=16, batch_size=8, budget="global", seed=99)  # another S afresh
     fit(resumed, tmp_path / "b", other, data(), ckpt_path=str(tmp_path / "a" / "ckpt" / "last.ckpt"))
     assert {n: layer.index.tolist() for n, layer in lorsa_layers(resumed).items()} == {
         n: ix.tolist() for n, ix in callback.selected.items()

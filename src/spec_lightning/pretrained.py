@@ -52,6 +52,16 @@ def resolve_pretrained(name_or_path: str) -> str:
     )
 
 
+def portable_name(name_or_path: str) -> str:
+    """``name_or_path`` as another machine can resolve it: a folder inside an installed package's
+    ``site-packages`` becomes ``package:MODULE``; anything else stays as given."""
+    parts = Path(name_or_path).parts
+    if name_or_path.startswith(PACKAGE_PREFIX) or "site-packages" not in parts:
+        return name_or_path
+    module = parts[parts.index("site-packages") + 1 :][:1]
+    return f"{PACKAGE_PREFIX}{module[0]}" if module else name_or_path
+
+
 def cache_root() -> Path:
     """``$SPEC_LIGHTNING_CACHE``, else ``~/.cache/spec_lightning``."""
     return Path(os.environ.get("SPEC_LIGHTNING_CACHE", Path.home() / ".cache" / "spec_lightning"))

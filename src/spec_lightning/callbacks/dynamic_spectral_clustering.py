@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from spec_lightning.analysis.modules import assignment_figure
-from spec_lightning.callbacks.strategy import log_directory, publish_figure, refuse_fsdp
-from spec_lightning.spectral.blocks import BlockMap, BlockRule, GradientSketcher, bert_blocks
+from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
+from spec_lightning.spectral.blocks import BlockMap, BlockRule, GradientSketcher, default_blocks
 from spec_lightning.spectral.clustering import Kernel, Module, SpectralClusterer
 
 
-class DynamicSpectralClustering(L.Callback):
+class DynamicSpectralClustering(KeyedCallback):
     """Cluster parameter blocks into modules by the spectra of their gradient-similarity graph.
 
     Every optimiser step (in ``on_before_optimizer_step``: after accumulation, AMP unscaling and the
@@ -50,7 +50,9 @@ class DynamicSpectralClustering(L.Callback):
         trainer = L.Trainer(callbacks=[DynamicSpectralClustering(blocks, update_every_n_steps=20)])
 
     Args:
-        blocks: how parameters split into blocks (first matching rule wins).
+        blocks: how parameters split into blocks (first matching rule wins); None: per attention head
+            and per 32 FFN neurons for a transformers BERT- or Llama-style model inside the module
+            (:func:`~spec_lightning.spectral.blocks.default_blocks`).
         sketch_dim: s, the sketch dimension.
         kernel: ``cosine`` or ``gaussian`` similarity of sketches.
         alpha: EMA factor α of the similarity graph.
@@ -67,7 +69,7 @@ class DynamicSpectralClustering(L.Callback):
 
     def __init__(
         self,
-        blocks: Sequence[BlockRule] = bert_blocks(),
+        blocks: Sequence[BlockRule] | None = None,
         sketch_dim: int = 32,
         kernel: Kernel = "cosine",
         alpha: float = 0.9,
@@ -81,7 +83,7 @@ class DynamicSpectralClustering(L.Callback):
         plot_every_n_updates: int = 0,
         seed: int = 0,
     ) -> None:
-        if not blocks:
+        if blocks is not None and not blocks:
             raise MisconfigurationException("DynamicSpectralClustering: blocks must name at least one rule")
         if (
             not 0.0 <= alpha < 1.0
@@ -104,7 +106,7 @@ class DynamicSpectralClustering(L.Callback):
                 f"DynamicSpectralClustering: max_module_size ({max_module_size}) must be at least twice "
                 f"min_module_size ({min_module_size})"
             )
-        self.blocks = list(blocks)
+        self.blocks = None if blocks is None else list(blocks)
         self.sketch_dim = sketch_dim
         self.update_every_n_steps = update_every_n_steps
         self.plot_every_n_updates = plot_every_n_updates
@@ -120,6 +122,10 @@ class DynamicSpectralClustering(L.Callback):
         self._energy: torch.Tensor | None = None
         self._pending = 0
         self._warned: set[str] = set()
+
+    def key_arguments(self) -> Mapping[str, Any]:
+        blocks = None if self.blocks is None else [asdict(rule) for rule in self.blocks]
+        return {"blocks": blocks, "sketch_dim": self.sketch_dim, "seed": self.seed}
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -143,7 +149,8 @@ class DynamicSpectralClustering(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = dict(pl_module.named_parameters())
         try:
-            self.block_map = BlockMap({n: tuple(p.shape) for n, p in params.items()}, self.blocks)
+            rules = self.blocks if self.blocks is not None else default_blocks(pl_module)
+            self.block_map = BlockMap({n: tuple(p.shape) for n, p in params.items()}, rules)
         except ValueError as error:
             raise MisconfigurationException(f"DynamicSpectralClustering: {error}") from error
         frozen = [n for n in self.block_map.names if not params[n].requires_grad]

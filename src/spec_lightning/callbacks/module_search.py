@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -16,11 +16,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
 from typing_extensions import override
 
 from spec_lightning.analysis.modules import predictor_figure
 from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
-from spec_lightning.callbacks.strategy import log_directory, publish_figure, refuse_fsdp
+from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
 from spec_lightning.methods.mftc.search import SearchProblem, best_selection, predictor_quality
 from spec_lightning.naming import matches
 from spec_lightning.spectral.blocks import (
@@ -68,7 +69,7 @@ def blocks_of(candidates: list[Candidate], chosen: np.ndarray) -> np.ndarray:
     return np.array(sorted(b for c in chosen for b in candidates[c].blocks), dtype=np.int64)
 
 
-class ModuleSearch(L.Callback):
+class ModuleSearch(KeyedCallback):
     """Pick the modules to fine-tune (MFTC §3.3), then train only their parameter slices.
 
     Until step ``search_at_step`` only the ``always_train`` parameters (the task head) update: that
@@ -101,7 +102,11 @@ class ModuleSearch(L.Callback):
     and predictor quality go to
     ``module_search.json`` in the log dir and into the checkpoint; :meth:`export` writes the trained
     slices alone (a few MB), which ``load_slices`` puts back into the base model. The module must
-    implement :class:`Probeable`.
+    implement :class:`Probeable`, or ``probe_fn`` does its part.
+
+    Parameters outside every block and outside ``always_train`` (biases, LayerNorms, embeddings
+    unless a block rule covers them) never train while this callback runs: a warning at fit start
+    counts and names them; add them to ``always_train`` to train them.
 
     Example::
 
@@ -119,6 +124,8 @@ class ModuleSearch(L.Callback):
         exact_up_to: solve exactly with ``milp`` up to this many candidates.
         predictor_samples: random combinations probed to measure the predictor (0: skip; else >= 2).
         seed: sampling seed of those combinations.
+        probe_fn: ``probe_fn(pl_module, batch) -> (mean loss, score)`` instead of the module's
+            ``probe_step(batch)`` (higher scores are better).
     """
 
     def __init__(
@@ -133,6 +140,7 @@ class ModuleSearch(L.Callback):
         exact_up_to: int = 400,
         predictor_samples: int = 6,
         seed: int = 0,
+        probe_fn: Callable[[L.LightningModule, Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         if search_at_step < 1 or probe_steps < 1 or probe_batches < 2 or confidence < 0:
             raise MisconfigurationException(
@@ -157,6 +165,7 @@ class ModuleSearch(L.Callback):
         self.exact_up_to = exact_up_to
         self.predictor_samples = predictor_samples
         self.seed = seed
+        self.probe_fn = probe_fn
         self.selected: list[int] | None = None
         self.report: dict[str, Any] = {}
         self._clustering: DynamicSpectralClustering | None = None
@@ -164,6 +173,9 @@ class ModuleSearch(L.Callback):
         self._masks: dict[str, torch.Tensor] = {}
         self._frozen_values: dict[str, torch.Tensor] = {}
         self._held_back: list[Any] = []
+
+    def key_arguments(self) -> Mapping[str, Any]:
+        return {"search_at_step": self.search_at_step, "always_train": self.always_train, "seed": self.seed}
 
     # ---- hooks -------------------------------------------------------------------------------
     @override
@@ -177,10 +189,11 @@ class ModuleSearch(L.Callback):
                 "the trainer's gradient scaler, so fp16 gradients would be unscaled and could overflow. "
                 "Use precision: bf16-mixed (or 32-true)."
             )
-        if not isinstance(pl_module, Probeable):
+        if self.probe_fn is None and not isinstance(pl_module, Probeable):
             raise MisconfigurationException(
-                f"ModuleSearch probes candidates through probe_step(batch) -> (loss, accuracy), which "
-                f"{type(pl_module).__name__} does not define; add it (see spec_lightning.ModuleSearch)"
+                f"ModuleSearch probes candidates through probe_step(batch) -> (loss, score), which "
+                f"{type(pl_module).__name__} does not define; add that method, or pass "
+                "ModuleSearch(probe_fn=fn) with fn(pl_module, batch) -> (loss, score)"
             )
         order = [c for c in trainer.callbacks if isinstance(c, DynamicSpectralClustering | ModuleSearch)]
         if not order or not isinstance(order[0], DynamicSpectralClustering):
@@ -207,8 +220,33 @@ class ModuleSearch(L.Callback):
                 f"ModuleSearch: always_train {self.always_train} matches no parameter of "
                 f"{type(pl_module).__name__}; name the task head, e.g. 'classifier'"
             )
+        self._warn_never_trained(pl_module)
         if self.selected is not None:  # resumed after the search
             self._freeze_outside(trainer, pl_module, np.array(self.selected))
+
+    def _warn_never_trained(self, pl_module: L.LightningModule) -> None:
+        """Name the trainable parameters that neither a block nor ``always_train`` covers."""
+        blocks = set(self._block_map().names)
+        outside = [
+            n
+            for n, p in pl_module.named_parameters()
+            if p.requires_grad and n not in blocks and n not in self._head
+        ]
+        if not outside:
+            return
+        kinds = {
+            "biases": [n for n in outside if n.endswith("bias")],
+            "norms": [n for n in outside if "norm" in n.lower() and not n.endswith("bias")],
+            "embeddings": [n for n in outside if "embed" in n.lower() and not n.endswith("bias")],
+        }
+        counted = {n for names in kinds.values() for n in names}
+        kinds["other"] = [n for n in outside if n not in counted]
+        summary = ", ".join(f"{len(names)} {kind}" for kind, names in kinds.items() if names)
+        rank_zero_warn(
+            f"ModuleSearch: {len(outside)} trainable parameter(s) lie outside every block and outside "
+            f"always_train, so they stay frozen from step 0 ({summary}; e.g. {outside[:3]}). Add their "
+            "names to always_train to train them, or a BlockRule to make them searchable."
+        )
 
     @override
     def on_train_batch_start(
@@ -286,17 +324,40 @@ class ModuleSearch(L.Callback):
             return dict.fromkeys(self._head)
         return {**dict.fromkeys(self._head), **self._masks}
 
-    def export(self, pl_module: L.LightningModule, directory: str | Path) -> Path:
+    def export(
+        self, pl_module: L.LightningModule, directory: str | Path, module: nn.Module | None = None
+    ) -> Path:
         """Write the trained slices and the head alone to ``directory/mftc_slices.safetensors`` (with
         ``module_search.json``); :func:`~spec_lightning.spectral.blocks.load_slices` puts them into a
-        freshly loaded base model, which then equals the fine-tuned one."""
+        freshly loaded base model, which then equals the fine-tuned one.
+
+        Args:
+            pl_module: the LightningModule that was fitted.
+            directory: the folder to write.
+            module: the submodule of ``pl_module`` that is the bare model (e.g. ``pl_module.model``):
+                names are saved relative to it, so ``load_slices(bare_model, file)`` needs no prefix.
+        """
         if self.selected is None:
             raise MisconfigurationException(
                 "ModuleSearch.export: nothing to export before the search has run"
             )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_slices(dict(pl_module.named_parameters()), self.trained_parameters(), directory / SLICES_FILE)
+        trained = self.trained_parameters()
+        params = dict(pl_module.named_parameters())
+        if module is not None:
+            prefix = next((f"{n}." for n, m in pl_module.named_modules() if m is module and n), None)
+            if prefix is None:
+                raise ValueError("ModuleSearch.export: module is not a submodule of pl_module")
+            outside = [n for n in trained if not n.startswith(prefix)]
+            if outside:
+                raise ValueError(
+                    f"ModuleSearch.export: {outside[:3]} were trained but lie outside module ({prefix[:-1]}); "
+                    "export from a module that holds them all"
+                )
+            params = {n.removeprefix(prefix): p for n, p in params.items() if n.startswith(prefix)}
+            trained = {n.removeprefix(prefix): mask for n, mask in trained.items()}
+        save_slices(params, trained, directory / SLICES_FILE)
         (directory / "module_search.json").write_text(json.dumps(self.report, indent=1))
         return directory / SLICES_FILE
 
@@ -407,6 +468,11 @@ class ModuleSearch(L.Callback):
             publish_figure(trainer, fig, path, "module_search/predictor", trainer.global_step)
         return {**quality, "predicted": predicted, "measured": measured}
 
+    def _probe_step(self, pl_module: L.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.probe_fn is not None:
+            return self.probe_fn(pl_module, batch)
+        return pl_module.probe_step(batch)  # type: ignore[operator]
+
     def _probe(
         self,
         trainer: L.Trainer,
@@ -432,7 +498,7 @@ class ModuleSearch(L.Callback):
                 for batch in train:
                     optimizer.zero_grad()
                     with trainer.precision_plugin.forward_context():
-                        batch_loss, _ = pl_module.probe_step(batch)  # type: ignore[operator]
+                        batch_loss, _ = self._probe_step(pl_module, batch)
                     batch_loss.backward()
                     mask_gradients(params, masks)
                     optimizer.step()
@@ -440,7 +506,7 @@ class ModuleSearch(L.Callback):
                 pl_module.eval()
                 with torch.no_grad(), trainer.precision_plugin.forward_context():
                     for batch in evaluate:
-                        batch_loss, batch_accuracy = pl_module.probe_step(batch)  # type: ignore[operator]
+                        batch_loss, batch_accuracy = self._probe_step(pl_module, batch)
                         loss.append(float(batch_loss))
                         accuracy.append(float(batch_accuracy))
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -11,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from spec_lightning.callbacks.strategy import refuse_fsdp
+from spec_lightning.callbacks.strategy import KeyedCallback, refuse_fsdp
 from spec_lightning.spectral import (
     FilterName,
     GraphConfig,
@@ -31,7 +32,7 @@ FSDP_MESSAGE = (
 )
 
 
-class SpectralGradientFilter(L.Callback):
+class SpectralGradientFilter(KeyedCallback):
     """Filter gradients over parameter graphs before every optimiser step: G ← U g(Λ) Uᵀ G.
 
     G is the m x d matrix of one graph's stacked node gradients (see
@@ -90,6 +91,9 @@ class SpectralGradientFilter(L.Callback):
         self._saved_graphs: dict[str, Any] | None = None
         self._filters: dict[str, NodeFilter] = {}
         self._warned: set[str] = set()
+
+    def key_arguments(self) -> Mapping[str, Any]:
+        return {"graph": asdict(self.graph), "filter": self.filter, "cutoff": self.cutoff, "tau": self.tau}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
-from spec_lightning.callbacks.strategy import log_directory, publish_figure, refuse_fsdp
+from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
 from spec_lightning.spectral import TopKSVD, allocate_components
 from spec_lightning.spectral.importance import SigmaFisher
 
@@ -33,7 +33,7 @@ class SpectralComponents(Protocol):
     def select_components(self, index: torch.Tensor, spectrum: TopKSVD) -> None: ...
 
 
-class SpectralImportance(L.Callback):
+class SpectralImportance(KeyedCallback):
     """Score the top-k singular components of every adaptable layer, then adapt the most important.
 
     I_i = σ_i² · E_x[(∂ℓ(x)/∂σ_i)²] over ``num_samples`` training examples (the calibration set,
@@ -44,8 +44,11 @@ class SpectralImportance(L.Callback):
     ``configure_model`` hook, which Lightning requires to be idempotent.
 
     Works with any LightningModule whose ``training_step`` returns the loss (or ``{"loss": ...}``) of
-    a batch from the datamodule's ``train_dataloader``, and whose layers satisfy
-    :class:`SpectralComponents`. Logging from ``training_step`` is muted during calibration. The
+    a calibration batch, and whose layers satisfy :class:`SpectralComponents`. The calibration batches
+    come from ``calibration_dataloader`` if given, else from the training loader of the fit: the
+    datamodule's, the one passed as ``trainer.fit(model, train_dataloaders=...)``, or the module's
+    ``train_dataloader``. From a DataLoader over a map-style dataset, ``num_samples`` examples are
+    drawn; an iterable without ``__len__`` (or the batches a callable returns) is used as given. Logging from ``training_step`` is muted during calibration. The
     scores and the chosen S are kept in the checkpoint (S also lives in the model's state), and
     ``spectral_importance.csv`` / ``.png`` (the specialisation figure) are written to the log dir.
     On resume the scoring pass runs again in ``setup`` and is then overwritten by the checkpoint.
@@ -61,6 +64,8 @@ class SpectralImportance(L.Callback):
         loss_reduction: how ``training_step`` reduces per-sample losses (``mean`` for HF models).
         seed: seed of the calibration sample.
         task: label of the specialisation figure; default ``pl_module.hparams.task`` if present.
+        calibration_dataloader: the calibration data, a DataLoader or a callable that returns one (or
+            any iterable of batches); None: the fit's training loader.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class SpectralImportance(L.Callback):
         loss_reduction: Literal["mean", "sum"] = "mean",
         seed: int = 0,
         task: str | None = None,
+        calibration_dataloader: DataLoader | Callable[[], Iterable[Any]] | None = None,
     ) -> None:
         if num_samples < 1 or batch_size < 1:
             raise MisconfigurationException(
@@ -87,9 +93,14 @@ class SpectralImportance(L.Callback):
         self.loss_reduction = loss_reduction
         self.seed = seed
         self.task = task
+        self.calibration_dataloader = calibration_dataloader
         self.scores: dict[str, torch.Tensor] = {}
         self.sigmas: dict[str, torch.Tensor] = {}
         self.selected: dict[str, torch.Tensor] = {}
+
+    def key_arguments(self) -> Mapping[str, Any]:
+        # Not the calibration arguments: a resumed run restores the selection whatever they are now.
+        return {"budget": self.budget}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -139,16 +150,13 @@ class SpectralImportance(L.Callback):
         pl_module.zero_grad(set_to_none=True)
         return {name: s.cpu() for name, s in fisher.scores().items()}
 
-    def _calibration_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> DataLoader:
-        """``num_samples`` training examples drawn without replacement by a generator seeded with ``seed``."""
-        source = trainer.datamodule if trainer.datamodule is not None else pl_module
-        loader = source.train_dataloader()
-        dataset = loader.dataset
-        if not hasattr(dataset, "__len__"):
-            raise MisconfigurationException(
-                "SpectralImportance needs a map-style training dataset (with __len__) to draw its "
-                "calibration set"
-            )
+    def _calibration_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterable[Any]:
+        """``num_samples`` examples drawn without replacement by a generator seeded with ``seed`` from the
+        calibration loader's map-style dataset, or the given batches as they are."""
+        loader = self._calibration_loader(trainer, pl_module)
+        dataset = getattr(loader, "dataset", None)
+        if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__"):
+            return loader
         if len(dataset) < self.num_samples:
             raise ValueError(
                 f"SpectralImportance: the calibration set is smaller than requested: the train split has "
@@ -157,6 +165,23 @@ class SpectralImportance(L.Callback):
         generator = torch.Generator().manual_seed(self.seed)
         indices = torch.randperm(len(dataset), generator=generator, device="cpu")[: self.num_samples].tolist()
         return DataLoader(Subset(dataset, indices), batch_size=self.batch_size, collate_fn=loader.collate_fn)
+
+    def _calibration_loader(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterable[Any]:
+        given = self.calibration_dataloader
+        if given is not None:
+            return given if isinstance(given, DataLoader) or not callable(given) else given()
+        if trainer.datamodule is not None:
+            return trainer.datamodule.train_dataloader()
+        # Where trainer.fit(model, train_dataloaders=...) put its loaders (Lightning has no public
+        # accessor before the fit loop starts, which is after the optimisers this selection must precede).
+        source = getattr(trainer.fit_loop, "_data_source", None)
+        if source is not None and source.is_defined():
+            return source.dataloader()
+        raise MisconfigurationException(
+            "SpectralImportance has no calibration data: pass SpectralImportance(calibration_dataloader=...), "
+            "or give the fit a training loader (a datamodule, trainer.fit(model, train_dataloaders=loader), "
+            f"or {type(pl_module).__name__}.train_dataloader)"
+        )
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = sum(len(s) for s in self.selected.values())

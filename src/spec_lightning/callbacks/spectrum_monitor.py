@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,23 @@ from spec_lightning.analysis.spectrum import (
     spectrum,
     spectrum_figure,
 )
-from spec_lightning.callbacks.strategy import log_directory, publish_figure, refuse_fsdp
+from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
 from spec_lightning.naming import matches
 
+#: Default targets, tried in order: BERT-style names, then Llama/GPT-style ones.
+DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",))
 
-class SpectrumMonitor(L.Callback):
+
+class SpectrumMonitor(KeyedCallback):
     """Track how fine-tuning changes the spectra of weight matrices (the analysis behind SpecLoRA).
 
     At fit start the monitor takes the exact SVD of each matched matrix as the reference; at fit end,
     and every ``every_n_epochs`` epochs, it compares the current weights with it: σ_i against σ_i',
     and |⟨u_i, u_i'⟩|, |⟨v_i, v_i'⟩| for the top-``top_k`` pairs. Each snapshot is logged to
     TensorBoard as a figure and saved as ``spectrum_<stage>.png``; all snapshots go to
-    ``spectrum.csv`` in the log dir. The current weight is read from a layer's ``effective_weight()``
+    ``spectrum.csv`` in the log dir (``<name>.csv``, ``<name>_<stage>.png`` and TensorBoard tags
+    ``<name>/<stage>`` with a ``name``; several monitors in one Trainer without names get one from
+    their targets, and each keeps its own state in the checkpoint). The current weight is read from a layer's ``effective_weight()``
     (spec_lightning's layers), from peft's ``get_base_layer()`` + ``get_delta_weight()``, or from a
     plain ``nn.Linear``/``Conv1D``, so it works on any LightningModule. The reference and the
     snapshots are kept in the checkpoint, so a resumed run compares with the original weights.
@@ -41,15 +47,21 @@ class SpectrumMonitor(L.Callback):
         trainer = L.Trainer(callbacks=[SpectrumMonitor(target_modules=["query", "value"], every_n_epochs=1)])
 
     Args:
-        target_modules: dotted name suffixes of the matrices to monitor.
+        target_modules: dotted name suffixes of the matrices to monitor; None: ``query``/``value``,
+            else ``q_proj``/``v_proj``, else ``c_attn``, whichever the model has.
         top_k: singular-vector pairs compared per matrix.
         every_n_epochs: also snapshot after every N-th training epoch (0: start and end only).
+        name: prefix of the files and TensorBoard tags (default ``spectrum``).
     """
 
     def __init__(
-        self, target_modules: Sequence[str] = ("query", "value"), top_k: int = 16, every_n_epochs: int = 0
+        self,
+        target_modules: Sequence[str] | None = None,
+        top_k: int = 16,
+        every_n_epochs: int = 0,
+        name: str | None = None,
     ) -> None:
-        if isinstance(target_modules, str) or not target_modules:
+        if target_modules is not None and (isinstance(target_modules, str) or not target_modules):
             raise MisconfigurationException(
                 f"SpectrumMonitor: target_modules must be a non-empty list of names, got {target_modules!r}"
             )
@@ -57,11 +69,20 @@ class SpectrumMonitor(L.Callback):
             raise MisconfigurationException(
                 f"SpectrumMonitor: need top_k >= 1 and every_n_epochs >= 0, got {top_k} and {every_n_epochs}"
             )
-        self.target_modules = list(target_modules)
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise MisconfigurationException(
+                f"SpectrumMonitor: name {name!r} becomes a file name; use letters, digits, '_', '-' or '.'"
+            )
+        self.target_modules = None if target_modules is None else list(target_modules)
         self.top_k = top_k
         self.every_n_epochs = every_n_epochs
+        self.name = name
+        self.prefix = name or "spectrum"
         self.reference: dict[str, Spectrum] = {}
         self.rows: list[dict[str, object]] = []
+
+    def key_arguments(self) -> Mapping[str, Any]:
+        return {"target_modules": self.target_modules, "top_k": self.top_k, "name": self.name}
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -70,19 +91,31 @@ class SpectrumMonitor(L.Callback):
             "SpectrumMonitor reads whole weight matrices and does not support FSDP yet; "
             "use a single device or DDP.",
         )
+        monitors = [c for c in trainer.callbacks if isinstance(c, SpectrumMonitor)]
+        if self.name is None and len(monitors) > 1:
+            targets = self.target_modules or ["default"]
+            self.prefix = "spectrum_" + "_".join(re.sub(r"[^A-Za-z0-9_.-]", "-", t) for t in targets)
+        keys = [c.state_key for c in monitors]
+        if len(set(keys)) < len(keys):
+            raise MisconfigurationException(
+                "SpectrumMonitor: two monitors with the same targets, top_k and name would share their files "
+                "and checkpoint state; give each a different name="
+            )
 
     def _targets(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        found = {
-            name: m
-            for name, m in pl_module.named_modules()
-            if has_weight_matrix(m) and any(matches(name, p) for p in self.target_modules)
-        }
-        if not found:
-            raise MisconfigurationException(
-                f"SpectrumMonitor: target_modules {self.target_modules} match no weight matrix of "
-                f"{type(pl_module).__name__}; use dotted name suffixes such as 'attention.self.query'."
-            )
-        return found
+        candidates = [self.target_modules] if self.target_modules is not None else DEFAULT_TARGETS
+        for patterns in candidates:
+            found = {
+                name: m
+                for name, m in pl_module.named_modules()
+                if has_weight_matrix(m) and any(matches(name, p) for p in patterns)
+            }
+            if found:
+                return found
+        raise MisconfigurationException(
+            f"SpectrumMonitor: target_modules {self.target_modules or list(DEFAULT_TARGETS)} match no weight "
+            f"matrix of {type(pl_module).__name__}; use dotted name suffixes such as 'attention.self.query'."
+        )
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -117,10 +150,14 @@ class SpectrumMonitor(L.Callback):
             now = spectrum(effective_weight(module), self.top_k)
             rows += compare(stage, trainer.global_step, name, self.reference[name], now)
         self.rows += rows
-        write_rows(self.rows, directory / "spectrum.csv", FIELDS)
+        write_rows(self.rows, directory / f"{self.prefix}.csv", FIELDS)
         fig = spectrum_figure(rows, f"{stage} (step {trainer.global_step})")
         publish_figure(
-            trainer, fig, directory / f"spectrum_{stage}.png", f"spectrum/{stage}", trainer.global_step
+            trainer,
+            fig,
+            directory / f"{self.prefix}_{stage}.png",
+            f"{self.prefix}/{stage}",
+            trainer.global_step,
         )
 
     @override

@@ -1,14 +1,35 @@
-"""What the callbacks share: strategy checks, the log folder (a collective) and figure output."""
+"""What the callbacks share: state keys, strategy checks, the log folder (a collective) and figure output."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
-import matplotlib.pyplot as plt
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+class KeyedCallback(L.Callback):
+    """A callback whose checkpoint state is keyed by its class and the arguments that tell two
+    instances apart (:meth:`key_arguments`), so that several can share one Trainer and each resumes
+    its own state. Checkpoints written before keys carried arguments (the bare class name) still load."""
+
+    def key_arguments(self) -> Mapping[str, Any]:
+        """The constructor arguments that identify this instance."""
+        raise NotImplementedError
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.key_arguments())
+
+    @property
+    def _legacy_state_key(self) -> Any:  # Lightning's fallback key on load: the bare class name
+        return type(self).__qualname__
 
 
 def refuse_fsdp(trainer: L.Trainer, message: str) -> None:
@@ -31,4 +52,6 @@ def publish_figure(trainer: L.Trainer, fig: Figure, path: Path, tag: str, step: 
     for logger in trainer.loggers:
         if hasattr(logger.experiment, "add_figure"):
             logger.experiment.add_figure(tag, fig, global_step=step)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)

@@ -1,24 +1,31 @@
 """Fine-tuning methods: one subpackage (or module) per method, all behind ``FineTuningMethod``."""
 
-from spec_lightning.methods.base import FineTuningMethod
-from spec_lightning.methods.bitfit import BitFit
-from spec_lightning.methods.full import FullFineTuning
-from spec_lightning.methods.graph_spectral import GraphSpectral
-from spec_lightning.methods.houlsby import HoulsbyAdapter
-from spec_lightning.methods.lorsa import LoRSA
-from spec_lightning.methods.peft_baselines import AdaLoRA, DoRA, LoRA, PiSSA
-from spec_lightning.methods.speclora import SpecLoRA
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "AdaLoRA",
-    "BitFit",
-    "DoRA",
-    "FineTuningMethod",
-    "FullFineTuning",
-    "GraphSpectral",
-    "HoulsbyAdapter",
-    "LoRA",
-    "LoRSA",
-    "PiSSA",
-    "SpecLoRA",
-]
+from spec_lightning._lazy import lazy_exports
+
+_EXPORTS = {
+    "AdaLoRA": "spec_lightning.methods.peft_baselines",
+    "BitFit": "spec_lightning.methods.bitfit",
+    "DoRA": "spec_lightning.methods.peft_baselines",
+    "FineTuningMethod": "spec_lightning.methods.base",
+    "FullFineTuning": "spec_lightning.methods.full",
+    "GraphSpectral": "spec_lightning.methods.graph_spectral",
+    "HoulsbyAdapter": "spec_lightning.methods.houlsby",
+    "LoRA": "spec_lightning.methods.peft_baselines",
+    "LoRSA": "spec_lightning.methods.lorsa",
+    "PiSSA": "spec_lightning.methods.peft_baselines",
+    "SpecLoRA": "spec_lightning.methods.speclora",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from spec_lightning.methods.base import FineTuningMethod
+    from spec_lightning.methods.bitfit import BitFit
+    from spec_lightning.methods.full import FullFineTuning
+    from spec_lightning.methods.graph_spectral import GraphSpectral
+    from spec_lightning.methods.houlsby import HoulsbyAdapter
+    from spec_lightning.methods.lorsa import LoRSA
+    from spec_lightning.methods.peft_baselines import AdaLoRA, DoRA, LoRA, PiSSA
+    from spec_lightning.methods.speclora import SpecLoRA

