@@ -173,8 +173,16 @@ def test_group_errors_name_the_problem() -> None:
         group_nodes(SHAPES, "cross_layer", ["keys"])
     with pytest.raises(ValueError, match="no cross_layer graph has two nodes"):
         group_nodes(SHAPES, "cross_layer", ["classifier"])
-    with pytest.raises(ValueError, match="different shapes"):
+    with pytest.raises(ValueError, match="different shapes.*exclude it from graph.targets"):
+        group_nodes({"h.0.w": (2, 2), "h.1.w": (3, 2)}, "cross_layer", ["w"])
+    with pytest.warns(UserWarning, match="differ in shape"), pytest.raises(ValueError, match="graph.groups"):
         group_nodes({"h.0.w": (2, 2), "h.1.w": (3, 2)}, "cross_layer", None)
+    with pytest.raises(ValueError, match="one shape"):
+        group_nodes({"a.w": (2, 2), "b.w": (3, 2)}, "cross_layer", None, {"g": ["a.w", "b.w"]})
+    with pytest.raises(ValueError, match="'c' matches no trainable matrix"):
+        group_nodes({"a.w": (2, 2), "b.w": (2, 2)}, "cross_layer", None, {"g": ["a", "c"]})
+    with pytest.raises(ValueError, match="leave graph.targets unset"):
+        GraphConfig(groups={"g": ("a", "b")}, targets=("a",))
     with pytest.raises(ValueError, match="rows of a matrix have none"):
         GraphConfig(kind="rows", edge_weights="structural")
     with pytest.raises(ValueError, match="graph.ema"):
@@ -237,3 +245,38 @@ def test_auto_takes_the_dense_solver_for_m_minus_one_pairs(monkeypatch: pytest.M
     np.testing.assert_allclose(spectrum.values.numpy(), np.linalg.eigvalsh(lap.numpy())[:19], atol=1e-10)
     with pytest.raises(ValueError, match="computes fewer than m - 1 = 19 pairs; use dense"):
         eigendecompose(lap, 19, "eigsh")
+
+
+def test_auto_targets_leave_out_roles_whose_layers_differ_in_shape() -> None:
+    """LoRSA with a global budget: one role's layers differ, the others still form graphs."""
+    shapes = {"h.0.p": (2, 4), "h.1.p": (3, 4), "h.0.q": (2, 2), "h.1.q": (2, 2), "h.2.q": (2, 2)}
+    with pytest.warns(UserWarning, match=r"1 parameter role\(s\) left out.*h\.\*\.p"):
+        groups = group_nodes(shapes, "cross_layer", None)
+    assert [(g.name, g.params) for g in groups] == [("h.*.q", ("h.0.q", "h.1.q", "h.2.q"))]
+
+
+def test_explicit_groups_name_nodes_of_models_without_numbered_layers() -> None:
+    shapes = {
+        "enc_a.fc.weight": (3, 2),
+        "enc_b.fc.weight": (3, 2),
+        "enc_c.fc.weight": (3, 2),
+        "out.weight": (1, 3),
+    }
+    groups = group_nodes(shapes, "cross_layer", None, {"fc": ["enc_c.fc", "enc_a.fc", "enc_b.fc"]})
+    assert [(g.name, g.kind, g.params) for g in groups] == [
+        ("fc", "cross_layer", ("enc_c.fc.weight", "enc_a.fc.weight", "enc_b.fc.weight"))
+    ]
+
+
+def test_targets_name_modules_that_hold_peft_adapter_tensors() -> None:
+    """peft names LoRA factors ``<layer>.lora_A.<adapter>.weight``: ``lora_A`` and the layer's name match."""
+    shapes = {
+        f"l.{i}.query.lora_{f}.default.weight": (2, 4) if f == "A" else (4, 2) for i in range(3) for f in "AB"
+    }
+    by_factor = group_nodes(shapes, "cross_layer", ["lora_A"])
+    assert [g.name for g in by_factor] == ["l.*.query.lora_A.default.weight"]
+    by_layer = group_nodes(shapes, "cross_layer", ["query"])
+    assert sorted(g.name for g in by_layer) == [
+        "l.*.query.lora_A.default.weight",
+        "l.*.query.lora_B.default.weight",
+    ]

@@ -40,7 +40,40 @@ _EXPORTS = {
     "load_adapter": "spec_lightning.adapters",
     "load_slices": "spec_lightning.spectral.blocks",
 }
-__all__ = list(_EXPORTS)
+__all__ = [
+    "AdaLoRA",
+    "ApplyMethod",
+    "BitFit",
+    "BlockRule",
+    "CausalLMModule",
+    "DoRA",
+    "DynamicSpectralClustering",
+    "FineTuningMethod",
+    "FineTuningModule",
+    "FullFineTuning",
+    "GLUEDataModule",
+    "GraphConfig",
+    "GraphSpectral",
+    "HoulsbyAdapter",
+    "InstructionDataModule",
+    "LanguageModelingDataModule",
+    "LoRA",
+    "LoRSA",
+    "MMLUDataModule",
+    "ModuleSearch",
+    "PiSSA",
+    "PreemptionCheckpoint",
+    "SequenceClassificationModule",
+    "SpecLoRA",
+    "SpectralGradientFilter",
+    "SpectralImportance",
+    "SpectrumMonitor",
+    "bert_blocks",
+    "default_blocks",
+    "llama_blocks",
+    "load_adapter",
+    "load_slices",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:

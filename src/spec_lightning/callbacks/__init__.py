@@ -15,7 +15,17 @@ _EXPORTS = {
     "SpectralImportance": "spec_lightning.callbacks.spectral_importance",
     "SpectrumMonitor": "spec_lightning.callbacks.spectrum_monitor",
 }
-__all__ = list(_EXPORTS)
+__all__ = [
+    "ApplyMethod",
+    "DynamicSpectralClustering",
+    "ModuleSearch",
+    "PreemptionCheckpoint",
+    "Probeable",
+    "SpectralComponents",
+    "SpectralGradientFilter",
+    "SpectralImportance",
+    "SpectrumMonitor",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:

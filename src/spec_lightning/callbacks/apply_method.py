@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
@@ -87,8 +86,8 @@ class ApplyMethod(KeyedCallback):
             setattr(pl_module.get_submodule(parent) if parent else pl_module, name, adapted)
         elif not self.attribute and adapted is not target:
             raise MisconfigurationException(
-                f"ApplyMethod: {type(self.method).__name__} wraps the model it adapts, which cannot be done to "
-                "the LightningModule itself; hold the model in an attribute and pass attribute=<its name>"
+                f"ApplyMethod: {type(self.method).__name__} wraps the model it adapts, which cannot be done "
+                "to the LightningModule itself; hold the model in an attribute and pass attribute=<its name>"
             )
         self._applied = True
 
@@ -136,6 +135,6 @@ class ApplyMethod(KeyedCallback):
         saved, current = state_dict["method"], describe(self.method)
         if saved != current:
             raise MisconfigurationException(
-                f"ApplyMethod: the checkpoint was trained with {saved}, this run applies {current}; resume with "
-                "the method of the run that wrote it"
+                f"ApplyMethod: the checkpoint was trained with {saved}, this run applies {current}; resume "
+                "with the method of the run that wrote it"
             )

@@ -352,8 +352,8 @@ class ModuleSearch(KeyedCallback):
             outside = [n for n in trained if not n.startswith(prefix)]
             if outside:
                 raise ValueError(
-                    f"ModuleSearch.export: {outside[:3]} were trained but lie outside module ({prefix[:-1]}); "
-                    "export from a module that holds them all"
+                    f"ModuleSearch.export: {outside[:3]} were trained but lie outside module "
+                    f"({prefix[:-1]}); export from a module that holds them all"
                 )
             params = {n.removeprefix(prefix): p for n, p in params.items() if n.startswith(prefix)}
             trained = {n.removeprefix(prefix): mask for n, mask in trained.items()}

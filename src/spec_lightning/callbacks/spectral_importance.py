@@ -43,15 +43,17 @@ class SpectralImportance(KeyedCallback):
     optimiser exists, so |S| may change per layer; the model is built first by its
     ``configure_model`` hook, which Lightning requires to be idempotent.
 
-    Works with any LightningModule whose ``training_step`` returns the loss (or ``{"loss": ...}``) of
-    a calibration batch, and whose layers satisfy :class:`SpectralComponents`. The calibration batches
-    come from ``calibration_dataloader`` if given, else from the training loader of the fit: the
-    datamodule's, the one passed as ``trainer.fit(model, train_dataloaders=...)``, or the module's
-    ``train_dataloader``. From a DataLoader over a map-style dataset, ``num_samples`` examples are
-    drawn; an iterable without ``__len__`` (or the batches a callable returns) is used as given. Logging from ``training_step`` is muted during calibration. The
-    scores and the chosen S are kept in the checkpoint (S also lives in the model's state), and
-    ``spectral_importance.csv`` / ``.png`` (the specialisation figure) are written to the log dir.
-    On resume the scoring pass runs again in ``setup`` and is then overwritten by the checkpoint.
+    Works with any LightningModule whose ``training_step`` returns the loss (or ``{"loss":
+    ...}``) of a calibration batch, and whose layers satisfy :class:`SpectralComponents`. The
+    calibration batches come from ``calibration_dataloader`` if given, else from the training
+    loader of the fit: the datamodule's, the one passed as ``trainer.fit(model,
+    train_dataloaders=...)``, or the module's ``train_dataloader``. From a DataLoader over a
+    map-style dataset, ``num_samples`` examples are drawn; an iterable without ``__len__`` (or
+    the batches a callable returns) is used as given. Logging from ``training_step`` is muted
+    during calibration. The scores and the chosen S are kept in the checkpoint (S also lives in
+    the model's state), and ``spectral_importance.csv`` / ``.png`` (the specialisation figure)
+    are written to the log dir. On resume the scoring pass runs again in ``setup`` and is then
+    overwritten by the checkpoint.
 
     Example::
 
@@ -178,8 +180,9 @@ class SpectralImportance(KeyedCallback):
         if source is not None and source.is_defined():
             return source.dataloader()
         raise MisconfigurationException(
-            "SpectralImportance has no calibration data: pass SpectralImportance(calibration_dataloader=...), "
-            "or give the fit a training loader (a datamodule, trainer.fit(model, train_dataloaders=loader), "
+            "SpectralImportance has no calibration data: pass "
+            "SpectralImportance(calibration_dataloader=...), or give the fit a training loader (a "
+            "datamodule, trainer.fit(model, train_dataloaders=loader), "
             f"or {type(pl_module).__name__}.train_dataloader)"
         )
 

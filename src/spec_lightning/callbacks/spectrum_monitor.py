@@ -31,16 +31,17 @@ DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",))
 class SpectrumMonitor(KeyedCallback):
     """Track how fine-tuning changes the spectra of weight matrices (the analysis behind SpecLoRA).
 
-    At fit start the monitor takes the exact SVD of each matched matrix as the reference; at fit end,
-    and every ``every_n_epochs`` epochs, it compares the current weights with it: σ_i against σ_i',
-    and |⟨u_i, u_i'⟩|, |⟨v_i, v_i'⟩| for the top-``top_k`` pairs. Each snapshot is logged to
-    TensorBoard as a figure and saved as ``spectrum_<stage>.png``; all snapshots go to
+    At fit start the monitor takes the exact SVD of each matched matrix as the reference; at fit
+    end, and every ``every_n_epochs`` epochs, it compares the current weights with it: σ_i
+    against σ_i', and |⟨u_i, u_i'⟩|, |⟨v_i, v_i'⟩| for the top-``top_k`` pairs. Each snapshot is
+    logged to TensorBoard as a figure and saved as ``spectrum_<stage>.png``; all snapshots go to
     ``spectrum.csv`` in the log dir (``<name>.csv``, ``<name>_<stage>.png`` and TensorBoard tags
-    ``<name>/<stage>`` with a ``name``; several monitors in one Trainer without names get one from
-    their targets, and each keeps its own state in the checkpoint). The current weight is read from a layer's ``effective_weight()``
-    (spec_lightning's layers), from peft's ``get_base_layer()`` + ``get_delta_weight()``, or from a
-    plain ``nn.Linear``/``Conv1D``, so it works on any LightningModule. The reference and the
-    snapshots are kept in the checkpoint, so a resumed run compares with the original weights.
+    ``<name>/<stage>`` with a ``name``; several monitors in one Trainer without names get one
+    from their targets, and each keeps its own state in the checkpoint). The current weight is
+    read from a layer's ``effective_weight()`` (spec_lightning's layers), from peft's
+    ``get_base_layer()`` + ``get_delta_weight()``, or from a plain ``nn.Linear``/``Conv1D``, so
+    it works on any LightningModule. The reference and the snapshots are kept in the checkpoint,
+    so a resumed run compares with the original weights.
 
     Example::
 

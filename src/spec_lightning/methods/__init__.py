@@ -17,7 +17,19 @@ _EXPORTS = {
     "PiSSA": "spec_lightning.methods.peft_baselines",
     "SpecLoRA": "spec_lightning.methods.speclora",
 }
-__all__ = list(_EXPORTS)
+__all__ = [
+    "AdaLoRA",
+    "BitFit",
+    "DoRA",
+    "FineTuningMethod",
+    "FullFineTuning",
+    "GraphSpectral",
+    "HoulsbyAdapter",
+    "LoRA",
+    "LoRSA",
+    "PiSSA",
+    "SpecLoRA",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:

@@ -148,10 +148,10 @@ class _CallWatch:
         missing = [h for h in self.hooks if h not in self.method.__dict__.get("_calls", ())]
         if missing:
             rank_zero_warn(
-                f"{type(self.method).__name__}: the model trained {self.forwards} steps but {missing} was never "
-                f"called, so the method is incomplete ({HOOK_EFFECTS[missing[0]]}). Train it with "
-                "spec_lightning's modules, add spec_lightning.ApplyMethod(method) to the Trainer's callbacks, "
-                "or call them from your loop."
+                f"{type(self.method).__name__}: the model trained {self.forwards} steps but {missing} was "
+                f"never called, so the method is incomplete ({HOOK_EFFECTS[missing[0]]}). Train it with "
+                "spec_lightning's modules, add spec_lightning.ApplyMethod(method) to the Trainer's "
+                "callbacks, or call them from your loop."
             )
 
 

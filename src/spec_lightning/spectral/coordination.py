@@ -53,7 +53,7 @@ class ParameterGraphs:
         solver: Eigensolver = "auto",
     ) -> None:
         self.config = config
-        self.groups = group_nodes(shapes, config.kind, config.targets)
+        self.groups = group_nodes(shapes, config.kind, config.targets, config.groups)
         self.num_pairs = num_pairs
         self.solver = solver
         self._rows = {g.name: int(shapes[g.params[0]][0]) for g in self.groups}

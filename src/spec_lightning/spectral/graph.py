@@ -1,13 +1,15 @@
 """Parameter graphs (METHODS.md §1): which parameter blocks are nodes, and how strongly they are joined.
 
 A node is a block of parameters, never a scalar. ``cross_layer`` makes one graph per parameter role
-(``encoder.layer.*.attention.self.query.weight``) whose nodes are that parameter in successive layers;
-``rows`` makes one graph per matrix whose nodes are its rows (output units). A graph's nodes stacked
-as rows form the m x d node matrix θ that the Laplacian acts on.
+(``encoder.layer.*.attention.self.query.weight``) whose nodes are that parameter in successive layers
+(found by the layer index in the name, ``layers.<i>.``; explicit ``groups`` name the nodes of models
+without numbered layers); ``rows`` makes one graph per matrix whose nodes are its rows (output units).
+A graph's nodes stacked as rows form the m x d node matrix θ that the Laplacian acts on.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,7 +30,13 @@ class GraphConfig:
         kind: ``cross_layer`` (nodes = one parameter role across layers) or ``rows`` (nodes = the rows
             of one matrix).
         targets: names (dotted suffixes, as in ``target_modules``) of the parameters or modules whose
-            matrices become nodes; None = every trainable parameter with two or more dimensions.
+            matrices become nodes (a module's name covers the tensors inside it: ``query`` covers
+            peft's ``query.lora_A.default.weight``, ``lora_A`` covers every ``lora_A.<adapter>``);
+            None = every trainable parameter with two or more dimensions (cross_layer roles whose
+            layers differ in shape are then left out, with a warning).
+        groups: explicit cross_layer graphs, graph name -> the names (as in ``targets``) of its nodes
+            in order, e.g. ``{"ffn": ["block_a.fc1", "block_b.fc1", "block_c.fc1"]}`` for a model
+            without numbered layers; every node needs the same shape. Replaces ``targets``.
         edge_weights: ``structural`` (W_ij = 1 for layers at most ``neighbors`` apart; cross_layer
             only), ``weight_cosine`` (cosine of the pretrained node vectors) or ``grad_cosine`` (an
             exponential moving average of the cosine of node gradients). Negative cosines count as 0.
@@ -40,6 +48,7 @@ class GraphConfig:
 
     kind: GraphKind = "cross_layer"
     targets: tuple[str, ...] | None = None
+    groups: dict[str, tuple[str, ...]] | None = None
     edge_weights: EdgeWeights = "structural"
     neighbors: int | None = 1
     normalized: bool = False
@@ -62,6 +71,11 @@ class GraphConfig:
             raise ValueError(f"graph.neighbors must be >= 1 or null, got {self.neighbors}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"graph.ema must lie in [0, 1), got {self.ema}")
+        if self.groups is not None and (self.targets is not None or self.kind != "cross_layer"):
+            raise ValueError(
+                "graph.groups names the nodes of cross_layer graphs itself: leave graph.targets unset and "
+                "graph.kind at cross_layer"
+            )
         if isinstance(self.targets, str):
             raise TypeError(f"graph.targets must be a list of names, got the string {self.targets!r}")
 
@@ -93,15 +107,20 @@ class NodeGroup:
 
 
 def group_nodes(
-    shapes: Mapping[str, Sequence[int]], kind: GraphKind, targets: Sequence[str] | None
+    shapes: Mapping[str, Sequence[int]],
+    kind: GraphKind,
+    targets: Sequence[str] | None,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> list[NodeGroup]:
     """Build the node groups over the named parameters (name -> shape, in model order).
 
     Raises:
-        ValueError: a target matches no parameter with two or more dimensions, or no graph has two
-            nodes (the message lists what is there).
+        ValueError: a target matches no parameter with two or more dimensions, a named cross_layer
+            graph mixes shapes, or no graph has two nodes (the message lists what is there).
     """
     matrices = [name for name, shape in shapes.items() if len(shape) >= 2]
+    if groups is not None:
+        return [_named_group(name, members, matrices, shapes) for name, members in groups.items()]
     selected = matrices if targets is None else [n for n in matrices if _is_target(n, targets)]
     for pattern in targets or ():
         if not any(_is_target(n, (pattern,)) for n in matrices):
@@ -112,22 +131,47 @@ def group_nodes(
     if kind == "rows":
         groups = [NodeGroup(n, "rows", (n,)) for n in selected if shapes[n][0] >= 2]
     else:
-        groups = _cross_layer_groups(selected, shapes)
+        groups = _cross_layer_groups(selected, shapes, strict=targets is not None)
     if not groups:
         raise ValueError(
             f"no {kind} graph has two nodes among {len(selected)} trainable matrices: cross_layer needs a "
-            "parameter role repeated in two or more layers (does the method train per-layer tensors?)"
+            "parameter role repeated in two or more numbered layers (layers.<i>.) with equal shapes; for "
+            "other models name the nodes with graph.groups, or use kind: rows (a graph per matrix)"
         )
     return groups
 
 
 def _is_target(name: str, targets: Sequence[str]) -> bool:
-    module = name.rpartition(".")[0]
-    return any(matches(name, t) or matches(module, t) for t in targets)
+    """Whether the parameter ``name`` or a module that holds it is named by ``targets``."""
+    parts = name.split(".")
+    owners = [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
+    return any(matches(owner, t) for owner in owners for t in targets)
 
 
-def _cross_layer_groups(names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> list[NodeGroup]:
+def _named_group(
+    name: str, members: Sequence[str], matrices: Sequence[str], shapes: Mapping[str, Sequence[int]]
+) -> NodeGroup:
+    """The cross_layer graph ``name`` whose nodes are the matrices ``members`` name, in that order."""
+    params: list[str] = []
+    for pattern in members:
+        found = [n for n in matrices if _is_target(n, (pattern,))]
+        if not found:
+            raise ValueError(f"graph.groups[{name!r}]: {pattern!r} matches no trainable matrix")
+        params += [n for n in found if n not in params]
+    found_shapes = sorted({tuple(shapes[p]) for p in params})
+    if len(params) < 2 or len(found_shapes) > 1:
+        raise ValueError(
+            f"graph.groups[{name!r}] must name two or more matrices of one shape; it names {params[:6]} "
+            f"with shapes {found_shapes}"
+        )
+    return NodeGroup(name, "cross_layer", tuple(params))
+
+
+def _cross_layer_groups(
+    names: Sequence[str], shapes: Mapping[str, Sequence[int]], strict: bool
+) -> list[NodeGroup]:
     roles: dict[str, list[tuple[int, str]]] = {}
+    unequal: list[str] = []
     for name in names:
         split = layer_role(name)
         if split is not None:
@@ -138,11 +182,23 @@ def _cross_layer_groups(names: Sequence[str], shapes: Mapping[str, Sequence[int]
         if len(params) < 2:
             continue
         if len({tuple(shapes[p]) for p in params}) > 1:
-            raise ValueError(
+            message = (
                 f"cross_layer graph {role}: its layers have different shapes "
-                f"{sorted({tuple(shapes[p]) for p in params})}; exclude it from graph.targets"
+                f"{sorted({tuple(shapes[p]) for p in params})[:4]} (e.g. LoRSA with budget=global adapts a "
+                "different number of components per layer), and a node axis needs equal node vectors"
             )
+            if strict:
+                raise ValueError(f"{message}; exclude it from graph.targets, or use kind: rows")
+            unequal.append(role)
+            continue
         groups.append(NodeGroup(role, "cross_layer", params))
+    if unequal:
+        warnings.warn(
+            f"cross_layer graphs over {len(unequal)} parameter role(s) left out because their layers differ "
+            f"in shape, e.g. {unequal[:3]}; the other roles form graphs (name them in graph.targets to "
+            "make this an error, or use kind: rows)",
+            stacklevel=3,
+        )
     return groups
 
 
