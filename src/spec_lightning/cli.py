@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spec_lightning.callbacks.preemption import PreemptionCheckpoint
@@ -27,12 +30,30 @@ from spec_lightning.checkpoints import load_checkpoint
 from spec_lightning.modules import FineTuningModule
 from spec_lightning.modules.base import refuse_non_empty
 from spec_lightning.reproduce import main as reproduce
-from spec_lightning.runs import resolve_fit_folders
+from spec_lightning.runs import resolve_fit_folders, root_logs
+
+#: What ``spec-lightning --help`` says besides LightningCLI's own subcommands.
+OTHER_SUBCOMMANDS = """\
+other subcommands:
+  export     write a fit's checkpoint as a merged save_pretrained folder, or the adapter alone
+             (spec-lightning export --help)
+  reproduce  run a grid of fits, resumably, and write its comparison report
+             (spec-lightning reproduce --help)
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the epilog's lines kept as written."""
 
 
 class SpecLightningCLI(LightningCLI):
-    """LightningCLI over every :class:`FineTuningModule` and DataModule (``class_path`` in YAML), with the
-    backbone linked into the tokenizer and, where both sides have them, the task facts into the model."""
+    """LightningCLI over every LightningModule and DataModule (``class_path`` in YAML), with the backbone
+    linked into the tokenizer and, where both sides have them, the task facts into the model.
+
+    ``--model`` takes spec_lightning's modules or any LightningModule whose constructor has a
+    ``backbone`` argument (the tokenizer's name) and, for GLUE, ``task`` and ``num_labels``. The
+    optimiser is the module's own (``configure_optimizers``): no ``--optimizer``/``--lr_scheduler``. A
+    logger's relative ``save_dir`` lies under ``--trainer.default_root_dir`` when that is given."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
@@ -40,13 +61,20 @@ class SpecLightningCLI(LightningCLI):
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """``fit``: ``--ckpt_path last`` resumes the newest run of this name in its own folder; a run
-        without a logger writes into a folder of its own (see :mod:`spec_lightning.runs`)."""
+        """Logs under ``default_root_dir``; ``fit``: ``--ckpt_path last`` resumes the newest run of this
+        name in its own folder, and a run without a logger writes into a folder of its own (see
+        :mod:`spec_lightning.runs`)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root_logs(config)
         if self.subcommand == "fit":
-            resolve_fit_folders(self.config["fit"])
+            resolve_fit_folders(config)
 
     def before_fit(self) -> None:
-        """Save a resumable checkpoint on SIGTERM or Ctrl-C wherever checkpoints are kept."""
+        """Save a resumable checkpoint on SIGTERM or Ctrl-C wherever checkpoints are kept; a
+        ``fast_dev_run`` keeps none (Lightning's ``save_last`` would write one into the working folder)."""
+        if self.trainer.fast_dev_run:
+            self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+            rank_zero_info("fast_dev_run: no checkpoints are written")
         if self.trainer.checkpoint_callback is not None:
             self.trainer.callbacks.append(PreemptionCheckpoint())
 
@@ -64,11 +92,13 @@ class ExportCLI(SpecLightningCLI):
 def build_cli(args: list[str] | None = None, run: bool = True) -> SpecLightningCLI:
     cli_class = SpecLightningCLI if run else ExportCLI
     return cli_class(
-        FineTuningModule,
+        L.LightningModule if run else FineTuningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": OTHER_SUBCOMMANDS, "formatter_class": HelpFormatter},
+        auto_configure_optimizers=False,
         args=args,
         run=run,
     )

@@ -7,7 +7,11 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from spec_lightning.naming import matches
 
 PACKAGE_PREFIX = "package:"
 WEIGHTS = ("*.safetensors", "*.bin")
@@ -50,6 +54,39 @@ def resolve_pretrained(name_or_path: str) -> str:
         f"{name_or_path!r} resolved to {root}, which holds no model folder (config.json with weights) "
         f"and {len(ggufs)} .gguf files instead of one"
     )
+
+
+def load_pretrained(auto_class: Any, name_or_path: str, head: Sequence[str] = (), **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(name_or_path, **kwargs)`` with transformers' loading report in one
+    line: weights of the task ``head`` (suffixes) that the checkpoint lacks are expected and stated
+    once; any other missing, unexpected or mismatched weight is warned about by name."""
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys", ()))
+    new_head = [k for k in missing if any(matches(k.rpartition(".")[0], h) for h in head)]
+    if new_head:
+        rank_zero_info(
+            f"{type(model).__name__}: the task head {new_head} starts from random weights (expected)"
+        )
+    problems = {
+        "missing (randomly initialised)": [k for k in missing if k not in new_head],
+        "unexpected (ignored)": sorted(info.get("unexpected_keys", ())),
+        "of mismatched shape (re-initialised)": [str(m) for m in info.get("mismatched_keys", ())],
+    }
+    for what, keys in problems.items():
+        if keys:
+            rank_zero_warn(
+                f"{name_or_path}: {len(keys)} weight(s) {what} when loading {type(model).__name__}, e.g. "
+                f"{keys[:5]}; check that the backbone fits the model class"
+            )
+    return model
 
 
 def portable_name(name_or_path: str) -> str:

@@ -20,6 +20,19 @@ from jsonargparse import Namespace
 RUN_PREFIX = "run_"
 
 
+def root_logs(config: Namespace) -> None:
+    """Put a logger's relative ``save_dir`` under ``trainer.default_root_dir`` when that is given, so that
+    ``--trainer.default_root_dir`` decides where a run writes (configs say ``save_dir: logs``)."""
+    trainer = config.get("trainer")
+    root = trainer.get("default_root_dir") if trainer is not None else None
+    logger = trainer.get("logger") if trainer is not None else None
+    loggers = logger if isinstance(logger, list) else [logger]
+    for each in loggers:
+        init = each.get("init_args") if isinstance(each, Namespace) else None
+        if root and init is not None and init.get("save_dir") and not Path(init["save_dir"]).is_absolute():
+            init["save_dir"] = str(Path(root) / init["save_dir"])
+
+
 def newest_last_checkpoint(pattern_root: Path, pattern: str) -> Path | None:
     """The most recently written ``last.ckpt`` matching ``pattern`` under ``pattern_root``."""
     found = sorted(pattern_root.glob(pattern), key=lambda p: p.stat().st_mtime)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import datasets
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
@@ -157,6 +158,9 @@ class GLUEDataModule(TokenizedDataModule):
         return DataCollatorWithPadding(self.tokenizer)
 
     def test_dataloader(self) -> DataLoader:
+        rank_zero_info(
+            f"GLUE {self.task}: test evaluates the validation (dev) split; GLUE's test labels are not public"
+        )
         return self._loader("validation")
 
     def predict_dataloader(self) -> DataLoader:

@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import shutil
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,17 @@ class FineTuningModule(L.LightningModule, ABC):
         self._resumed_from: dict[str, Any] | None = None  # the loaded checkpoint's epochs, step, schedule
         if self.method.parameter_efficient:
             self.strict_loading = False  # checkpoints carry the adapter only; see on_save_checkpoint
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``; the method comes from the checkpoint's hyper-parameters.
+        An adapter-only checkpoint holds none of the frozen backbone's weights (they are rebuilt from
+        ``backbone``), so Lightning's list of keys "not in the checkpoint" is expected and not shown;
+        the adapter's own keys are checked strictly."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+            warnings.filterwarnings("ignore", message="The state dict in .* contains no parameters")
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def save_method_hyperparameter(self) -> None:
         """Keep the method's description among the hyper-parameters (after ``save_hyperparameters``),

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.modules.base import FineTuningModule
 from spec_lightning.modules.metrics import GroupedAccuracy
+from spec_lightning.pretrained import load_pretrained
 
 IGNORE_INDEX = -100
 
@@ -60,7 +61,7 @@ class CausalLMModule(FineTuningModule):
         self.choice_accuracy = nn.ModuleDict({s: GroupedAccuracy() for s in ("val", "test")})
 
     def load_backbone(self, name_or_path: str) -> nn.Module:
-        base = AutoModelForCausalLM.from_pretrained(name_or_path)
+        base = load_pretrained(AutoModelForCausalLM, name_or_path, self.hparams.head)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = base.config.eos_token_id
         return base

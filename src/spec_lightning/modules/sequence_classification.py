@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.modules.base import FineTuningModule
 from spec_lightning.modules.metrics import task_metrics
+from spec_lightning.pretrained import load_pretrained
 
 
 class SequenceClassificationModule(FineTuningModule):
@@ -56,8 +57,11 @@ class SequenceClassificationModule(FineTuningModule):
     RUN_FACTS = ("backbone", "task", "num_labels")
 
     def load_backbone(self, name_or_path: str) -> nn.Module:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=self.hparams.num_labels
+        base = load_pretrained(
+            AutoModelForSequenceClassification,
+            name_or_path,
+            self.hparams.head,
+            num_labels=self.hparams.num_labels,
         )
         if base.config.pad_token_id is None:  # decoders classify at the last non-pad token
             base.config.pad_token_id = base.config.eos_token_id
