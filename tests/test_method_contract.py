@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import peft
@@ -10,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from spec_lightning import GLUEDataModule, SequenceClassificationModule
+from spec_lightning import GLUEDataModule, SequenceClassificationModule, load_adapter
+from spec_lightning.adapters import adapter_description
 from tests.conftest import BACKBONE_TARGETS, METHODS
 
 SENTENCES = ["the movie was good", "the plot was very bad not fine", "awful"]
@@ -119,6 +121,39 @@ def test_merged_equals_unmerged(backbone: tuple[str, str], method_name: str) -> 
     merged = module.merged_model().eval()
     assert not isinstance(merged, peft.PeftModel)
     torch.testing.assert_close(merged(**inputs).logits, logits(module, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_an_exported_adapter_rebuilds_the_model_on_a_bare_base(
+    backbone: tuple[str, str], method_name: str, tmp_path: Path
+) -> None:
+    """peft's PeftModel.from_pretrained feel for every method: the folder alone (method, arguments, head
+    names, base model) turns a freshly loaded base model into the fine-tuned one, merged or not."""
+    module = build(backbone, method_name)
+    inputs = batch(backbone[1])
+    train_steps(module, inputs)
+    perturb_trainable(module, inputs)
+    if method_name == "adalora":  # a step: its hook zeroes again the pruned ranks that the noise moved
+        train_steps(module, inputs, steps=1)
+    folder = module.export(tmp_path / "adapter", adapter_only=True)
+    expected = logits(module, inputs)
+
+    def base() -> torch.nn.Module:
+        torch.manual_seed(123)  # another head initialisation than the trained module's
+        model = AutoModelForSequenceClassification.from_pretrained(backbone[1], num_labels=2)
+        if model.config.pad_token_id is None:  # GPT-2, as SequenceClassificationModule sets it
+            model.config.pad_token_id = model.config.eos_token_id
+        return model
+
+    assert not torch.allclose(base().eval()(**inputs).logits, expected, atol=1e-3)
+    rebuilt = load_adapter(base(), folder).eval()
+    torch.testing.assert_close(rebuilt(**inputs).logits, expected, atol=1e-5, rtol=1e-4)
+    if module.method.mergeable:
+        merged = load_adapter(base(), folder, merge=True).eval()
+        assert not isinstance(merged, peft.PeftModel)
+        torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-5, rtol=1e-4)
+    description = adapter_description(folder)
+    assert description is not None and description["head"] == ["classifier", "score"]
+    assert description["base_model_name_or_path"] == backbone[1]
 
 
 def test_fast_dev_run(backbone: tuple[str, str], method_name: str, sst2_dir: str) -> None:

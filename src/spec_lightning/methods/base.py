@@ -10,6 +10,7 @@ adds an optional regulariser to the objective and an optional hook after each op
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -204,11 +205,17 @@ def freeze_except_head(model: nn.Module, head: Sequence[str]) -> None:
 
 
 def describe(value: Any) -> Any:
-    """A plain, JSON-able description of a method's configuration: class path and public init args,
-    recursively (nested methods, dataclasses such as GraphConfig, sequences). It is the adapter's
-    ``adapter_config.json`` and what a checkpoint records of its method."""
+    """A plain, JSON-able description of a method's configuration: class path and init args (the
+    constructor's parameters, which every method keeps as attributes of the same names), recursively
+    (nested methods, dataclasses such as GraphConfig, sequences). It is the adapter's
+    ``adapter_config.json``, what a checkpoint records of its method, and what
+    :func:`spec_lightning.adapters.build_method` builds a method from again."""
     if isinstance(value, FineTuningMethod):
-        args = {k: describe(v) for k, v in vars(value).items() if not k.startswith("_")}
+        parameters = inspect.signature(type(value).__init__).parameters.values()
+        named = [
+            p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        args = {name: describe(getattr(value, name)) for name in named}
         return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": args}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}

@@ -92,7 +92,9 @@ class FineTuningModule(L.LightningModule, ABC):
         ``backbone``), so Lightning's list of keys "not in the checkpoint" is expected and not shown;
         the adapter's own keys are checked strictly."""
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+            warnings.filterwarnings(
+                "ignore", message="Found keys that are in the model state dict but not in"
+            )
             warnings.filterwarnings("ignore", message="The state dict in .* contains no parameters")
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
@@ -395,11 +397,24 @@ def _without_training_only(value: Any) -> Any:
 
 
 def _same_fact(key: str, saved: Any, current: Any) -> bool:
-    """Equal facts; a backbone given as two spellings of one local folder counts as equal, and the
-    method's training-only arguments (dropout) may differ."""
+    """Equal facts; a backbone given as two spellings of one local folder counts as equal, the
+    method's training-only arguments (dropout) may differ, and arguments that only one side records
+    (a checkpoint from before a description changed) are not compared."""
     if key == "backbone" and isinstance(saved, str) and isinstance(current, str):
         return saved == current or (Path(saved).exists() and Path(saved).resolve() == Path(current).resolve())
-    return _without_training_only(saved) == _without_training_only(current)
+    return _shared(_without_training_only(saved), current) == _shared(_without_training_only(current), saved)
+
+
+def _shared(value: Any, other: Any) -> Any:
+    """``value`` with the init args that ``other`` does not record left out, recursively."""
+    if isinstance(value, dict) and isinstance(other, dict):
+        if "init_args" in value and isinstance(other.get("init_args"), dict):
+            args, theirs = value["init_args"], other["init_args"]
+            return {**value, "init_args": {k: _shared(v, theirs[k]) for k, v in args.items() if k in theirs}}
+        return {k: _shared(v, other.get(k)) for k, v in value.items()}
+    if isinstance(value, list) and isinstance(other, list) and len(value) == len(other):
+        return [_shared(v, o) for v, o in zip(value, other, strict=True)]
+    return value
 
 
 def start_next_epoch_cleanly(checkpoint: dict[str, Any]) -> None:
