@@ -337,3 +337,54 @@ def test_a_pickled_payload_is_refused_by_every_command(tiny_bert: str, sst2_dir:
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.ckpt")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_subcommand_and_no_optimizer_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fit", "validate", "test", "export", "reproduce"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--optimizer", "torch.optim.SGD"])
+    assert "--optimizer" in capsys.readouterr().err  # not offered: the module's own optimiser is used
+
+
+def test_default_root_dir_decides_where_runs_write_and_a_fast_dev_run_writes_nothing(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(
+        ["fit", *composed_args(tiny_bert, sst2_dir), "--trainer.max_steps=1", "--trainer.limit_val_batches=1"]
+        + [f"--trainer.default_root_dir={tmp_path / 'root'}"]
+    )
+    assert Path(cli.trainer.log_dir) == tmp_path / "root" / "logs" / "run" / "version_0"
+    assert (Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt").is_file()
+    before = set(tmp_path.iterdir())
+    build_cli(["fit", *composed_args(tiny_bert, sst2_dir), "--trainer.fast_dev_run=true"])
+    assert set(tmp_path.iterdir()) == before  # Lightning's save_last would have written ./checkpoints
+
+
+def test_a_foreign_lightning_module_runs_from_the_cli(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
+    """Any LightningModule with a backbone (and, for GLUE, task and num_labels) argument is a --model."""
+    cli = build_cli(
+        ["fit", *composed_args(tiny_bert, sst2_dir), "--model", "tests.user_model.BackboneClassifier"]
+        + [
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert type(cli.model).__name__ == "BackboneClassifier" and cli.trainer.global_step == 2
+    assert cli.model.hparams.task == "sst2" and "val_accuracy" in cli.trainer.callback_metrics
+
+
+def test_glue_test_says_it_evaluates_the_dev_split(
+    tiny_bert: str, sst2_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from spec_lightning import GLUEDataModule
+
+    data = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8)
+    data.setup("test")
+    with caplog.at_level("INFO"):
+        data.test_dataloader()
+    assert "test evaluates the validation (dev) split" in caplog.text

@@ -50,3 +50,27 @@ def probe_step(
     x, y = batch
     loss = F.mse_loss(self(x), y)
     return loss, -loss.detach()
+
+
+class BackboneClassifier(L.LightningModule):
+    """A user's own module for the CLI's protocol: ``backbone``, ``task`` and ``num_labels`` arguments,
+    dict batches with ``labels``; the rest is plain Lightning."""
+
+    def __init__(self, backbone: str, task: str = "sst2", num_labels: int = 2, lr: float = 1e-3) -> None:
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification
+
+        self.save_hyperparameters()
+        self.net = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=num_labels)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.net(**batch).loss
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.net(**batch)
+        self.log("val_accuracy", (out.logits.argmax(-1) == batch["labels"]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

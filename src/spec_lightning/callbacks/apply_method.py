@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
 from spec_lightning.callbacks.strategy import KeyedCallback
-from spec_lightning.methods.base import FineTuningMethod, describe
+from spec_lightning.methods.base import FineTuningMethod, Regularization, describe
 
 
 class ApplyMethod(KeyedCallback):
@@ -25,9 +26,10 @@ class ApplyMethod(KeyedCallback):
       with ``requires_grad``, or rely on the optimiser skipping parameters without gradients) and before
       a checkpoint is restored into it.
     - The method's regulariser joins the objective, L = task_weight · L_task + weight · R: after the
-      module's backward of L_task, the gradients are scaled by task_weight and weight · R is
-      back-propagated into them (divided by ``accumulate_grad_batches`` as Lightning divides the loss,
-      and through the precision plugin's gradient scaler where there is one). ``train/<name>`` is logged.
+      module's backward of L_task, that backward's share of the gradients is scaled by task_weight
+      and weight · R is back-propagated into them (divided by ``accumulate_grad_batches`` as Lightning
+      divides the loss, and through the precision plugin's gradient scaler where there is one).
+      ``train/<name>`` is logged.
     - ``method.on_optimizer_step(model, step)`` runs after every optimiser step (AdaLoRA's rank
       reallocation).
 
@@ -55,6 +57,8 @@ class ApplyMethod(KeyedCallback):
         self.head = list(head)
         self._applied = False
         self._last_step = 0
+        self._term: Regularization | None = None
+        self._before: dict[torch.Tensor, torch.Tensor] = {}
 
     def key_arguments(self) -> Mapping[str, Any]:
         return {"method": type(self.method).__qualname__, "attribute": self.attribute}
@@ -96,14 +100,26 @@ class ApplyMethod(KeyedCallback):
         self._last_step = trainer.global_step
 
     @override
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._term = self.method.regularization(self.model(pl_module))
+        if self._term is not None and self._term.task_weight != 1.0:  # to scale this backward's share only
+            self._before = {p: p.grad.clone() for p in pl_module.parameters() if p.grad is not None}
+
+    @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        term = self.method.regularization(self.model(pl_module))
+        term, self._term = self._term, None
         if term is None:
             return
-        if term.task_weight != 1.0:
+        if term.task_weight != 1.0:  # g ← g_before + task_weight · (g − g_before)
             for p in pl_module.parameters():
                 if p.grad is not None:
-                    p.grad.mul_(term.task_weight)
+                    before = self._before.get(p)
+                    p.grad = (
+                        term.task_weight * p.grad if before is None else before.lerp(p.grad, term.task_weight)
+                    )
+            self._before = {}
         value = term.weight * term.value / trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if value.requires_grad:

@@ -96,12 +96,6 @@ class SpectrumMonitor(KeyedCallback):
         if self.name is None and len(monitors) > 1:
             targets = self.target_modules or ["default"]
             self.prefix = "spectrum_" + "_".join(re.sub(r"[^A-Za-z0-9_.-]", "-", t) for t in targets)
-        keys = [c.state_key for c in monitors]
-        if len(set(keys)) < len(keys):
-            raise MisconfigurationException(
-                "SpectrumMonitor: two monitors with the same targets, top_k and name would share their files "
-                "and checkpoint state; give each a different name="
-            )
 
     def _targets(self, pl_module: L.LightningModule) -> dict[str, Any]:
         candidates = [self.target_modules] if self.target_modules is not None else DEFAULT_TARGETS

@@ -1,0 +1,1 @@
+"""A Lightning project that knows nothing of spec_lightning but reuses its callbacks and methods."""
