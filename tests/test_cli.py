@@ -42,6 +42,13 @@ DECODER = [
     CONFIGS / "instruction" / "alpaca.yaml",
     CONFIGS / "mmlu" / "smollm2.yaml",
 ]
+#: SmolLM2 classifiers, one per callback: the callback each config exists to show.
+SMOLLM2 = {
+    CONFIGS / "smollm2" / "mftc_sst2.yaml": "ModuleSearch",
+    CONFIGS / "smollm2" / "spectrum_monitor_sst2.yaml": "SpectrumMonitor",
+    CONFIGS / "smollm2" / "gradient_filter_sst2.yaml": "SpectralGradientFilter",
+    CONFIGS / "smollm2" / "spectral_importance_sst2.yaml": "SpectralImportance",
+}
 #: Reproduction grids and the callback overlays their composed runs add.
 REPRODUCE = sorted((CONFIGS / "reproduce").rglob("*.yaml"))
 #: Overlays added after an experiment config (the graph-spectral ablation and few-shot subsets).
@@ -69,6 +76,7 @@ def test_every_yaml_is_covered() -> None:
         *DECODER,
         *REPRODUCE,
         CONFIGS / "mftc" / "lora_matched.yaml",
+        *SMOLLM2,
     }
     assert set(CONFIGS.rglob("*.yaml")) == covered
 
@@ -388,3 +396,44 @@ def test_glue_test_says_it_evaluates_the_dev_split(
     with caplog.at_level("INFO"):
         data.test_dataloader()
     assert "test evaluates the validation (dev) split" in caplog.text
+
+
+#: LoRSA sized for the tiny Llama's 16 x 32 value projection.
+TINY_LORSA = [
+    f"--model.init_args.method.init_args.{k}={v}"
+    for k, v in (("top_k", 8), ("num_components", 4), ("rank", 2))
+]
+
+
+@pytest.mark.parametrize("config", list(SMOLLM2), ids=lambda p: p.stem)
+def test_smollm2_callback_configs_run_on_a_tiny_llama(
+    config: Path, tiny_llama_lm: str, sst2_dir: str, tmp_path: Path
+) -> None:
+    """Each SmolLM2 config as it is (Llama block rules and callback defaults included), on a tiny Llama
+    with SmolLM2's shape (grouped-query attention) and SST-2-shaped data made here."""
+    cli = build_cli(
+        ["fit", "--config", str(config), f"--model.init_args.backbone={tiny_llama_lm}"]
+        + [f"--data.init_args.data_dir={sst2_dir}", "--trainer.max_steps=22", "--trainer.limit_val_batches=1"]
+        + [f"--trainer.default_root_dir={tmp_path}"]
+        + (TINY_LORSA if SMOLLM2[config] == "SpectralImportance" else [])
+    )
+    assert cli.trainer.global_step == 22 and type(cli.model.model).__name__.startswith(("Llama", "Peft"))
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == SMOLLM2[config])
+    log_dir = Path(cli.trainer.log_dir)
+    if SMOLLM2[config] == "ModuleSearch":
+        assert callback.selected is not None and (log_dir / "module_search.json").is_file()
+        clustering = next(c for c in cli.trainer.callbacks if type(c).__name__ == "DynamicSpectralClustering")
+        # 2 layers x (4 query heads, 2 key and 2 value heads of 8 dims, 4 output heads, 2 + 2 + 2 FFN groups)
+        assert clustering.block_map.num_blocks == 2 * (4 + 2 + 2 + 4 + 2 + 2 + 2)
+    elif SMOLLM2[config] == "SpectrumMonitor":
+        assert set(callback.reference) == {
+            f"model.base_model.model.model.layers.{i}.self_attn.{p}"
+            for i in range(2)
+            for p in ("q_proj", "v_proj")
+        }
+    elif SMOLLM2[config] == "SpectralGradientFilter":
+        assert {g.name.rsplit(".", 2)[0] for g in callback.graphs.groups} >= {
+            "model.base_model.model.model.layers.*.self_attn.q_proj.lora_A"
+        }
+    else:
+        assert len(callback.selected) == 4 and (log_dir / "spectral_importance.csv").is_file()

@@ -45,6 +45,13 @@ class SpectralGradientFilter(KeyedCallback):
     1 − Σ||F G||² / Σ||G||², is logged as ``spectral_filter/energy_removed``. Edge weights, the
     gradient-similarity averages and the step count are kept in the checkpoint.
 
+    What it can filter: a ``cross_layer`` graph joins one parameter role across numbered layers
+    (``layers.<i>.``), so its nodes must share a shape; with automatic targets, roles whose layers
+    differ in shape (LoRSA with ``budget="global"``) are left out with a warning.
+    ``GraphConfig(groups=...)`` names the nodes of models without numbered layers, and ``rows``
+    graphs (one per matrix, its rows as nodes) need no layer structure. Targets name modules as peft
+    does: ``lora_A`` covers ``lora_A.default``.
+
     Works on any LightningModule (public hooks only). Under DDP every rank filters the same
     all-reduced gradient, so no communication is needed; FSDP is refused (the message says why).
 
