@@ -61,8 +61,14 @@ def net_logits(net: torch.nn.Module) -> torch.Tensor:
 
 # ---- the example project, end to end ---------------------------------------------------------------
 def test_lorsa_with_every_spectral_callback_on_a_foreign_module_exports_and_rebuilds(tmp_path: Path) -> None:
-    outcome = example.lorsa_run(tmp_path, steps=15)
+    outcome = example.lorsa_run(tmp_path, steps=15, resume_at=10)
     callbacks, net = outcome.callbacks, outcome.model.net
+    # Resumed: the selection is the first run's, and each monitor kept its own reference and rows.
+    first = outcome.callbacks["first_importance"].selected
+    assert all(torch.equal(first[n], ix) for n, ix in callbacks["importance"].selected.items())
+    for key in ("monitor_q", "monitor_v"):
+        snapshots = {(row["stage"], row["step"]) for row in callbacks[key].rows}
+        assert snapshots == {("start", 0), ("end", 15)}  # a fresh monitor would add ("start", 10)
     layers = lorsa_layers(net)
     assert len(layers) == 6  # q_proj and v_proj of three layers
     assert {n.removeprefix("net."): ix.tolist() for n, ix in callbacks["importance"].selected.items()} == {

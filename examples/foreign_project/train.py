@@ -7,7 +7,8 @@ Three runs, each a plain ``trainer.fit(model, train_loader, val_loader)``:
 1. LoRSA applied by :class:`~spec_lightning.ApplyMethod`, its components chosen by
    :class:`~spec_lightning.SpectralImportance` (calibrated on the fit's own loader), two
    :class:`~spec_lightning.SpectrumMonitor` s and a :class:`~spec_lightning.SpectralGradientFilter`;
-   the adapter is exported and rebuilt on a bare model with :func:`~spec_lightning.load_adapter`.
+   interrupted, resumed from its checkpoint, and the adapter exported and rebuilt on a bare model
+   with :func:`~spec_lightning.load_adapter`.
 2. Full fine-tuning with :class:`~spec_lightning.DynamicSpectralClustering` and
    :class:`~spec_lightning.ModuleSearch` (the project's own probe function), interrupted, resumed from
    its checkpoint, and its trained slices loaded into a bare model.
@@ -84,23 +85,29 @@ def trainer(root: Path, steps: int, callbacks: list[L.Callback]) -> L.Trainer:
     )
 
 
-def lorsa_run(root: Path, steps: int) -> Outcome:
-    """LoRSA + SpectralImportance + two SpectrumMonitors + SpectralGradientFilter, export, rebuild."""
-    model = TextClassifier()
-    train, validation = loaders()
-    apply = ApplyMethod(LoRSA(target_modules=["q_proj", "v_proj"], num_components=8, rank=2), "net", ["head"])
-    callbacks: dict[str, Any] = {
-        "apply": apply,
+def lorsa_callbacks() -> dict[str, Any]:
+    lorsa = LoRSA(target_modules=["q_proj", "v_proj"], num_components=8, rank=2)
+    return {
+        "apply": ApplyMethod(lorsa, "net", ["head"]),
         "importance": SpectralImportance(num_samples=64, batch_size=16),
         "monitor_q": SpectrumMonitor(target_modules=["q_proj"], top_k=4),
         "monitor_v": SpectrumMonitor(target_modules=["v_proj"], top_k=4),
         "filter": SpectralGradientFilter(GraphConfig(targets=("q_proj", "v_proj")), filter="heat", tau=0.5),
     }
-    fitted = trainer(root, steps, list(callbacks.values()))
-    fitted.fit(model, train, validation)
-    apply.export_adapter(model, root / "adapter")
+
+
+def lorsa_run(root: Path, steps: int, resume_at: int) -> Outcome:
+    """LoRSA + SpectralImportance + two SpectrumMonitors + SpectralGradientFilter: stopped at
+    ``resume_at`` steps, resumed to ``steps``, then the adapter is exported and rebuilt on a bare model."""
+    train, validation = loaders()
+    first = lorsa_callbacks()
+    trainer(root, resume_at, list(first.values())).fit(TextClassifier(), train, validation)
+    model, callbacks = TextClassifier(), lorsa_callbacks()
+    resumed = trainer(root, steps, list(callbacks.values()))
+    resumed.fit(model, train, validation, ckpt_path=str(root / "checkpoints" / "last.ckpt"))
+    callbacks["apply"].export_adapter(model, root / "adapter")
     rebuilt = load_adapter(base_model(), root / "adapter")
-    return Outcome(fitted, model, callbacks, rebuilt)
+    return Outcome(resumed, model, {**callbacks, "first_importance": first["importance"]}, rebuilt)
 
 
 def mftc_callbacks() -> dict[str, Any]:
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/foreign_project"))
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
-    lorsa = lorsa_run(args.out / "lorsa", args.steps)
+    lorsa = lorsa_run(args.out / "lorsa", args.steps, resume_at=args.steps // 2)
     mftc = mftc_run(args.out / "mftc", args.steps, resume_at=args.steps // 2)
     graph = graph_spectral_run(args.out / "graph_spectral", args.steps)
     for name, outcome in (("lorsa", lorsa), ("mftc", mftc), ("graph_spectral", graph)):
