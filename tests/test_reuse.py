@@ -162,6 +162,33 @@ def test_apply_method_gradient_is_that_of_the_joint_objective(tmp_path: Path, ob
         torch.testing.assert_close(grabber.grads[name], grad, msg=name)
 
 
+class StepRecorder(FullFineTuning):
+    """Full fine-tuning that records the steps its optimiser hook is called with."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_optimizer_step(self, model: torch.nn.Module, global_step: int) -> None:
+        self.steps.append(global_step)
+
+
+def test_apply_method_calls_the_step_hook_once_per_optimiser_step(tmp_path: Path) -> None:
+    """With two accumulated batches per step, three steps call the hook three times, with the index of
+    the step just taken (0, 1, 2), as FineTuningModule.optimizer_step does."""
+    method = StepRecorder()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    callbacks = [ApplyMethod(method, attribute=""), checkpoint]
+    quiet_trainer(tmp_path, 3, callbacks, accumulate_grad_batches=2, enable_checkpointing=True).fit(
+        LayerStack()
+    )
+    assert method.steps == [0, 1, 2]
+    resumed = StepRecorder()  # resumed mid-epoch at step 3, the first batch is an accumulation batch
+    callbacks = [ApplyMethod(resumed, attribute=""), ModelCheckpoint(dirpath=tmp_path / "b")]
+    trainer = quiet_trainer(tmp_path, 5, callbacks, accumulate_grad_batches=2, enable_checkpointing=True)
+    trainer.fit(LayerStack(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.steps == [3, 4]
+
+
 def test_apply_method_calls_the_step_hook_and_a_missing_call_warns(tiny_bert: str, tmp_path: Path) -> None:
     """AdaLoRA reallocates ranks after every optimiser step: through ApplyMethod it does; applied by
     hand in a loop that never calls the hook, a warning says so once."""
@@ -342,3 +369,24 @@ def test_importing_the_package_loads_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_run_facts_compare_the_arguments_both_sides_record() -> None:
+    """A checkpoint written before a method's description gained (or lost) an argument still loads; an
+    argument both record must agree, nested methods included."""
+    from spec_lightning.modules.base import _same_fact
+
+    def lora(**args: object) -> dict[str, object]:
+        return {"class_path": "spec_lightning.LoRA", "init_args": {"r": 8, "alpha": 16, **args}}
+
+    def graph(inner: dict[str, object], **args: object) -> dict[str, object]:
+        return {"class_path": "spec_lightning.GraphSpectral", "init_args": {"method": inner, **args}}
+
+    assert _same_fact("method", lora(), lora(target_r=4))
+    assert _same_fact("method", lora(old_flag=True), lora())
+    assert _same_fact("method", lora(dropout=0.1), lora(dropout=0.0))  # training-only
+    assert not _same_fact("method", lora(), lora(r=4))
+    assert not _same_fact("method", graph(lora()), graph(lora(r=4)))
+    assert not _same_fact("method", graph(lora(), spectral_weight=0.1), graph(lora(), spectral_weight=0.2))
+    assert _same_fact("method", graph(lora(), supports_fsdp=False), graph(lora()))
+    assert not _same_fact("method", lora(), {**lora(), "class_path": "spec_lightning.DoRA"})
