@@ -18,6 +18,7 @@ Three runs, each a plain ``trainer.fit(model, train_loader, val_loader)``:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,15 +97,24 @@ def lorsa_callbacks() -> dict[str, Any]:
     }
 
 
+def fit_then_resume(
+    root: Path, steps: int, resume_at: int, make_callbacks: Callable[[], dict[str, Any]]
+) -> tuple[L.Trainer, TextClassifier, dict[str, Any], dict[str, Any]]:
+    """Fit to ``resume_at`` steps, then a new model with new callbacks resumes from the checkpoint to
+    ``steps``. Returns the resumed trainer and model, the first callbacks and the resumed ones."""
+    train, validation = loaders()
+    first = make_callbacks()
+    trainer(root, resume_at, list(first.values())).fit(TextClassifier(), train, validation)
+    model, callbacks = TextClassifier(), make_callbacks()
+    resumed = trainer(root, steps, list(callbacks.values()))
+    resumed.fit(model, train, validation, ckpt_path=str(root / "checkpoints" / "last.ckpt"))
+    return resumed, model, first, callbacks
+
+
 def lorsa_run(root: Path, steps: int, resume_at: int) -> Outcome:
     """LoRSA + SpectralImportance + two SpectrumMonitors + SpectralGradientFilter: stopped at
     ``resume_at`` steps, resumed to ``steps``, then the adapter is exported and rebuilt on a bare model."""
-    train, validation = loaders()
-    first = lorsa_callbacks()
-    trainer(root, resume_at, list(first.values())).fit(TextClassifier(), train, validation)
-    model, callbacks = TextClassifier(), lorsa_callbacks()
-    resumed = trainer(root, steps, list(callbacks.values()))
-    resumed.fit(model, train, validation, ckpt_path=str(root / "checkpoints" / "last.ckpt"))
+    resumed, model, first, callbacks = fit_then_resume(root, steps, resume_at, lorsa_callbacks)
     callbacks["apply"].export_adapter(model, root / "adapter")
     rebuilt = load_adapter(base_model(), root / "adapter")
     return Outcome(resumed, model, {**callbacks, "first_importance": first["importance"]}, rebuilt)
@@ -128,12 +138,7 @@ def mftc_callbacks() -> dict[str, Any]:
 def mftc_run(root: Path, steps: int, resume_at: int) -> Outcome:
     """DSCA + ModuleSearch on full fine-tuning: stopped at ``resume_at`` steps, resumed to ``steps``,
     then the trained slices alone are loaded into a bare model."""
-    train, validation = loaders()
-    first = mftc_callbacks()
-    trainer(root, resume_at, list(first.values())).fit(TextClassifier(), train, validation)
-    model, callbacks = TextClassifier(), mftc_callbacks()
-    resumed = trainer(root, steps, list(callbacks.values()))
-    resumed.fit(model, train, validation, ckpt_path=str(root / "checkpoints" / "last.ckpt"))
+    resumed, model, first, callbacks = fit_then_resume(root, steps, resume_at, mftc_callbacks)
     slices = callbacks["search"].export(model, root / "slices", module=model.net)
     rebuilt = base_model()
     load_slices(rebuilt, slices)
