@@ -105,9 +105,41 @@ def test_unknown_task() -> None:
         GLUEDataModule("sst3")  # type: ignore[arg-type]
 
 
-def test_missing_folder_and_file(tiny_bert: str, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="is not a folder"):
+def test_a_missing_local_folder_falls_back_to_the_hub_or_names_both_sources(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clone without ../shared: the hub's copy with a one-line notice, or, offline, one error that
+    names the missing folder, the hub dataset and how to provide either."""
+    import datasets
+
+    from spec_lightning.data import glue
+
+    asked = []
+
+    def hub(name: str, task: str) -> datasets.DatasetDict:
+        asked.append((name, task))
+        split = {"sentence": ["a good film", "a bad film"], "label": [1, 0], "idx": [0, 1]}
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(split) for s in ("train", "validation")})
+
+    monkeypatch.setattr(glue.datasets, "load_dataset", hub)
+    data = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(tmp_path / "nope"), batch_size=2)
+    with caplog.at_level("INFO"):
+        data.setup("fit")
+    assert asked == [("nyu-mll/glue", "sst2")] and len(data.splits["train"]) == 2
+    assert "nope' does not exist; loading nyu-mll/glue sst2 from the hub instead" in caplog.text
+
+    def offline(name: str, task: str) -> None:
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+
+    monkeypatch.setattr(glue.datasets, "load_dataset", offline)
+    both = (
+        r"data_dir=.*nope' does not exist, and the hub dataset 'nyu-mll/glue'.*ConnectionError.*Either point"
+    )
+    with pytest.raises(FileNotFoundError, match=both):
         GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(tmp_path / "nope")).setup("fit")
+
+
+def test_missing_folder_and_file(tiny_bert: str, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"train\.tsv is missing"):
         GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(tmp_path)).setup("fit")
     with pytest.raises(FileNotFoundError, match="does not exist"):

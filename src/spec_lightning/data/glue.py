@@ -83,20 +83,41 @@ class GLUEDataModule(TokenizedDataModule):
         if hp.data_files:
             self._sources = {self._split_name(s): str(path) for s, path in hp.data_files.items()}
             return {split: self._load_file(Path(path)) for split, path in hp.data_files.items()}
+        if hp.data_dir and not Path(hp.data_dir).is_dir():
+            return self._load_hub(missing=hp.data_dir)
         if hp.data_dir:
             folder = Path(hp.data_dir)
-            if not folder.is_dir():
-                raise FileNotFoundError(
-                    f"data.init_args.data_dir={hp.data_dir!r} is not a folder; point it at a GLUE TSV folder "
-                    "(with train.tsv and dev.tsv) or use data_files"
-                )
             found = {s: folder / f for s, f in self.spec.tsv_files.items() if (folder / f).is_file()}
             if "train" not in found:
                 raise FileNotFoundError(f"{folder / self.spec.tsv_files['train']} is missing")
             self._sources = {self._split_name(s): str(path) for s, path in found.items()}
             return {split: self._load_file(path) for split, path in found.items()}
-        loaded = datasets.load_dataset(hp.hub_name, self.task)
-        return dict(loaded)
+        return self._load_hub()
+
+    def _load_hub(self, missing: str | None = None) -> dict[str, datasets.Dataset]:
+        """``hub_name``/``task`` from the hub; where a configured local folder is ``missing``, say so in
+        one line first, and if the hub fails too, name both sources and how to provide either."""
+        hp = self.hparams
+        if missing is not None:
+            rank_zero_info(
+                f"GLUE {self.task}: data.init_args.data_dir={missing!r} does not exist; loading "
+                f"{hp.hub_name} {self.task} from the hub instead"
+            )
+        try:
+            return dict(datasets.load_dataset(hp.hub_name, self.task))
+        except Exception as error:  # offline, unknown dataset, no access: all end the same way here
+            local = (
+                f"the local folder data.init_args.data_dir={missing!r} does not exist, and "
+                if missing is not None
+                else ""
+            )
+            raise FileNotFoundError(
+                f"GLUE {self.task}: no data: {local}the hub dataset {hp.hub_name!r} ({self.task}) could not "
+                f"be loaded ({type(error).__name__}: {str(error)[:200]}). Either point "
+                "data.init_args.data_dir at a GLUE TSV folder (train.tsv and dev.tsv, e.g. "
+                "../shared/data/glue/SST-2 beside this repository) or data_files at local files, or give "
+                "this machine access to the hub."
+            ) from error
 
     def _load_file(self, path: Path) -> datasets.Dataset:
         if path.suffix == ".tsv" and path.is_file():
