@@ -58,8 +58,9 @@ def resolve_pretrained(name_or_path: str) -> str:
 
 def load_pretrained(auto_class: Any, name_or_path: str, head: Sequence[str] = (), **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(name_or_path, **kwargs)`` with transformers' loading report in one
-    line: weights of the task ``head`` (suffixes) that the checkpoint lacks are expected and stated
-    once; any other missing, unexpected or mismatched weight is warned about by name."""
+    line: weights of the task ``head`` (suffixes) that the checkpoint lacks, or holds for another
+    number of labels (re-initialised), are expected and stated once; any other missing, unexpected or
+    mismatched weight is warned about by name."""
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
     from transformers.utils import logging as hf_logging
 
@@ -69,16 +70,16 @@ def load_pretrained(auto_class: Any, name_or_path: str, head: Sequence[str] = ()
         model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    missing = sorted(info.get("missing_keys", ()))
+    mismatched = [m[0] if isinstance(m, tuple | list) else str(m) for m in info.get("mismatched_keys", ())]
+    missing = sorted({*info.get("missing_keys", ()), *mismatched})
     new_head = [k for k in missing if any(matches(k.rpartition(".")[0], h) for h in head)]
     if new_head:
         rank_zero_info(
             f"{type(model).__name__}: the task head {new_head} starts from random weights (expected)"
         )
     problems = {
-        "missing (randomly initialised)": [k for k in missing if k not in new_head],
+        "missing or of another shape (randomly initialised)": [k for k in missing if k not in new_head],
         "unexpected (ignored)": sorted(info.get("unexpected_keys", ())),
-        "of mismatched shape (re-initialised)": [str(m) for m in info.get("mismatched_keys", ())],
     }
     for what, keys in problems.items():
         if keys:

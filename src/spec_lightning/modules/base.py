@@ -325,7 +325,13 @@ class FineTuningModule(L.LightningModule, ABC):
                 "the model is sharded (FSDP2): merge after gathering, from the checkpoint in one process "
                 "(spec-lightning export --ckpt_path CKPT), whose adapter holds every rank's shards"
             )
-        return self.method.merge(copy.deepcopy(self.model))
+        return self.for_export(self.method.merge(copy.deepcopy(self.model)), owned=True)
+
+    def for_export(self, model: nn.Module, owned: bool) -> nn.Module:
+        """``model`` as it is to be exported, with what the module adds outside its weights (a regression
+        target scale) folded in: ``model`` itself where there is nothing to fold, else a folded copy, or
+        ``model`` folded in place when the caller ``owned`` it. Nothing to fold by default."""
+        return model
 
     def export(self, directory: str | Path, adapter_only: bool = False, overwrite: bool = False) -> Path:
         """Write a merged ``save_pretrained`` folder (with tokenizer), or the adapter alone.
@@ -347,8 +353,9 @@ class FineTuningModule(L.LightningModule, ABC):
         shutil.rmtree(staging, ignore_errors=True)
         try:
             if adapter_only:
+                model = self.for_export(self.model, owned=False)
                 self.method.export_adapter(
-                    self.model, staging, self.hparams.head, portable_name(self.hparams.backbone)
+                    model, staging, self.hparams.head, portable_name(self.hparams.backbone)
                 )
             else:
                 merged.save_pretrained(staging)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from spec_lightning.naming import layer_role, matches
+from spec_lightning.naming import layer_role, within
 
 GraphKind = Literal["cross_layer", "rows"]
 EdgeWeights = Literal["structural", "weight_cosine", "grad_cosine"]
@@ -143,9 +143,7 @@ def group_nodes(
 
 def _is_target(name: str, targets: Sequence[str]) -> bool:
     """Whether the parameter ``name`` or a module that holds it is named by ``targets``."""
-    parts = name.split(".")
-    owners = [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
-    return any(matches(owner, t) for owner in owners for t in targets)
+    return within(name, targets)
 
 
 def _named_group(
