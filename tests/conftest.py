@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -228,3 +229,18 @@ METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
         target_modules=attn, init_r=6, target_r=4, dropout=0.0, total_step=20
     ),
 }
+
+
+def quiet_trainer(root: Path, steps: int, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
+    """A CPU Trainer for ``steps`` optimiser steps (-1: by epochs) that logs, checkpoints and prints
+    nothing unless ``kwargs`` say otherwise, rooted under ``root``."""
+    options: dict[str, object] = {"logger": False, "enable_checkpointing": False, **kwargs}
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+        **options,
+    )

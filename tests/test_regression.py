@@ -13,7 +13,7 @@ from scipy.stats import pearsonr
 from transformers import AutoModelForSequenceClassification
 
 from spec_lightning import FullFineTuning, GLUEDataModule, LoRA, SequenceClassificationModule, load_adapter
-from tests.conftest import WORDS
+from tests.conftest import WORDS, quiet_trainer
 
 
 def write_stsb(folder: Path, n_train: int = 256, n_dev: int = 64, seed: int = 0) -> Path:
@@ -38,15 +38,7 @@ def stsb_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def fit(module: SequenceClassificationModule, data: GLUEDataModule, root: Path, epochs: int) -> L.Trainer:
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, -1, [], max_epochs=epochs)
     trainer.fit(module, data)
     return trainer
 

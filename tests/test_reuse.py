@@ -37,20 +37,8 @@ from spec_lightning import (
 from spec_lightning.methods.lorsa.method import lorsa_layers
 from spec_lightning.pretrained import portable_name
 from spec_lightning.spectral.blocks import BlockRule, bert_blocks, default_blocks, llama_blocks
+from tests.conftest import quiet_trainer
 from tests.user_model import LayerStack
-
-
-def quiet_trainer(root: Path, steps: int, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
-    options: dict[str, object] = {"logger": False, "enable_checkpointing": False, **kwargs}
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-        **options,
-    )
 
 
 @torch.no_grad()
