@@ -94,8 +94,7 @@ class FineTuningMethod(ABC):
             {k: v.contiguous() for k, v in self.adapter_state_dict(model).items()},
             str(directory / ADAPTER_WEIGHTS),
         )
-        config = {**describe(self), **adapter_facts(head, base_model)}
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        describe_in(directory, self, head, base_model, ADAPTER_CONFIG)
 
     def load_exported(self, model: nn.Module, directory: str | Path, head: Sequence[str] = ()) -> nn.Module:
         """The base ``model`` with the adapter that :meth:`export_adapter` wrote into ``directory``."""
@@ -170,12 +169,17 @@ HOOK_EFFECTS = {
 
 
 def describe_in(
-    directory: str | Path, method: FineTuningMethod, head: Sequence[str], base_model: str | None
+    directory: str | Path,
+    method: FineTuningMethod,
+    head: Sequence[str],
+    base_model: str | None,
+    name: str = METHOD_FILE,
 ) -> None:
-    """Write ``spec_lightning.json`` (the method and the adapter's facts) into an adapter folder whose
-    ``adapter_config.json`` is another library's (peft's) or another method's."""
+    """Write the method and the adapter's facts into ``directory/name``: ``adapter_config.json`` of
+    spec_lightning's own format, or ``spec_lightning.json`` beside a folder whose ``adapter_config.json``
+    is another library's (peft's) or another method's."""
     config = {**describe(method), **adapter_facts(head, base_model)}
-    (Path(directory) / METHOD_FILE).write_text(json.dumps(config, indent=2))
+    (Path(directory) / name).write_text(json.dumps(config, indent=2))
 
 
 def adapter_facts(head: Sequence[str], base_model: str | None) -> dict[str, Any]:
