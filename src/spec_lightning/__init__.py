@@ -27,6 +27,7 @@ _EXPORTS = {
     "LoRSA": "spec_lightning.methods",
     "MMLUDataModule": "spec_lightning.data",
     "ModuleSearch": "spec_lightning.callbacks",
+    "PeftTuner": "spec_lightning.methods",
     "PiSSA": "spec_lightning.methods",
     "PreemptionCheckpoint": "spec_lightning.callbacks",
     "SequenceClassificationModule": "spec_lightning.modules",
@@ -61,6 +62,7 @@ __all__ = [
     "LoRSA",
     "MMLUDataModule",
     "ModuleSearch",
+    "PeftTuner",
     "PiSSA",
     "PreemptionCheckpoint",
     "SequenceClassificationModule",
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
         HoulsbyAdapter,
         LoRA,
         LoRSA,
+        PeftTuner,
         PiSSA,
         SpecLoRA,
     )

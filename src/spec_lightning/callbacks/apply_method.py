@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from spec_lightning.calibration import apply_arguments
 from spec_lightning.callbacks.strategy import KeyedCallback
 from spec_lightning.methods.base import FineTuningMethod, Regularization, describe
 
@@ -83,7 +84,10 @@ class ApplyMethod(KeyedCallback):
             target = pl_module
         steps = trainer.estimated_stepping_batches
         adapted = self.method.apply(
-            target, head=self.head, total_steps=None if math.isinf(steps) else int(steps)
+            target,
+            head=self.head,
+            total_steps=None if math.isinf(steps) else int(steps),
+            **apply_arguments(self.method, trainer),
         )
         if self.attribute and adapted is not target:
             parent, _, name = self.attribute.rpartition(".")

@@ -12,10 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
+from spec_lightning.calibration import fit_train_loader, seeded_sample
 from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
 from spec_lightning.spectral import TopKSVD, allocate_components
 from spec_lightning.spectral.importance import SigmaFisher
@@ -153,38 +154,12 @@ class SpectralImportance(KeyedCallback):
         return {name: s.cpu() for name, s in fisher.scores().items()}
 
     def _calibration_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterable[Any]:
-        """``num_samples`` examples drawn without replacement by a generator seeded with ``seed`` from the
-        calibration loader's map-style dataset, or the given batches as they are."""
-        loader = self._calibration_loader(trainer, pl_module)
-        dataset = getattr(loader, "dataset", None)
-        if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__"):
-            return loader
-        if len(dataset) < self.num_samples:
-            raise ValueError(
-                f"SpectralImportance: the calibration set is smaller than requested: the train split has "
-                f"{len(dataset)} examples, num_samples={self.num_samples}. Lower num_samples."
-            )
-        generator = torch.Generator().manual_seed(self.seed)
-        indices = torch.randperm(len(dataset), generator=generator, device="cpu")[: self.num_samples].tolist()
-        return DataLoader(Subset(dataset, indices), batch_size=self.batch_size, collate_fn=loader.collate_fn)
-
-    def _calibration_loader(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterable[Any]:
-        given = self.calibration_dataloader
-        if given is not None:
-            return given if isinstance(given, DataLoader) or not callable(given) else given()
-        if trainer.datamodule is not None:
-            return trainer.datamodule.train_dataloader()
-        # Where trainer.fit(model, train_dataloaders=...) put its loaders (Lightning has no public
-        # accessor before the fit loop starts, which is after the optimisers this selection must precede).
-        source = getattr(trainer.fit_loop, "_data_source", None)
-        if source is not None and source.is_defined():
-            return source.dataloader()
-        raise MisconfigurationException(
-            "SpectralImportance has no calibration data: pass "
-            "SpectralImportance(calibration_dataloader=...), or give the fit a training loader (a "
-            "datamodule, trainer.fit(model, train_dataloaders=loader), "
-            f"or {type(pl_module).__name__}.train_dataloader)"
-        )
+        """The calibration loader's ``num_samples`` seeded examples (:func:`seeded_sample`)."""
+        loader = self.calibration_dataloader
+        if loader is None:
+            fix = "pass SpectralImportance(calibration_dataloader=...)"
+            loader = fit_train_loader(trainer, "SpectralImportance", fix)
+        return seeded_sample(loader, self.num_samples, self.batch_size, self.seed, "SpectralImportance")
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = sum(len(s) for s in self.selected.values())

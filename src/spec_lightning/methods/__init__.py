@@ -14,6 +14,7 @@ _EXPORTS = {
     "HoulsbyAdapter": "spec_lightning.methods.houlsby",
     "LoRA": "spec_lightning.methods.peft_baselines",
     "LoRSA": "spec_lightning.methods.lorsa",
+    "PeftTuner": "spec_lightning.methods.peft_baselines",
     "PiSSA": "spec_lightning.methods.peft_baselines",
     "SpecLoRA": "spec_lightning.methods.speclora",
 }
@@ -27,6 +28,7 @@ __all__ = [
     "HoulsbyAdapter",
     "LoRA",
     "LoRSA",
+    "PeftTuner",
     "PiSSA",
     "SpecLoRA",
 ]
@@ -39,5 +41,5 @@ if TYPE_CHECKING:
     from spec_lightning.methods.graph_spectral import GraphSpectral
     from spec_lightning.methods.houlsby import HoulsbyAdapter
     from spec_lightning.methods.lorsa import LoRSA
-    from spec_lightning.methods.peft_baselines import AdaLoRA, DoRA, LoRA, PiSSA
+    from spec_lightning.methods.peft_baselines import AdaLoRA, DoRA, LoRA, PeftTuner, PiSSA
     from spec_lightning.methods.speclora import SpecLoRA

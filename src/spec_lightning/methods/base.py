@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,11 @@ class FineTuningMethod(ABC):
         Returns:
             The model to train (the same object, or a wrapper around it).
         """
+
+    def calibration_sample(self, loader: Callable[[], Iterable[Any]]) -> Iterable[Any] | None:
+        """The training batches that :meth:`apply` reads as ``calibration=`` (a data-driven
+        initialisation), drawn from the fit's ``loader``; None, the default, for a method that reads none."""
+        return None
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         """The parameters the optimiser updates, in a fixed order."""
@@ -219,10 +224,12 @@ def describe(value: Any) -> Any:
         named = [
             p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
-        args = {name: describe(getattr(value, name)) for name in named}
-        return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": args}
+        args = {name: _describe_argument(getattr(value, name)) for name in named}
+        return {"class_path": _class_path(value), "init_args": args}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, set | frozenset):
+        return sorted(describe(v) for v in value)
     if isinstance(value, list | tuple):
         return [describe(v) for v in value]
     if isinstance(value, dict):
@@ -230,3 +237,39 @@ def describe(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return repr(value)
+
+
+def _describe_argument(value: Any) -> Any:
+    """A method's argument: a dataclass of another library (a peft config, typed by its base class in the
+    method's signature) as ``class_path`` and the ``init_args`` that differ from a default-built one (so
+    fields its constructor derives, such as peft's version, are left out), as jsonargparse reads it;
+    anything else as :func:`describe`."""
+    foreign = dataclasses.is_dataclass(value) and not type(value).__module__.startswith("spec_lightning.")
+    if not foreign or isinstance(value, type):
+        return describe(value)
+    defaults = _defaults(type(value))
+    changed = {
+        f.name: describe(getattr(value, f.name))
+        for f in dataclasses.fields(value)
+        if f.init and getattr(value, f.name) != defaults[f.name]
+    }
+    return {"class_path": _class_path(value), "init_args": changed}
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The field values of a default-built ``cls``; its declared defaults where it needs arguments."""
+    try:
+        default = cls()
+    except (TypeError, ValueError):
+        return {f.name: _declared_default(f) for f in dataclasses.fields(cls)}
+    return {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)}
+
+
+def _declared_default(field: dataclasses.Field[Any]) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _class_path(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
+from spec_lightning.calibration import apply_arguments
 from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.methods.base import describe
@@ -118,7 +119,8 @@ class FineTuningModule(L.LightningModule, ABC):
         base = self.load_backbone(resolve_pretrained(self.hparams.backbone))
         if self.hparams.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = self.method.apply(base, head=self.hparams.head, total_steps=self._total_steps())
+        data = apply_arguments(self.method, self._trainer)
+        model = self.method.apply(base, head=self.hparams.head, total_steps=self._total_steps(), **data)
         broadcast_from_rank0(model)
         if mesh is not None:
             if mesh["tensor_parallel"].size() > 1:

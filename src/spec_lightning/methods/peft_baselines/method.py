@@ -23,7 +23,7 @@ from spec_lightning.naming import matches
 ADALORA_STATE = "adalora_state.safetensors"
 
 
-def _task_type(model: nn.Module) -> peft.TaskType | None:
+def task_type_of(model: nn.Module) -> peft.TaskType | None:
     """peft's task type from the transformers class name: it decides which peft wrapper forwards."""
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
@@ -33,8 +33,57 @@ def _task_type(model: nn.Module) -> peft.TaskType | None:
     return None
 
 
-class PeftMethod(FineTuningMethod):
-    """Shared glue for peft-backed methods.
+class PeftBacked(FineTuningMethod):
+    """What every peft-backed method shares: peft's merge, peft's folder format, and a call of the
+    tuner's ``update_and_allocate`` after every optimiser step where peft has one (AdaLoRA)."""
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()  # type: ignore[operator]
+
+    def export_adapter(
+        self, model: nn.Module, directory: str | Path, head: Sequence[str] = (), base_model: str | None = None
+    ) -> None:
+        """Write the adapter in peft's own format (``PeftModel.from_pretrained`` loads it), with the
+        portable ``base_model`` name in its config instead of the folder it was loaded from, and the
+        method's description beside it."""
+        self.save_peft_folder(model, directory)
+        config_path = Path(directory) / ADAPTER_CONFIG
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_model
+        config_path.write_text(json.dumps(config, indent=2))
+        describe_in(directory, self, head, base_model)
+
+    def save_peft_folder(self, model: nn.Module, directory: str | Path) -> None:
+        """peft's ``save_pretrained``."""
+        model.save_pretrained(str(directory))  # type: ignore[operator]
+
+    def load_exported(self, model: nn.Module, directory: str | Path, head: Sequence[str] = ()) -> nn.Module:
+        """peft's own loader (it also rebuilds AdaLoRA's rank pattern and PiSSA's residual weights)."""
+        return peft.PeftModel.from_pretrained(model, str(directory))
+
+    def watch_step_hook(self, model: nn.Module) -> None:
+        """Warn once if the tuner has a per-step update and training never calls :meth:`on_optimizer_step`."""
+        if has_step_update(model):
+            self.expect_calls(model, ["on_optimizer_step"])
+
+    def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        if has_step_update(model):
+            self._called("on_optimizer_step")
+            model.base_model.update_and_allocate(global_step)  # type: ignore[union-attr,operator]
+
+
+def has_step_update(model: nn.Module) -> bool:
+    """Whether the peft tuner wants ``update_and_allocate(global_step)`` after every optimiser step."""
+    return callable(getattr(getattr(model, "base_model", None), "update_and_allocate", None))
+
+
+def present_heads(model: nn.Module, head: Sequence[str]) -> list[str]:
+    """The head names that name a module of ``model`` (peft's ``modules_to_save``)."""
+    return [h for h in head if any(matches(n, h) for n, _ in model.named_modules())]
+
+
+class PeftMethod(PeftBacked):
+    """LoRA and its variants from typed hyper-parameters.
 
     Args:
         target_modules: names (dotted suffixes) of the linear layers to adapt.
@@ -82,29 +131,10 @@ class PeftMethod(FineTuningMethod):
         targets = find_linear_targets(model, self.target_modules, "method.init_args.target_modules", head)
         for name, module in targets.items():
             check_rank(self.rank_to_check(), module, name, "method.init_args.r")
-        present = [h for h in head if any(matches(n, h) for n, _ in model.named_modules())]
-        config = self.peft_config(_task_type(model), present, total_steps)
-        return peft.get_peft_model(model, config)
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload()  # type: ignore[operator]
-
-    def export_adapter(
-        self, model: nn.Module, directory: str | Path, head: Sequence[str] = (), base_model: str | None = None
-    ) -> None:
-        """Write the adapter in peft's own format (``PeftModel.from_pretrained`` loads it), with the
-        portable ``base_model`` name in its config instead of the folder it was loaded from, and the
-        method's description beside it."""
-        model.save_pretrained(str(directory))  # type: ignore[operator]
-        config_path = Path(directory) / ADAPTER_CONFIG
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = base_model
-        config_path.write_text(json.dumps(config, indent=2))
-        describe_in(directory, self, head, base_model)
-
-    def load_exported(self, model: nn.Module, directory: str | Path, head: Sequence[str] = ()) -> nn.Module:
-        """peft's own loader (it also rebuilds AdaLoRA's rank pattern and PiSSA's residual weights)."""
-        return peft.PeftModel.from_pretrained(model, str(directory))
+        config = self.peft_config(task_type_of(model), present_heads(model, head), total_steps)
+        model = peft.get_peft_model(model, config)
+        self.watch_step_hook(model)
+        return model
 
 
 class LoRA(PeftMethod):
@@ -209,11 +239,6 @@ class AdaLoRA(PeftMethod):
             task_type=task_type,
         )
 
-    def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
-        model = super().apply(model, head, total_steps)
-        self.expect_calls(model, ["on_optimizer_step"])
-        return model
-
     def export_adapter(
         self, model: nn.Module, directory: str | Path, head: Sequence[str] = (), base_model: str | None = None
     ) -> None:
@@ -229,10 +254,6 @@ class AdaLoRA(PeftMethod):
         model = self.apply(model, head=head)
         self.load_adapter_state_dict(model, load_file(str(Path(directory) / ADALORA_STATE)))
         return model
-
-    def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
-        self._called("on_optimizer_step")
-        model.base_model.update_and_allocate(global_step)  # type: ignore[union-attr,operator]
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Trainable tensors, the rank counters, the importance EMAs and the current rank pattern."""
