@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -197,15 +198,21 @@ def test_bad_configs_name_the_fix(tiny_bert: str) -> None:
         PeftTuner({"r": 8})  # type: ignore[arg-type]
 
 
-def test_a_fit_initialises_corda_from_the_datamodule(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrapped", [False, True], ids=["alone", "in_graph_spectral"])
+def test_a_fit_initialises_corda_from_the_datamodule(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, wrapped: bool, recwarn: pytest.WarningsRecorder
+) -> None:
     """SequenceClassificationModule hands a seeded sample of the datamodule's training set to CorDA's
-    covariance pass before the optimiser exists; the fit then trains from W_res + s B₀A₀ = W."""
+    covariance pass before the optimiser exists, through GraphSpectral too; the fit then trains from
+    W_res + s B₀A₀ = W."""
     import lightning as L
 
-    from spec_lightning import GLUEDataModule
+    from spec_lightning import GLUEDataModule, GraphSpectral
 
-    config = CONFIGS["corda"]()
-    module = SequenceClassificationModule(tiny_bert, PeftTuner(config, calibration_samples=64), num_labels=2)
+    method = PeftTuner(CONFIGS["corda"](), calibration_samples=64)
+    if wrapped:
+        method = GraphSpectral(method, spectral_weight=0.1)
+    module = SequenceClassificationModule(tiny_bert, method, num_labels=2)
     data = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8)
     trainer = L.Trainer(
         max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
@@ -213,6 +220,20 @@ def test_a_fit_initialises_corda_from_the_datamodule(tiny_bert: str, sst2_dir: s
     trainer.fit(module, data)
     initial = module.model.initial_adapter
     assert initial and all(t.abs().sum() > 0 for t in initial.values())  # CorDA's factors, not zeros
+    assert not [w for w in recwarn if "was not applied" in str(w.message)]
+
+
+def test_training_a_skipped_data_initialisation_warns_unless_a_state_is_loaded(tiny_bert: str) -> None:
+    batch = inputs(tiny_bert)
+    method, model = tuned(tiny_bert, "eva", with_data=False)
+    with pytest.warns(UserWarning, match="init_lora_weights='eva' was not applied.*calibration="):
+        train(method, model, batch, steps=1)
+    trained_method, trained = tuned(tiny_bert, "eva")
+    method, model = tuned(tiny_bert, "eva", with_data=False)
+    method.load_adapter_state_dict(model, trained_method.adapter_state_dict(trained))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.train()(**batch).loss.backward()
 
 
 #: Overrides that fit the shipped configs to the tiny BERT (32 x 32 matrices, 96 training sentences).

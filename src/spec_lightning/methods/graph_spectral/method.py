@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -73,10 +73,16 @@ class GraphSpectral(FineTuningMethod):
         self._graphs: ParameterGraphs | None = None
         self._reference: dict[str, torch.Tensor] = {}
 
-    def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
-        """Apply the wrapped method, then build the graphs over its trainable tensors and keep θ₀
-        (rank 0's, so that every rank regularises towards the same θ₀)."""
-        model = self.method.apply(model, head, total_steps)
+    def calibration_sample(self, loader: Callable[[], Iterable[Any]]) -> Iterable[Any] | None:
+        return self.method.calibration_sample(loader)
+
+    def apply(
+        self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None, **data: Any
+    ) -> nn.Module:
+        """Apply the wrapped method (with its ``calibration=`` data, where it reads some), then build the
+        graphs over its trainable tensors and keep θ₀ (rank 0's, so that every rank regularises towards
+        the same θ₀)."""
+        model = self.method.apply(model, head, total_steps, **data)
         broadcast_from_rank0(model)
         params = dict(self.method.trainable_parameters(model))
         self._graphs = ParameterGraphs({n: p.shape for n, p in params.items()}, self.graph)

@@ -11,6 +11,7 @@ from typing import Any
 
 import peft
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -131,7 +132,8 @@ class PeftTuner(PeftBacked):
         model whose trained state is loaded next) the adapter gets its structure only."""
         config = self._config_for(model, head, total_steps)
         _check_targets(model, config)
-        if self.init in DATA_INITS and calibration is None:
+        structure_only = self.init in DATA_INITS and calibration is None
+        if structure_only:
             config.init_lora_weights = True
         elif self.init == "corda":
             from peft.tuners.lora.corda import preprocess_corda
@@ -143,6 +145,8 @@ class PeftTuner(PeftBacked):
             peft.initialize_lora_eva_weights(tuned, dataloader=batches, show_progress_bar=False)
         if self.init in RESIDUAL_INITS and config.init_lora_weights is not True:
             tuned.initial_adapter = _lora_factors(tuned)
+        if structure_only:
+            tuned.register_forward_hook(_UninitialisedWatch(self.init))
         self.watch_step_hook(tuned)
         return tuned
 
@@ -170,6 +174,7 @@ class PeftTuner(PeftBacked):
         initial = {k.removeprefix(INITIAL): v for k, v in state.items() if k.startswith(INITIAL)}
         residual = {k.removeprefix(RESIDUAL): v for k, v in state.items() if k.startswith(RESIDUAL)}
         tensors = {k: v for k, v in state.items() if not k.startswith((INITIAL, RESIDUAL))}
+        model.adapter_state_loaded = True
         if initial:
             model.initial_adapter = initial
         with torch.no_grad():
@@ -214,6 +219,26 @@ class PeftTuner(PeftBacked):
                 "--adapter_only) instead."
             )
         return super().merge(model)
+
+
+class _UninitialisedWatch:
+    """Warn once when a model whose data-driven initialisation was skipped (``apply`` got no calibration
+    data) trains without a trained state loaded into it: it trains from peft's plain LoRA start."""
+
+    def __init__(self, init: str) -> None:
+        self.init, self.done = init, False
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.done or not (module.training and torch.is_grad_enabled()):
+            return
+        self.done = True
+        if not getattr(module, "adapter_state_loaded", False):
+            rank_zero_warn(
+                f"PeftTuner: init_lora_weights={self.init!r} was not applied (apply got no calibration data) "
+                "and no trained adapter state was loaded, so this model trains from a plain LoRA start. "
+                "Pass calibration=<batches> to apply, or train with spec_lightning's modules or the "
+                "ApplyMethod callback, which pass a sample of the fit's training data."
+            )
 
 
 def _check_targets(model: nn.Module, config: peft.PeftConfig) -> None:
