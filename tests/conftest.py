@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import peft
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -33,6 +34,7 @@ from spec_lightning.methods import (
     HoulsbyAdapter,
     LoRA,
     LoRSA,
+    PeftTuner,
     PiSSA,
     SpecLoRA,
 )
@@ -227,6 +229,12 @@ METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
     "speclora": lambda attn, out: SpecLoRA(target_modules=attn, r=4, dropout=0.0, top_k=8),
     "adalora": lambda attn, out: AdaLoRA(
         target_modules=attn, init_r=6, target_r=4, dropout=0.0, total_step=20
+    ),
+    # Any peft config through PeftTuner: a LoRA (the generic path of the presets) and FourierFT (a tuner
+    # without a preset; a zero spectrum at init, so that the model starts as the pretrained one).
+    "peft_lora": lambda attn, out: PeftTuner(peft.LoraConfig(r=4, target_modules=attn)),
+    "peft_fourierft": lambda attn, out: PeftTuner(
+        peft.FourierFTConfig(n_frequency=16, init_weights=True, target_modules=attn)
     ),
 }
 

@@ -64,7 +64,7 @@ def test_ddp_trains_every_method_like_one_process(setup, single, tmp_path: Path)
 
 def test_fsdp2_trains_gathers_and_resumes_like_one_process(setup, single, tmp_path: Path) -> None:
     launch("fsdp2", setup, tmp_path)
-    assert set(METHODS) - set(fsdp_methods()) == {"adalora", "graph_spectral"}
+    assert set(METHODS) - set(fsdp_methods()) == {"adalora", "graph_spectral", "peft_fourierft"}
     for method in fsdp_methods():
         ranks = [torch.load(tmp_path / f"{method}-rank{r}.pt") for r in (0, 1)]
         assert_same(ranks[1], ranks[0], f"{method}: rank 1 against rank 0")
@@ -76,7 +76,7 @@ def test_fsdp2_trains_gathers_and_resumes_like_one_process(setup, single, tmp_pa
     assert_same(torch.load(tmp_path / "lora-resumed-rank0.pt"), single["lora"], "LoRA resumed under FSDP2")
 
 
-@pytest.mark.parametrize("method", ["adalora", "graph_spectral"])
+@pytest.mark.parametrize("method", ["adalora", "graph_spectral", "peft_fourierft"])
 def test_methods_that_need_whole_tensors_refuse_fsdp2(setup, method: str) -> None:
     module = SequenceClassificationModule(setup[0], METHODS[method](*BACKBONE_TARGETS["bert"]))
     module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
