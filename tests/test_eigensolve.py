@@ -1,0 +1,160 @@
+"""The DSCA eigensolver against SciPy references: dense, warm-started, multilevel and fallback solves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
+from pyamg.aggregation import standard_aggregation
+
+from spec_lightning.spectral import eigensolve
+from spec_lightning.spectral.eigensolve import (
+    eigen_residual,
+    multilevel_start,
+    normalized_laplacian,
+    smallest_eigenvectors,
+)
+from tests.test_clustering import planted_partition
+
+
+def test_too_many_eigenvectors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="cannot compute 10 eigenvectors of a graph with 5 nodes"):
+        smallest_eigenvectors(normalized_laplacian(scipy.sparse.csr_matrix(np.ones((5, 5)))), 10)
+
+
+def test_warm_started_eigenvectors_match_a_fresh_eigsh_solve() -> None:
+    weights, _ = planted_partition([40] * 8, seed=1)
+    lap = normalized_laplacian(weights)
+    reference_values, reference_vectors = scipy.sparse.linalg.eigsh(lap, k=8, which="SA")
+    perturbed, _ = planted_partition([40] * 8, seed=1)
+    perturbed = perturbed + 0.05 * scipy.sparse.random(320, 320, density=0.01, random_state=2)
+    _, previous, *_ = smallest_eigenvectors(normalized_laplacian(perturbed.maximum(perturbed.T)), 8)
+    values, vectors, *_ = smallest_eigenvectors(lap, 8, start=previous)
+    np.testing.assert_allclose(values, np.sort(reference_values), atol=1e-5)
+    # Degenerate-safe comparison: the projectors onto the two 8-dimensional subspaces agree.
+    projector = vectors @ vectors.T - reference_vectors @ reference_vectors.T
+    assert np.linalg.norm(projector, 2) < 1e-3
+
+
+def test_normalized_laplacian_against_its_definition() -> None:
+    """L_sym = I − D^{-1/2} W D^{-1/2}, written out in numpy (an isolated node gets L_ii = 0)."""
+    weights, _ = planted_partition([6, 5, 7], p_in=0.6, p_out=0.1, seed=3)
+    dense = weights.toarray()
+    dense[0, :] = dense[:, 0] = 0.0  # isolate node 0
+    degree = dense.sum(axis=1)
+    scale = np.array([d**-0.5 if d > 0 else 0.0 for d in degree])
+    expected = np.diag((degree > 0).astype(float)) - scale[:, None] * dense * scale[None, :]
+    np.testing.assert_allclose(
+        normalized_laplacian(scipy.sparse.csr_matrix(dense)).toarray(), expected, atol=1e-12
+    )
+
+
+def test_the_warm_start_converges_in_fewer_iterations() -> None:
+    """From the previous block (guard vectors included), a slightly changed graph takes a fraction of
+    the iterations of a fresh solve."""
+    weights, _ = planted_partition([200] * 8, p_in=0.05, p_out=0.002, seed=8)
+    other, _ = planted_partition([200] * 8, p_in=0.05, p_out=0.002, seed=9)
+    wrong_shape = np.zeros((1, 1))  # not a start: a fresh LOBPCG from a random block
+    previous = smallest_eigenvectors(normalized_laplacian(weights), 8, start=wrong_shape)
+    lap = normalized_laplacian(0.99 * weights + 0.01 * other)
+    fresh = smallest_eigenvectors(lap, 8, start=wrong_shape)
+    warm = smallest_eigenvectors(lap, 8, start=previous.block)
+    assert fresh.solver == "lobpcg-fresh" and warm.solver == "lobpcg-warm"
+    assert warm.iterations < fresh.iterations / 2
+    assert warm.residual < 1e-3 and fresh.residual < 1e-3
+    projector = warm.vectors @ warm.vectors.T - fresh.vectors @ fresh.vectors.T
+    assert np.linalg.norm(projector, 2) < 1e-2
+
+
+def test_an_unconverged_lobpcg_falls_back_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    weights, _ = planted_partition([200] * 8, p_in=0.05, p_out=0.002, seed=8)
+    lap = normalized_laplacian(weights)
+    reference = scipy.sparse.linalg.eigsh(lap, k=8, which="SA")[0]
+    real = scipy.sparse.linalg.lobpcg
+
+    def one_iteration(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return real(*args, **{**kwargs, "maxiter": 1})
+
+    monkeypatch.setattr(scipy.sparse.linalg, "lobpcg", one_iteration)
+    start = np.random.default_rng(0).standard_normal((1600, 8))
+    dense = smallest_eigenvectors(lap, 8, start=start)
+    assert dense.solver == "dense" and "lobpcg-warm residual" in dense.fallback
+    np.testing.assert_allclose(dense.values, np.sort(reference), atol=1e-8)
+    monkeypatch.setattr("spec_lightning.spectral.eigensolve.DENSE_NODES", 100)
+    sparse = smallest_eigenvectors(lap, 8, start=start)
+    assert sparse.solver == "eigsh" and sparse.residual < 1e-3
+    np.testing.assert_allclose(sparse.values, np.sort(reference), atol=1e-6)
+
+
+def test_small_graphs_with_a_start_are_solved_densely() -> None:
+    weights, _ = planted_partition([10, 10, 10], p_in=0.6, p_out=0.05, seed=2)
+    lap = normalized_laplacian(weights)
+    start = np.random.default_rng(0).standard_normal((30, 12))
+    result = smallest_eigenvectors(lap, 8, start=start)  # 30 < 5 x (8 + 4): too small for LOBPCG
+    assert (result.solver, result.fallback) == ("dense", "")
+    np.testing.assert_allclose(result.values, np.linalg.eigvalsh(lap.toarray())[:8], atol=1e-10)
+
+
+def galerkin_reference(weights: scipy.sparse.csr_matrix) -> np.ndarray:
+    """The coarse eigenvalues as the generalised problem Pᵀ(D − W)P y = λ PᵀDP y on pyamg's aggregates,
+    solved densely by SciPy."""
+    aggregates = standard_aggregation(scipy.sparse.csr_array(weights))[0].toarray().astype(float)
+    degree = np.asarray(weights.sum(axis=1)).ravel()
+    laplacian = np.diag(degree) - weights.toarray()
+    return scipy.linalg.eigh(
+        aggregates.T @ laplacian @ aggregates, aggregates.T @ np.diag(degree) @ aggregates, eigvals_only=True
+    )
+
+
+def test_one_coarse_level_is_the_rayleigh_ritz_projection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One aggregation level, unrefined at the finest: the start block is orthonormal and its
+    Rayleigh quotients are the Galerkin eigenvalues, which bound the true ones from above."""
+    weights, _ = planted_partition([100] * 4, p_in=0.06, p_out=0.005, seed=3)
+    monkeypatch.setattr(eigensolve, "DENSE_NODES", 200)
+    start = multilevel_start(weights, 8)
+    coarse = galerkin_reference(weights)
+    assert len(coarse) <= 200
+    lap = normalized_laplacian(weights).toarray()
+    np.testing.assert_allclose(start.T @ start, np.eye(8), atol=1e-10)
+    np.testing.assert_allclose(np.linalg.eigvalsh(start.T @ lap @ start), coarse[:8], atol=1e-10)
+    assert (coarse[:8] >= np.linalg.eigvalsh(lap)[:8] - 1e-10).all()
+
+
+def test_components_made_of_whole_aggregates_are_found_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four disconnected components: the start spans their indicators D^{1/2} 1_c (eigenvalue 0)."""
+    blocks = [planted_partition([50], p_in=0.15, seed=s)[0] for s in range(4)]
+    weights = scipy.sparse.block_diag(blocks).tocsr()
+    monkeypatch.setattr(eigensolve, "DENSE_NODES", 100)
+    start = multilevel_start(weights, 8)
+    lap = normalized_laplacian(weights)
+    degree = np.asarray(weights.sum(axis=1)).ravel()
+    indicators = np.stack([np.sqrt(degree) * (np.arange(200) // 50 == c) for c in range(4)], axis=1)
+    indicators /= np.linalg.norm(indicators, axis=0)
+    basis = np.linalg.qr(start[:, :4])[0]
+    assert np.linalg.norm(indicators - basis @ (basis.T @ indicators)) < 1e-8
+    assert eigen_residual(lap, np.zeros(4), start[:, :4]) < 1e-8
+
+
+def test_a_multilevel_solve_matches_the_dense_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two coarse levels (and an isolated node): LOBPCG from the multilevel start converges to the dense
+    solve's eigenpairs."""
+    weights, _ = planted_partition([200] * 8, p_in=0.05, p_out=0.002, seed=8)
+    weights = scipy.sparse.block_diag([weights, scipy.sparse.csr_matrix((1, 1))]).tocsr()
+    monkeypatch.setattr(eigensolve, "DENSE_NODES", 60)
+    lap = normalized_laplacian(weights)
+    start = multilevel_start(weights, 12)
+    assert start is not None and start.shape == (1601, 12)
+    solved = smallest_eigenvectors(lap, 8, start, origin="multilevel")
+    values, vectors = scipy.linalg.eigh(lap.toarray(), subset_by_index=[0, 7])  # eigsh misses a repeated 0
+    assert solved.solver == "lobpcg-multilevel" and solved.residual < 1e-3
+    np.testing.assert_allclose(solved.values, values, atol=1e-6)
+    assert abs(solved.vectors[-1]).max() > 0.99  # the isolated node's own eigenvector e_m (λ = 0)
+    projector = solved.vectors @ solved.vectors.T - vectors @ vectors.T
+    assert np.linalg.norm(projector, 2) < 1e-2
+
+
+def test_a_graph_that_does_not_coarsen_gets_no_multilevel_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(eigensolve, "DENSE_NODES", 10)
+    assert multilevel_start(scipy.sparse.csr_matrix((50, 50)), 4) is None  # 50 isolated nodes

@@ -1,0 +1,86 @@
+"""k-NN search of gradient sketches: the exact path against numpy, the IVF index against the exact one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spec_lightning.spectral import neighbors
+from spec_lightning.spectral.neighbors import nearest_neighbours, neighbour_recall
+
+
+def brute_force(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pairwise distance, each point's own left out, the k smallest in order."""
+    distances = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    order = np.argsort(distances, axis=1)[:, :k]
+    return np.take_along_axis(distances, order, axis=1), order
+
+
+def planted(m: int, groups: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, groups, m)
+    return rng.standard_normal((groups, 16))[truth] + 0.3 * rng.standard_normal((m, 16)), truth
+
+
+def test_exact_search_against_numpy_brute_force() -> None:
+    points = np.random.default_rng(1).standard_normal((60, 5))
+    distances, found = nearest_neighbours(points, 4, "exact")
+    expected_distances, expected = brute_force(points, 4)
+    np.testing.assert_array_equal(found, expected)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-6)
+
+
+def test_ivf_with_a_single_cell_scans_everything_and_is_exact() -> None:
+    points = np.random.default_rng(2).standard_normal((200, 8))  # 200 < CELL_SIZE: one cell
+    distances, found = nearest_neighbours(points, 5, "ivf")
+    expected_distances, expected = brute_force(points, 5)
+    np.testing.assert_array_equal(found, expected)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-5)
+
+
+def test_ivf_recall_and_planted_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 40 cells of 100 points and 4 probed, most exact neighbours are found and every found one
+    lies in the point's planted group (what the clustering needs)."""
+    monkeypatch.setattr(neighbors, "CELL_SIZE", 100)
+    points, truth = planted(4000)
+    _, exact = nearest_neighbours(points, 12, "exact")
+    distances, found = nearest_neighbours(points, 12, "ivf", probes=4)
+    assert neighbour_recall(found, exact) >= 0.8
+    assert (found >= 0).all() and (truth[found] == truth[:, None]).all()
+    assert (found != np.arange(4000)[:, None]).all()
+    assert (np.diff(distances, axis=1) >= -1e-6).all()  # nearest first
+    more = nearest_neighbours(points, 12, "ivf", probes=16)[1]
+    assert neighbour_recall(more, exact) > neighbour_recall(found, exact)
+
+
+def test_ivf_leaves_out_each_point_even_among_duplicates() -> None:
+    points = np.repeat(np.random.default_rng(3).standard_normal((50, 4)), 3, axis=0)
+    _, found = nearest_neighbours(points, 4, "ivf")
+    assert (found != np.arange(150)[:, None]).all()
+    # The two copies of each point are its nearest neighbours, at distance 0.
+    copies = np.sort(found[:, :2], axis=1)
+    expected = np.array([[j for j in range(3 * (i // 3), 3 * (i // 3) + 3) if j != i] for i in range(150)])
+    np.testing.assert_array_equal(copies, expected)
+
+
+def test_auto_is_exact_up_to_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    points, _ = planted(600)
+    monkeypatch.setattr(neighbors, "CELL_SIZE", 50)
+    exact = nearest_neighbours(points, 6, "exact")[1]
+    np.testing.assert_array_equal(nearest_neighbours(points, 6, "auto")[1], exact)
+    monkeypatch.setattr(neighbors, "EXACT_NODES", 500)
+    assert neighbour_recall(nearest_neighbours(points, 6, "auto", probes=1)[1], exact) < 1.0
+
+
+def test_neighbour_recall_by_hand() -> None:
+    exact = np.array([[1, 2], [0, 2]])
+    assert neighbour_recall(np.array([[2, 1], [0, 3]]), exact) == 0.75
+    assert neighbour_recall(np.array([[-1, 1], [-1, -1]]), exact) == 0.25
+
+
+def test_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="neighbor search must be auto, exact or ivf"):
+        nearest_neighbours(np.ones((4, 2)), 2, "hnsw")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cannot find 4 neighbours among 4 points; use 1 to 3"):
+        nearest_neighbours(np.ones((4, 2)), 4)
