@@ -204,9 +204,9 @@ def main() -> None:
     for m in args.blocks:
         scaling.append(measured(m, args.updates, args.threads))
         print(scaling[-1], flush=True)
-    exponents = {
-        key: growth_exponent(scaling, key, 10_000, 1_000_000) for key in ("full_update_s", "warm_update_s")
-    }
+    large = [int(r["blocks"]) for r in scaling if int(r["blocks"]) >= 10_000]
+    span = (min(large, default=0), max(large, default=0))
+    exponents = {key: growth_exponent(scaling, key, *span) for key in ("full_update_s", "warm_update_s")}
     llama = llama_7b_overhead(scaling, tuple(args.intervals))
     overhead = step_overhead(args)
     header = (
@@ -234,7 +234,7 @@ def main() -> None:
     ]
     lines += [
         "",
-        f"Growth exponent of the update time from 10^4 to 10^6 blocks (log-log fit): full "
+        f"Growth exponent of the update time from {span[0]:,} to {span[1]:,} blocks (log-log fit): full "
         f"{exponents['full_update_s']:.2f}, warm {exponents['warm_update_s']:.2f}.",
         "",
         "| Llama-2-7B block map | blocks | warm update (s) | "

@@ -158,3 +158,17 @@ def test_a_multilevel_solve_matches_the_dense_one(monkeypatch: pytest.MonkeyPatc
 def test_a_graph_that_does_not_coarsen_gets_no_multilevel_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(eigensolve, "DENSE_NODES", 10)
     assert multilevel_start(scipy.sparse.csr_matrix((50, 50)), 4) is None  # 50 isolated nodes
+
+
+def test_a_graph_too_dense_to_coarsen_is_solved_at_its_own_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aggregation of a dense graph would leave fewer nodes than the block needs: the level is solved
+    by LOBPCG instead of giving no start (at a million nodes, no start meant 1,000 iterations)."""
+    weights, _ = planted_partition([60] * 5, p_in=0.3, p_out=0.02, seed=3)
+    monkeypatch.setattr(eigensolve, "DENSE_NODES", 100)
+    start = multilevel_start(weights, 20)  # about 16 aggregates of 300 nodes
+    assert start is not None and start.shape == (300, 20)
+    lap = normalized_laplacian(weights)
+    solved = smallest_eigenvectors(lap, 16, start, origin="multilevel")
+    assert solved.solver == "lobpcg-multilevel"
+    np.testing.assert_allclose(solved.values, np.linalg.eigvalsh(lap.toarray())[:16], atol=1e-6)
+    assert eigen_residual(lap, solved.values, solved.vectors) < 1e-3

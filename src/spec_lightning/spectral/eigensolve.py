@@ -157,8 +157,10 @@ def multilevel_start(weights: scipy.sparse.csr_matrix, width: int, seed: int = 0
     to u = D_ℓ^{1/2} P D_{ℓ+1}^{-1/2} v, an isometry with uᵀ L_ℓ u = vᵀ L_{ℓ+1} v: the coarse
     eigenproblem is the fine one restricted to vectors that are D^{1/2}-weighted constants on each
     aggregate (Rayleigh–Ritz), so a cluster made of whole aggregates is found exactly. The coarsest
-    level (at most :data:`DENSE_NODES` nodes) is solved densely, every intermediate one refined by
-    :data:`CASCADE_ITERATIONS` LOBPCG iterations; refining the finest is the caller's solve.
+    level (at most :data:`DENSE_NODES` nodes) is solved densely, or by LOBPCG from a random block where
+    aggregation would leave no more than ``width`` nodes (a dense graph); every intermediate
+    one is refined by :data:`CASCADE_ITERATIONS` LOBPCG iterations; refining the finest is the
+    caller's solve.
     None when aggregation stalls (fewer than a fifth of the nodes merge, as when most are isolated):
     then there is no cheaper graph to solve.
     """
@@ -172,21 +174,25 @@ def _cascade(weights: scipy.sparse.csr_matrix, width: int, seed: int, refine: bo
     if m <= DENSE_NODES:
         return scipy.linalg.eigh(lap.toarray(), subset_by_index=[0, min(width, m) - 1])[1]
     aggregates = _aggregates(weights)
-    if aggregates.shape[1] > 0.8 * m or aggregates.shape[1] <= width:
+    if aggregates.shape[1] > 0.8 * m:
         return None
+    if aggregates.shape[1] <= width:  # too few aggregates to hold the eigenvectors: solve this level
+        start = np.random.default_rng(seed).standard_normal((m, width))
+        return _quiet_lobpcg(lap, start, CASCADE_ITERATIONS * 10)
     coarse = _cascade((aggregates.T @ weights @ aggregates).tocsr(), width, seed, refine=True)
     if coarse is None or coarse.shape[1] < width:
         return None
     block = _root_degree(degree)[:, None] * (
         aggregates @ (coarse / _root_degree(aggregates.T @ degree)[:, None])
     )
-    if refine:
-        with warnings.catch_warnings():  # unconverged is expected: the next level refines further
-            warnings.simplefilter("ignore", UserWarning)
-            block = scipy.sparse.linalg.lobpcg(
-                lap, block, largest=False, tol=1e-4, maxiter=CASCADE_ITERATIONS
-            )[1]
-    return block
+    return _quiet_lobpcg(lap, block, CASCADE_ITERATIONS) if refine else block
+
+
+def _quiet_lobpcg(lap: scipy.sparse.csr_matrix, block: np.ndarray, maxiter: int) -> np.ndarray:
+    """The block after at most ``maxiter`` LOBPCG iterations (unconverged is fine: a start only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return scipy.sparse.linalg.lobpcg(lap, block, largest=False, tol=1e-4, maxiter=maxiter)[1]
 
 
 def _with_self_loops(weights: scipy.sparse.csr_matrix, degree: np.ndarray) -> scipy.sparse.csr_matrix:
