@@ -271,3 +271,19 @@ def test_the_large_graph_path_agrees_with_the_exact_one(monkeypatch: pytest.Monk
         assert adjusted_rand_score(exact.labels, large.labels) >= 0.95
         assert adjusted_rand_score(truth, large.labels) >= 0.95
     assert solvers == ["lobpcg-multilevel", "lobpcg-warm", "lobpcg-warm"]
+
+
+def test_a_stalled_multilevel_start_is_reported_as_a_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most blocks without gradient: aggregation cannot coarsen the graph, the full solve starts from a
+    random block, and the update says so instead of passing it off as a multilevel solve."""
+    monkeypatch.setattr("spec_lightning.spectral.clustering.DENSE_NODES", 100)
+    monkeypatch.setattr("spec_lightning.spectral.eigensolve.DENSE_NODES", 100)
+    rng = np.random.default_rng(5)
+    sketches = np.zeros((600, 8))
+    sketches[:100] = rng.standard_normal((2, 8))[rng.integers(0, 2, 100)] + 0.1 * rng.standard_normal(
+        (100, 8)
+    )
+    result = SpectralClusterer(clusters=(2, 4), eigenvectors=6).update(sketches, np.ones(600), np.ones(600))
+    assert result.eigen_solver == "lobpcg-fresh"
+    assert result.eigen_fallback.startswith("no multilevel start (aggregation stalled")
+    assert result.eigen_fallback.endswith("solved by lobpcg-fresh")

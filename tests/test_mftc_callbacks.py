@@ -235,6 +235,8 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="which the model does not have"):
         save_slices({"x.weight": torch.ones(2)}, {"x.weight": None}, tmp_path / "x.safetensors")
         load_slices(ProbedStack(), tmp_path / "x.safetensors")
+    with pytest.raises(MisconfigurationException, match="neighbor_search must be one of .*got 'hnsw'"):
+        DynamicSpectralClustering(neighbor_search="hnsw")  # type: ignore[arg-type]
     with pytest.raises(MisconfigurationException, match="plot_every_n_updates=-1"):
         DynamicSpectralClustering(RULES, plot_every_n_updates=-1)
     with pytest.raises(MisconfigurationException, match="predictor_samples must be 0 or >= 2"):

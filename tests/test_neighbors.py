@@ -80,7 +80,9 @@ def test_neighbour_recall_by_hand() -> None:
 
 
 def test_errors_name_the_problem() -> None:
-    with pytest.raises(ValueError, match="neighbor search must be auto, exact or ivf"):
+    with pytest.raises(
+        ValueError, match=r"neighbor search must be one of \('auto', 'exact', 'ivf'\), got 'hnsw'"
+    ):
         nearest_neighbours(np.ones((4, 2)), 2, "hnsw")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cannot find 4 neighbours among 4 points; use 1 to 3"):
         nearest_neighbours(np.ones((4, 2)), 4)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import numpy as np
@@ -111,10 +111,10 @@ class DynamicSpectralClustering(KeyedCallback):
                 f"DynamicSpectralClustering: max_module_size ({max_module_size}) must be at least twice "
                 f"min_module_size ({min_module_size})"
             )
-        if neighbor_search not in ("auto", "exact", "ivf"):
+        if neighbor_search not in get_args(NeighborSearch):
             raise MisconfigurationException(
-                "DynamicSpectralClustering: neighbor_search must be auto, exact or ivf, got "
-                f"{neighbor_search!r}"
+                f"DynamicSpectralClustering: neighbor_search must be one of {get_args(NeighborSearch)}, "
+                f"got {neighbor_search!r}"
             )
         self.blocks = None if blocks is None else list(blocks)
         self.sketch_dim = sketch_dim
@@ -224,8 +224,8 @@ class DynamicSpectralClustering(KeyedCallback):
         pl_module.log("clustering/eigen_fallback", float(bool(result.eigen_fallback)))
         if result.eigen_fallback:
             rank_zero_warn(
-                f"DynamicSpectralClustering: the eigensolve at step {trainer.global_step} did not converge "
-                f"at first: {result.eigen_fallback}."
+                f"DynamicSpectralClustering: the eigensolve at step {trainer.global_step} fell back: "
+                f"{result.eigen_fallback}."
             )
         directory = log_directory(trainer)
         if trainer.is_global_zero:

@@ -81,8 +81,9 @@ def knn_similarity(
         points = points / norms[active, None]
     reach = min(neighbors, len(active) - 1)
     distances, found = nearest_neighbours(points, reach, search, seed=seed)
-    rows = np.repeat(np.arange(len(active)), reach)[found.ravel() >= 0]
-    distances, columns = distances.ravel()[found.ravel() >= 0], found.ravel()[found.ravel() >= 0]
+    hit = found.ravel() >= 0
+    rows = np.repeat(np.arange(len(active)), reach)[hit]
+    distances, columns = distances.ravel()[hit], found.ravel()[hit]
     if kernel == "cosine":
         values = np.clip(1.0 - distances**2 / 2.0, 0.0, 1.0)
     else:
@@ -327,9 +328,11 @@ class SpectralClusterer:
         full = self.block is None or self.updates % self.full_recompute_every == 0
         eigen_start = time.perf_counter()
         num = min(self.eigenvectors, m - 1)
-        begin, origin = (None, "fresh") if full else (self.block, "warm")
+        begin, origin, stalled = (None, "fresh", "") if full else (self.block, "warm", "")
         if full and m > DENSE_NODES:
             begin, origin = multilevel_start(self.weights, num + GUARD_VECTORS, self.seed), "multilevel"
+            if begin is None:
+                stalled = "no multilevel start (aggregation stalled: most blocks have no edges)"
         eigen = smallest_eigenvectors(lap, num, begin, self.seed, origin)
         self.values, self.vectors, self.block = eigen.values, eigen.vectors, eigen.block
         eigen_seconds = time.perf_counter() - eigen_start
@@ -349,7 +352,8 @@ class SpectralClusterer:
             full_recompute=full,
             eigen_solver=eigen.solver,
             eigen_residual=eigen.residual,
-            eigen_fallback=f"{eigen.fallback}; solved again by {eigen.solver}" if eigen.fallback else "",
+            eigen_fallback="; ".join(reason for reason in (stalled, eigen.fallback) if reason)
+            + (f"; solved by {eigen.solver}" if stalled or eigen.fallback else ""),
             neighbor_seconds=neighbor_seconds,
             eigen_seconds=eigen_seconds,
             seconds=time.perf_counter() - start,

@@ -127,19 +127,14 @@ def _lobpcg(
     block = np.random.default_rng(seed).standard_normal((m, num + GUARD_VECTORS))
     if start is not None:
         block[:, : start.shape[1]] = start
-    with warnings.catch_warnings():  # it warns when only the guard vectors lag; the residual is checked
-        warnings.simplefilter("ignore", UserWarning)
-        values, vectors, history = scipy.sparse.linalg.lobpcg(
-            lap, block, largest=False, tol=1e-4, maxiter=1000 if start is None else 200,
-            retResidualNormsHistory=True,
-        )  # fmt: skip
+    values, vectors, iterations = _quiet_lobpcg(lap, block, 1000 if start is None else 200)
     order = np.argsort(values)
     values, block = values[order], np.ascontiguousarray(vectors[:, order])
     block /= np.linalg.norm(block, axis=0, keepdims=True)
     values, vectors = values[:num], np.ascontiguousarray(block[:, :num])
     solver = "lobpcg-fresh" if start is None else f"lobpcg-{origin}"
     residual = eigen_residual(lap, values, vectors)
-    return Eigenpairs(values, vectors, residual, solver, len(history), "", block)
+    return Eigenpairs(values, vectors, residual, solver, iterations, "", block)
 
 
 def eigen_residual(lap: scipy.sparse.csr_matrix, values: np.ndarray, vectors: np.ndarray) -> float:
@@ -178,21 +173,28 @@ def _cascade(weights: scipy.sparse.csr_matrix, width: int, seed: int, refine: bo
         return None
     if aggregates.shape[1] <= width:  # too few aggregates to hold the eigenvectors: solve this level
         start = np.random.default_rng(seed).standard_normal((m, width))
-        return _quiet_lobpcg(lap, start, CASCADE_ITERATIONS * 10)
+        return _quiet_lobpcg(lap, start, CASCADE_ITERATIONS * 10)[1]
     coarse = _cascade((aggregates.T @ weights @ aggregates).tocsr(), width, seed, refine=True)
     if coarse is None or coarse.shape[1] < width:
         return None
     block = _root_degree(degree)[:, None] * (
         aggregates @ (coarse / _root_degree(aggregates.T @ degree)[:, None])
     )
-    return _quiet_lobpcg(lap, block, CASCADE_ITERATIONS) if refine else block
+    return _quiet_lobpcg(lap, block, CASCADE_ITERATIONS)[1] if refine else block
 
 
-def _quiet_lobpcg(lap: scipy.sparse.csr_matrix, block: np.ndarray, maxiter: int) -> np.ndarray:
-    """The block after at most ``maxiter`` LOBPCG iterations (unconverged is fine: a start only)."""
+def _quiet_lobpcg(
+    lap: scipy.sparse.csr_matrix, block: np.ndarray, maxiter: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(values, vectors, iterations) of at most ``maxiter`` LOBPCG iterations from ``block``, without
+    SciPy's warning that some vectors did not reach its tolerance: callers check the residual, or use
+    the block as a start only."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return scipy.sparse.linalg.lobpcg(lap, block, largest=False, tol=1e-4, maxiter=maxiter)[1]
+        values, vectors, history = scipy.sparse.linalg.lobpcg(
+            lap, block, largest=False, tol=1e-4, maxiter=maxiter, retResidualNormsHistory=True
+        )
+    return values, vectors, len(history)
 
 
 def _with_self_loops(weights: scipy.sparse.csr_matrix, degree: np.ndarray) -> scipy.sparse.csr_matrix:

@@ -10,7 +10,7 @@ neighbours an approximate graph found.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -42,8 +42,8 @@ def nearest_neighbours(
     probed cells held too few points): missing entries have index −1 and distance inf.
     """
     m = points.shape[0]
-    if search not in ("auto", "exact", "ivf"):
-        raise ValueError(f"neighbor search must be auto, exact or ivf, got {search!r}")
+    if search not in get_args(NeighborSearch):
+        raise ValueError(f"neighbor search must be one of {get_args(NeighborSearch)}, got {search!r}")
     if not 1 <= neighbors < m:
         raise ValueError(f"cannot find {neighbors} neighbours among {m} points; use 1 to {m - 1}")
     if search == "exact" or (search == "auto" and m <= EXACT_NODES):
