@@ -3,7 +3,8 @@ amortised overhead per optimiser step of a real fine-tune.
 
 1. ``update``: synthetic sketches of m blocks (10 planted groups plus noise, s = 32) for m in
    ``--blocks``, each m in a fresh process; a first update (full eigensolve: dense up to 2,048
-   blocks, else LOBPCG from the multilevel start), then ``--updates`` warm-started ones; the median
+   blocks, else LOBPCG from the multilevel start, until the eigengap is certified), then ``--updates``
+   warm-started ones; the median
    time of each stage, the lowest ARI to the planted groups over the updates, the recall of the
    approximate k-NN search and the process' peak memory; the growth exponent of the update time.
 2. ``overhead``: all-MiniLM-L6-v2 full fine-tuning steps (forward, backward, AdamW), plain and with
@@ -214,7 +215,8 @@ def main() -> None:
         f"{platform.machine()}. Update cost: synthetic sketches (s = {SKETCH_DIM}, {GROUPS} planted groups), "
         f"k-NN with k = ceil(log2 m) (exact up to {EXACT_NODES:,} blocks, IVF beyond), r = 16 eigenvectors, "
         f"k in [8, 12]; full = first update (dense eigh up to 2,048 blocks, else LOBPCG from the multilevel "
-        f"start), warm = median of {args.updates} LOBPCG updates from the previous eigenvectors; each m in a "
+        f"start), warm = median of {args.updates} LOBPCG updates from the previous eigenvectors, LOBPCG "
+        f"stopping once the eigengap in [8, 12] is certified and the vectors below it converged; each m in a "
         f"fresh process (its peak resident memory); ARI: the lowest over the updates. "
         f"Overhead: {args.backbone} full fine-tuning, batch {args.batch_size} x {args.seq_len}, "
         f"{overhead['blocks']} blocks, median of {args.steps} interleaved rounds, a warm update every "

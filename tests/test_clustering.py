@@ -170,6 +170,15 @@ def test_cosine_knn_against_a_direct_computation() -> None:
     np.testing.assert_allclose(knn_similarity(points, 4, "cosine").toarray(), expected, atol=1e-12)
 
 
+def test_opposite_neighbours_get_no_stored_edge() -> None:
+    """[1, 0]'s second nearest direction is [−1, 0] (cosine −1 → weight 0): no explicit zero is stored,
+    so that pruning and degrees see only real edges."""
+    points = np.array([[1.0, 0.0], [-1.0, 0.0], [0.9, 0.1]])
+    graph = knn_similarity(points, 2, "cosine")
+    assert graph.nnz == np.count_nonzero(graph.toarray()) == 2  # the pair {0, 2}, both ways
+    assert graph[0, 2] == pytest.approx(0.9 / np.hypot(0.9, 0.1))
+
+
 @pytest.mark.parametrize("kernel", ["cosine", "gaussian"])
 def test_a_zero_sketch_gets_no_edges_and_is_nobodys_neighbour(kernel: str) -> None:
     points = np.random.default_rng(6).standard_normal((12, 4))

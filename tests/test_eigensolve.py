@@ -11,6 +11,7 @@ from pyamg.aggregation import standard_aggregation
 
 from spec_lightning.spectral import eigensolve
 from spec_lightning.spectral.eigensolve import (
+    certified_gap,
     eigen_residual,
     multilevel_start,
     normalized_laplacian,
@@ -20,8 +21,11 @@ from tests.test_clustering import planted_partition
 
 
 def test_too_many_eigenvectors_name_the_problem() -> None:
+    lap = normalized_laplacian(scipy.sparse.csr_matrix(np.ones((5, 5))))
     with pytest.raises(ValueError, match="cannot compute 10 eigenvectors of a graph with 5 nodes"):
-        smallest_eigenvectors(normalized_laplacian(scipy.sparse.csr_matrix(np.ones((5, 5)))), 10)
+        smallest_eigenvectors(lap, 10)
+    with pytest.raises(ValueError, match="need more than 3 eigenvectors to choose between 3 and 4 clusters"):
+        smallest_eigenvectors(lap, 3, gap_range=(3, 4))
 
 
 def test_warm_started_eigenvectors_match_a_fresh_eigsh_solve() -> None:
@@ -172,3 +176,52 @@ def test_a_graph_too_dense_to_coarsen_is_solved_at_its_own_level(monkeypatch: py
     assert solved.solver == "lobpcg-multilevel"
     np.testing.assert_allclose(solved.values, np.linalg.eigvalsh(lap.toarray())[:16], atol=1e-6)
     assert eigen_residual(lap, solved.values, solved.vectors) < 1e-3
+
+
+def test_certified_gap_by_hand() -> None:
+    """gaps for k = 2, 3, 4: 0.01, 0.48, 0.02; k = 3 is chosen when 0.48 − r_3 − r_4 exceeds every other
+    gap plus its residuals."""
+    values = np.array([0.0, 0.01, 0.02, 0.5, 0.52, 0.55])
+    residuals = np.full(6, 0.01)
+    assert certified_gap(values, residuals, 2, 4) == 3  # 0.46 > 0.04
+    residuals[3] = 0.3
+    assert certified_gap(values, residuals, 2, 4) is None  # 0.48 − 0.31 = 0.17 < 0.02 + 0.31
+    residuals[3] = 0.2
+    assert certified_gap(values, residuals, 2, 4) == 3  # 0.27 > 0.23
+    assert certified_gap(values, residuals, 3, 3) == 3  # one k: its gap only has to exceed its slack
+    residuals[3] = 0.6
+    assert certified_gap(values, residuals, 3, 3) is None
+    assert certified_gap(values, np.zeros(6), 2, 9) == 3  # k_max capped at r − 1 = 5
+
+
+def test_a_gap_range_converges_the_vectors_below_the_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight weakly coupled groups: LOBPCG told the cluster range stops once the gap after the 8th
+    eigenvalue is certified, in fewer iterations than converging all 12, with the same 8-dimensional
+    eigenspace as the dense solve."""
+    weights, _ = planted_partition([200] * 8, p_in=0.05, p_out=0.002, seed=8)
+    monkeypatch.setattr(eigensolve, "DENSE_NODES", 100)
+    lap = normalized_laplacian(weights)
+    start = np.random.default_rng(1).standard_normal((1600, 12))
+    ranged = smallest_eigenvectors(lap, 12, start, gap_range=(6, 10))
+    every = smallest_eigenvectors(lap, 12, start)
+    values, vectors = scipy.linalg.eigh(lap.toarray(), subset_by_index=[0, 11])
+    assert ranged.checked == 8 and every.checked == 12
+    assert ranged.iterations < every.iterations
+    assert ranged.residual == eigen_residual(lap, ranged.values[:8], ranged.vectors[:, :8])
+    assert ranged.residual < 1e-3
+    np.testing.assert_allclose(ranged.values[:8], values[:8], atol=1e-6)
+    projector = ranged.vectors[:, :8] @ ranged.vectors[:, :8].T - vectors[:, :8] @ vectors[:, :8].T
+    assert np.linalg.norm(projector, 2) < 1e-2
+    rotation = np.linalg.qr(np.random.default_rng(2).standard_normal((16, 16)))[0]
+    again = smallest_eigenvectors(lap, 12, ranged.block @ rotation, gap_range=(6, 10))  # the same span
+    assert (again.iterations, again.checked, again.solver) == (0, 8, "lobpcg-warm")
+    np.testing.assert_allclose(again.values[:8], values[:8], atol=1e-6)
+
+
+def test_the_threaded_operator_is_the_sparse_product() -> None:
+    weights, _ = planted_partition([30] * 3, seed=4)
+    lap = normalized_laplacian(weights)
+    vectors = np.random.default_rng(0).standard_normal((90, 5))
+    operator = eigensolve.threaded(lap)
+    np.testing.assert_allclose(operator @ vectors, lap.toarray() @ vectors, atol=1e-12)
+    np.testing.assert_allclose(operator @ vectors[:, 0], lap.toarray() @ vectors[:, 0], atol=1e-12)

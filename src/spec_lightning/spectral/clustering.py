@@ -10,8 +10,9 @@ One update, from the gradient sketches g_i(t) of m blocks:
 2. W(t) = α W(t−1) + (1 − α) S(t), pruned again to the k strongest edges per node: O(m k) edges, k of
    order log m;
 3. L_sym = I − D^{-1/2} W D^{-1/2}; its r smallest eigenvectors U(t) by LOBPCG started from U(t−1),
-   with a periodic full recompute (dense, or LOBPCG from a multilevel start for large graphs); a
-   solve whose residual is over the tolerance falls back to a dense or fresh one, and says so
+   with a periodic full recompute (dense, or LOBPCG from a multilevel start for large graphs), until
+   the eigengap of step 4 is certified and the eigenvectors below it converged; a solve whose
+   residual is over the tolerance falls back to a dense or fresh one, and says so
    (:mod:`~spec_lightning.spectral.eigensolve`);
 4. k-means on the unit-normalised rows of U(t)[:, :k] (Ng, Jordan and Weiss), k ∈ [k_min, k_max]
    chosen by the largest eigengap (fitted on a sample of 50,000 rows of larger embeddings, then
@@ -90,10 +91,7 @@ def knn_similarity(
         sigma = float(np.median(distances)) or 1.0
         values = np.exp(-(distances**2) / (2 * sigma**2))
     full = scipy.sparse.csr_matrix((values, (active[rows], active[columns])), shape=(m, m))
-    full = full.maximum(full.T).tocsr()
-    full.setdiag(0.0)
-    full.eliminate_zeros()
-    return full
+    return full.maximum(full.T).tocsr()  # stores no zero weight; no self loop: the search leaves each out
 
 
 def keep_strongest(weights: scipy.sparse.csr_matrix, neighbors: int) -> scipy.sparse.csr_matrix:
@@ -106,10 +104,11 @@ def keep_strongest(weights: scipy.sparse.csr_matrix, neighbors: int) -> scipy.sp
     if coo.nnz == 0:
         return weights.tocsr()
     order = np.argsort(coo.row + (1.0 - coo.data / coo.data.max()) / 2.0, kind="stable")
-    rows = coo.row[order]
-    rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
-    keep = order[rank < neighbors]
-    pruned = scipy.sparse.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=weights.shape)
+    counts = np.bincount(coo.row, minlength=weights.shape[0])
+    rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)  # position in its row
+    keep = order[rank < neighbors]  # still grouped by row: CSR without another sort
+    indptr = np.concatenate([[0], np.cumsum(np.minimum(counts, neighbors))])
+    pruned = scipy.sparse.csr_matrix((coo.data[keep], coo.col[keep], indptr), shape=weights.shape)
     return pruned.maximum(pruned.T).tocsr()
 
 
@@ -333,10 +332,11 @@ class SpectralClusterer:
             begin, origin = multilevel_start(self.weights, num + GUARD_VECTORS, self.seed), "multilevel"
             if begin is None:
                 stalled = "no multilevel start (aggregation stalled: most blocks have no edges)"
-        eigen = smallest_eigenvectors(lap, num, begin, self.seed, origin)
+        k_range = (min(self.clusters[0], m - 1), self.clusters[1])
+        eigen = smallest_eigenvectors(lap, num, begin, self.seed, origin, k_range)
         self.values, self.vectors, self.block = eigen.values, eigen.vectors, eigen.block
         eigen_seconds = time.perf_counter() - eigen_start
-        k = eigengap_clusters(self.values, min(self.clusters[0], m - 1), self.clusters[1])
+        k = eigengap_clusters(self.values, *k_range)
         points = embed_rows(self.vectors, k)
         labels = kmeans_labels(points, k, self.seed)
         labels = bound_sizes(points, labels, self.min_size, self.max_size or m, self.seed)

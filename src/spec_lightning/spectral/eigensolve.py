@@ -4,7 +4,9 @@ Small graphs are solved densely (LAPACK). Larger ones by LOBPCG, started from th
 block (a warm start: the graph moved a little since), or, for a solve from scratch, from
 :func:`multilevel_start`: the eigenvectors of Galerkin-coarsened graphs, prolongated back. Every
 solve is checked by its residual max_k ||L u_k − λ_k u_k||, and one that did not converge falls back
-to a slower, surer one and says why.
+to a slower, surer one and says why. A clustering uses only the eigenvectors below its eigengap: given
+the range of cluster counts, LOBPCG stops once the gap is certified (:func:`certified_gap`) and the
+vectors below it converged, instead of converging vectors inside the spectrum's bulk that nobody uses.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import scipy.linalg
 import scipy.sparse
 import scipy.sparse.csgraph
 import scipy.sparse.linalg
+import torch
 from pyamg.aggregation import standard_aggregation
 
 #: Full eigensolves up to this many nodes are dense.
@@ -27,6 +30,8 @@ GUARD_VECTORS = 4
 RESIDUAL_TOLERANCE = 1e-3
 #: LOBPCG iterations that refine each intermediate level of the multilevel start.
 CASCADE_ITERATIONS = 20
+#: LOBPCG iterations between two checks of an eigengap (:func:`certified_gap`).
+ROUND_ITERATIONS = 3
 
 
 def normalized_laplacian(weights: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
@@ -40,13 +45,14 @@ class Eigenpairs(NamedTuple):
     Attributes:
         values: (r,) eigenvalues.
         vectors: (m, r) unit eigenvectors.
-        residual: max_k ||L u_k − λ_k u_k||.
+        residual: max_k ||L u_k − λ_k u_k|| over the ``checked`` leading vectors.
         solver: ``dense``, ``lobpcg-warm``, ``lobpcg-multilevel``, ``lobpcg-fresh`` or ``eigsh``: the
             solve that was kept.
         iterations: LOBPCG iterations of the kept solve (0 for the others).
         fallback: why the first solve was not kept ("" when it was).
         block: (m, r + guard) the whole block of the solve, the warm start of the next one (the
             guard vectors converged too: a start with random guards takes nearly as long as none).
+        checked: the leading vectors held to the tolerance: all r, or the k below a certified gap.
     """
 
     values: np.ndarray
@@ -56,6 +62,7 @@ class Eigenpairs(NamedTuple):
     iterations: int
     fallback: str
     block: np.ndarray
+    checked: int
 
 
 def smallest_eigenvectors(
@@ -64,6 +71,7 @@ def smallest_eigenvectors(
     start: np.ndarray | None = None,
     seed: int = 0,
     origin: str = "warm",
+    gap_range: tuple[int, int] | None = None,
 ) -> Eigenpairs:
     """The ``num`` smallest eigenpairs of L_sym, ascending, checked for convergence.
 
@@ -73,6 +81,11 @@ def smallest_eigenvectors(
     LAPACK's ``eigh`` up to :data:`DENSE_NODES` nodes, else LOBPCG from a seeded random block. Both
     block methods keep repeated eigenvalues (one zero per connected component of a k-NN graph),
     which single-vector Lanczos (``eigsh``) can miss.
+    With ``gap_range`` = (k_min, k_max), the caller uses only the vectors below the largest eigengap
+    with k in that range: LOBPCG runs in rounds of :data:`ROUND_ITERATIONS` iterations until
+    :func:`certified_gap` names that k and the k vectors below it meet the tolerance (``checked`` = k);
+    the vectors above the gap are Ritz vectors of the bulk, left unconverged. Dense and fallback solves
+    converge all r.
     A LOBPCG result whose residual max_k ||L u_k − λ_k u_k|| exceeds :data:`RESIDUAL_TOLERANCE` is
     not used: the solve falls back to ``eigh`` (small graphs), else to a fresh LOBPCG and then to
     ``eigsh``, and ``fallback`` says why. A residual still above the tolerance after that raises.
@@ -80,6 +93,11 @@ def smallest_eigenvectors(
     m = lap.shape[0]
     if not 1 <= num < m:
         raise ValueError(f"cannot compute {num} eigenvectors of a graph with {m} nodes; use fewer")
+    if gap_range is not None and not 1 <= gap_range[0] <= min(gap_range[1], num - 1):
+        raise ValueError(
+            f"need more than {gap_range[0]} eigenvectors to choose between {gap_range[0]} and "
+            f"{gap_range[1]} clusters, got {num}"
+        )
     lobpcg_fits = m >= 5 * (num + GUARD_VECTORS)
     if not lobpcg_fits and m > DENSE_NODES:
         raise ValueError(
@@ -88,14 +106,14 @@ def smallest_eigenvectors(
     if m <= DENSE_NODES and (start is None or not lobpcg_fits):
         return _dense(lap, num, "")
     warm = start is not None and start.shape[0] == m and num <= start.shape[1] <= num + GUARD_VECTORS
-    result = _lobpcg(lap, num, start if warm else None, seed, origin)
+    result = _lobpcg(lap, num, start if warm else None, seed, origin, gap_range)
     if result.residual <= RESIDUAL_TOLERANCE:
         return result
     reason = f"{result.solver} residual {result.residual:.2e} > {RESIDUAL_TOLERANCE:.0e}"
     if m <= DENSE_NODES:
         return _dense(lap, num, reason)
     if warm:
-        result = _lobpcg(lap, num, None, seed, "fresh")
+        result = _lobpcg(lap, num, None, seed, "fresh", gap_range)
         if result.residual <= RESIDUAL_TOLERANCE:
             return result._replace(fallback=reason)
     wanted = min(num + GUARD_VECTORS, m - 1)
@@ -108,38 +126,115 @@ def smallest_eigenvectors(
             f"no eigensolver converged on the {m}-node clustering graph ({reason}; eigsh residual "
             f"{residual:.2e}); compute fewer eigenvectors or raise neighbors"
         )
-    return Eigenpairs(values[:num], block[:, :num].copy(), residual, "eigsh", 0, reason, block)
+    return Eigenpairs(values[:num], block[:, :num].copy(), residual, "eigsh", 0, reason, block, num)
 
 
 def _dense(lap: scipy.sparse.csr_matrix, num: int, fallback: str) -> Eigenpairs:
     wanted = min(num + GUARD_VECTORS, lap.shape[0])
     values, block = scipy.linalg.eigh(lap.toarray(), subset_by_index=[0, wanted - 1])
     values, vectors = values[:num], np.ascontiguousarray(block[:, :num])
-    return Eigenpairs(values, vectors, eigen_residual(lap, values, vectors), "dense", 0, fallback, block)
+    residual = eigen_residual(lap, values, vectors)
+    return Eigenpairs(values, vectors, residual, "dense", 0, fallback, block, num)
 
 
 def _lobpcg(
-    lap: scipy.sparse.csr_matrix, num: int, start: np.ndarray | None, seed: int, origin: str
+    lap: scipy.sparse.csr_matrix,
+    num: int,
+    start: np.ndarray | None,
+    seed: int,
+    origin: str,
+    gap_range: tuple[int, int] | None,
 ) -> Eigenpairs:
     """LOBPCG from ``start`` plus seeded guard vectors (a random block when ``start`` is None); the
-    guard vectors make the wanted block's last vector converge as fast as the others."""
+    guard vectors make the wanted block's last vector converge as fast as the others. With
+    ``gap_range``, in rounds until the gap is certified and the vectors below it converged."""
     m = lap.shape[0]
     block = np.random.default_rng(seed).standard_normal((m, num + GUARD_VECTORS))
     if start is not None:
         block[:, : start.shape[1]] = start
-    values, vectors, iterations = _quiet_lobpcg(lap, block, 1000 if start is None else 200)
-    order = np.argsort(values)
-    values, block = values[order], np.ascontiguousarray(vectors[:, order])
-    block /= np.linalg.norm(block, axis=0, keepdims=True)
+    limit = 1000 if start is None else 200
+    iterations, checked = 0, num
+    operator = threaded(lap) if m > DENSE_NODES else lap  # below, handing over to torch costs more
+    values = None
+    if gap_range is not None and start is not None:  # a warm start may need no iteration at all
+        values, block = _rayleigh_ritz(operator, block)
+    while True:
+        if gap_range is not None and values is not None:
+            residuals = residual_norms(operator, values[:num], block[:, :num])
+            k = certified_gap(values[:num], residuals, *gap_range)
+            if k is not None and residuals[:k].max() <= RESIDUAL_TOLERANCE:
+                checked = k
+                break
+        if iterations >= limit:
+            break
+        values, block, done = _quiet_lobpcg(operator, block, limit if gap_range is None else ROUND_ITERATIONS)
+        iterations += max(done, 1)
+        order = np.argsort(values)
+        values, block = values[order], np.ascontiguousarray(block[:, order])
+        block /= np.linalg.norm(block, axis=0, keepdims=True)
+        if gap_range is None:
+            break
     values, vectors = values[:num], np.ascontiguousarray(block[:, :num])
     solver = "lobpcg-fresh" if start is None else f"lobpcg-{origin}"
-    residual = eigen_residual(lap, values, vectors)
-    return Eigenpairs(values, vectors, residual, solver, iterations, "", block)
+    residual = float(residual_norms(operator, values[:checked], vectors[:, :checked]).max())
+    return Eigenpairs(values, vectors, residual, solver, iterations, "", block, checked)
+
+
+def _rayleigh_ritz(
+    operator: scipy.sparse.linalg.LinearOperator, block: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Ritz values (ascending) and unit Ritz vectors of L on span(block): Q = qr(block),
+    QᵀLQ = S Θ Sᵀ, vectors QS."""
+    basis = np.linalg.qr(block)[0]
+    values, small = scipy.linalg.eigh(basis.T @ (operator @ basis))
+    return values, basis @ small
+
+
+def certified_gap(values: np.ndarray, residuals: np.ndarray, k_min: int, k_max: int) -> int | None:
+    """The k in [k_min, min(k_max, r − 1)] whose gap θ_{k+1} − θ_k is the largest even when every Ritz
+    value θ_j may be off by its residual r_j = ||L u_j − θ_j u_j|| (an eigenvalue lies within r_j of
+    θ_j): gap_k − r_k − r_{k+1} > gap_j + r_j + r_{j+1} for every other j in the range (1-based); None
+    while no k is, or when the range is a single k whose gap is not larger than r_k + r_{k+1}."""
+    k_max = min(k_max, len(values) - 1)
+    ks = np.arange(k_min, k_max + 1)
+    gaps = values[ks] - values[ks - 1]
+    slack = residuals[ks] + residuals[ks - 1]
+    best = int(np.argmax(gaps))
+    lower = gaps[best] - slack[best]
+    others = np.delete(gaps + slack, best)
+    return int(ks[best]) if lower > 0 and (others.size == 0 or lower > others.max()) else None
 
 
 def eigen_residual(lap: scipy.sparse.csr_matrix, values: np.ndarray, vectors: np.ndarray) -> float:
     """max_k ||L u_k − λ_k u_k|| over unit eigenvectors: how well the solver converged."""
-    return float(np.linalg.norm(lap @ vectors - vectors * values, axis=0).max())
+    return float(residual_norms(lap, values, vectors).max())
+
+
+def residual_norms(
+    lap: scipy.sparse.csr_matrix | scipy.sparse.linalg.LinearOperator, values: np.ndarray, vectors: np.ndarray
+) -> np.ndarray:
+    """(r,) ||L u_k − λ_k u_k|| of each column u_k."""
+    return np.linalg.norm(lap @ vectors - vectors * values, axis=0)
+
+
+def threaded(lap: scipy.sparse.csr_matrix) -> scipy.sparse.linalg.LinearOperator:
+    """L as an operator whose products with blocks of vectors run on torch's threads: SciPy's sparse
+    product uses one thread, and it is half of a LOBPCG iteration on a large graph."""
+    with warnings.catch_warnings():  # the CSR layout is in beta; the product used here is not
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.sparse_csr_tensor(
+            torch.from_numpy(lap.indptr.astype(np.int64)),
+            torch.from_numpy(lap.indices.astype(np.int64)),
+            torch.from_numpy(lap.data.astype(np.float64)),
+            size=lap.shape,
+        )
+
+    def product(vectors: np.ndarray) -> np.ndarray:
+        return (tensor @ torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float64))).numpy()
+
+    return scipy.sparse.linalg.LinearOperator(
+        lap.shape, matvec=product, matmat=product, rmatvec=product, rmatmat=product, dtype=np.float64
+    )
 
 
 def multilevel_start(weights: scipy.sparse.csr_matrix, width: int, seed: int = 0) -> np.ndarray | None:
@@ -159,32 +254,38 @@ def multilevel_start(weights: scipy.sparse.csr_matrix, width: int, seed: int = 0
     None when aggregation stalls (fewer than a fifth of the nodes merge, as when most are isolated):
     then there is no cheaper graph to solve.
     """
-    return _cascade(weights.tocsr().astype(np.float64), width, seed, refine=False)
+    return _cascade(weights.tocsr().astype(np.float64, copy=False), width, seed, refine=False)
 
 
 def _cascade(weights: scipy.sparse.csr_matrix, width: int, seed: int, refine: bool) -> np.ndarray | None:
     m = weights.shape[0]
     degree = np.asarray(weights.sum(axis=1)).ravel()
-    lap = _with_self_loops(weights, degree)
     if m <= DENSE_NODES:
-        return scipy.linalg.eigh(lap.toarray(), subset_by_index=[0, min(width, m) - 1])[1]
-    aggregates = _aggregates(weights)
-    if aggregates.shape[1] > 0.8 * m:
+        lap = _with_self_loops(weights, degree).toarray()
+        return scipy.linalg.eigh(lap, subset_by_index=[0, min(width, m) - 1])[1]
+    membership = _aggregates(weights)
+    count = int(membership.max()) + 1
+    if count > 0.8 * m:
         return None
-    if aggregates.shape[1] <= width:  # too few aggregates to hold the eigenvectors: solve this level
+    if count <= width:  # too few aggregates to hold the eigenvectors: solve this level
         start = np.random.default_rng(seed).standard_normal((m, width))
-        return _quiet_lobpcg(lap, start, CASCADE_ITERATIONS * 10)[1]
-    coarse = _cascade((aggregates.T @ weights @ aggregates).tocsr(), width, seed, refine=True)
+        return _quiet_lobpcg(threaded(_with_self_loops(weights, degree)), start, CASCADE_ITERATIONS * 10)[1]
+    coo = weights.tocoo()
+    galerkin = scipy.sparse.csr_matrix(  # PᵀWP: duplicate entries are summed
+        (coo.data, (membership[coo.row], membership[coo.col])), shape=(count, count)
+    )
+    coarse = _cascade(galerkin, width, seed, refine=True)
     if coarse is None or coarse.shape[1] < width:
         return None
-    block = _root_degree(degree)[:, None] * (
-        aggregates @ (coarse / _root_degree(aggregates.T @ degree)[:, None])
-    )
-    return _quiet_lobpcg(lap, block, CASCADE_ITERATIONS)[1] if refine else block
+    coarse_degree = np.bincount(membership, weights=degree, minlength=count)  # Pᵀd
+    block = _root_degree(degree)[:, None] * (coarse / _root_degree(coarse_degree)[:, None])[membership]
+    if not refine:
+        return block
+    return _quiet_lobpcg(threaded(_with_self_loops(weights, degree)), block, CASCADE_ITERATIONS)[1]
 
 
 def _quiet_lobpcg(
-    lap: scipy.sparse.csr_matrix, block: np.ndarray, maxiter: int
+    lap: scipy.sparse.csr_matrix | scipy.sparse.linalg.LinearOperator, block: np.ndarray, maxiter: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(values, vectors, iterations) of at most ``maxiter`` LOBPCG iterations from ``block``, without
     SciPy's warning that some vectors did not reach its tolerance: callers check the residual, or use
@@ -201,7 +302,11 @@ def _with_self_loops(weights: scipy.sparse.csr_matrix, degree: np.ndarray) -> sc
     """I − D^{-1/2} W D^{-1/2} with self-loops counted in W and D (``csgraph.laplacian`` drops them);
     a node of degree 0 gets a zero row, as in SciPy."""
     inverse = np.divide(1.0, np.sqrt(degree), out=np.zeros_like(degree), where=degree > 0)
-    scaled = scipy.sparse.diags(inverse) @ weights @ scipy.sparse.diags(inverse)
+    row_scale = np.repeat(inverse, np.diff(weights.indptr))  # each entry's D_ii^{-1/2}
+    scaled = scipy.sparse.csr_matrix(
+        (weights.data * row_scale * inverse[weights.indices], weights.indices, weights.indptr),
+        shape=weights.shape,
+    )
     return (scipy.sparse.diags((degree > 0).astype(np.float64)) - scaled).tocsr()
 
 
@@ -210,14 +315,12 @@ def _root_degree(degree: np.ndarray) -> np.ndarray:
     return np.sqrt(np.where(degree > 0, degree, 1.0))
 
 
-def _aggregates(weights: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
-    """The binary m × aggregates matrix of pyamg's standard aggregation on the graph's pattern; a node
-    it leaves out (no neighbour) becomes its own aggregate."""
+def _aggregates(weights: scipy.sparse.csr_matrix) -> np.ndarray:
+    """(m,) the aggregate of every node under pyamg's standard aggregation on the graph's pattern (the
+    binary P has P[i, membership[i]] = 1); a node it leaves out (no neighbour) is its own aggregate."""
     aggregation = scipy.sparse.csr_matrix(standard_aggregation(scipy.sparse.csr_array(weights))[0])
-    left_out = np.flatnonzero(np.diff(aggregation.indptr) == 0)
-    columns = aggregation.indices.copy()
-    rows = np.repeat(np.arange(weights.shape[0]), np.diff(aggregation.indptr))
-    all_rows = np.concatenate([rows, left_out])
-    all_columns = np.concatenate([columns, aggregation.shape[1] + np.arange(len(left_out))])
-    shape = (weights.shape[0], aggregation.shape[1] + len(left_out))
-    return scipy.sparse.csr_matrix((np.ones(len(all_rows)), (all_rows, all_columns)), shape=shape)
+    membership = np.full(weights.shape[0], -1, dtype=np.int64)
+    membership[np.diff(aggregation.indptr) > 0] = aggregation.indices
+    left_out = membership < 0
+    membership[left_out] = aggregation.shape[1] + np.arange(left_out.sum())
+    return membership
