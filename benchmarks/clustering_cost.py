@@ -261,7 +261,7 @@ def main() -> None:
         f"| DSCA update on the real sketches, full / warm | {overhead['full_update_s']:.3f} / "
         f"{overhead['warm_update_s']:.3f} |",
         f"| amortised step (sketch + warm update / {args.update_every}) | {overhead['amortised_step_s']:.3f} "
-        f"(+{100 * overhead['overhead']:.1f} %) |",
+        f"({100 * overhead['overhead']:+.1f} %) |",
         "",
         "Large-graph path (IVF neighbours, multilevel start) forced on the real "
         f"{overhead['blocks']} blocks: "
