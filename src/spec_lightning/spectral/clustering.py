@@ -327,7 +327,8 @@ class SpectralClusterer:
         full = self.block is None or self.updates % self.full_recompute_every == 0
         eigen_start = time.perf_counter()
         num = min(self.eigenvectors, m - 1)
-        begin, origin, stalled = (None, "fresh", "") if full else (self.block, "warm", "")
+        begin, origin = (None, "fresh") if full else (self.block, "warm")
+        stalled = ""
         if full and m > DENSE_NODES:
             begin, origin = multilevel_start(self.weights, num + GUARD_VECTORS, self.seed), "multilevel"
             if begin is None:
@@ -342,6 +343,7 @@ class SpectralClusterer:
         labels = bound_sizes(points, labels, self.min_size, self.max_size or m, self.seed)
         labels = align_labels(labels, self.labels)
         nmi, ari = stability(labels, self.labels)
+        reasons = [reason for reason in (stalled, eigen.fallback) if reason]
         self.previous, self.labels = self.labels, labels
         self.library = module_library(labels, self.previous, block_parameters, energy)
         self.updates += 1
@@ -352,8 +354,7 @@ class SpectralClusterer:
             full_recompute=full,
             eigen_solver=eigen.solver,
             eigen_residual=eigen.residual,
-            eigen_fallback="; ".join(reason for reason in (stalled, eigen.fallback) if reason)
-            + (f"; solved by {eigen.solver}" if stalled or eigen.fallback else ""),
+            eigen_fallback="; ".join([*reasons, f"solved by {eigen.solver}"]) if reasons else "",
             neighbor_seconds=neighbor_seconds,
             eigen_seconds=eigen_seconds,
             seconds=time.perf_counter() - start,

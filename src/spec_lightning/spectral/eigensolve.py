@@ -155,7 +155,7 @@ def _lobpcg(
     limit = 1000 if start is None else 200
     iterations, checked = 0, num
     operator = threaded(lap) if m > DENSE_NODES else lap  # below, handing over to torch costs more
-    values = None
+    values = residuals = None
     if gap_range is not None and start is not None:  # a warm start may need no iteration at all
         values, block = _rayleigh_ritz(operator, block)
     while True:
@@ -174,9 +174,11 @@ def _lobpcg(
         block /= np.linalg.norm(block, axis=0, keepdims=True)
         if gap_range is None:
             break
+    if residuals is None:  # without a gap range no round checked the final block
+        residuals = residual_norms(operator, values[:num], block[:, :num])
     values, vectors = values[:num], np.ascontiguousarray(block[:, :num])
     solver = "lobpcg-fresh" if start is None else f"lobpcg-{origin}"
-    residual = float(residual_norms(operator, values[:checked], vectors[:, :checked]).max())
+    residual = float(residuals[:checked].max())
     return Eigenpairs(values, vectors, residual, solver, iterations, "", block, checked)
 
 
@@ -225,7 +227,7 @@ def threaded(lap: scipy.sparse.csr_matrix) -> scipy.sparse.linalg.LinearOperator
         tensor = torch.sparse_csr_tensor(
             torch.from_numpy(lap.indptr.astype(np.int64)),
             torch.from_numpy(lap.indices.astype(np.int64)),
-            torch.from_numpy(lap.data.astype(np.float64)),
+            torch.from_numpy(lap.data.astype(np.float64, copy=False)),
             size=lap.shape,
         )
 
