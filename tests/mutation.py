@@ -34,6 +34,8 @@ SOURCE = ROOT / "src" / "spec_lightning"
 #: Target file (under src/spec_lightning) -> the pytest arguments that cover it.
 TARGETS: dict[str, list[str]] = {
     "spectral/clustering.py": ["tests/test_clustering.py"],
+    "spectral/eigensolve.py": ["tests/test_eigensolve.py", "tests/test_clustering.py"],
+    "spectral/neighbors.py": ["tests/test_neighbors.py", "tests/test_clustering.py"],
     "spectral/graph.py": ["tests/test_spectral_graph.py", "tests/test_graph_spectral.py"],
     "spectral/laplacian.py": ["tests/test_spectral_graph.py", "tests/test_graph_spectral.py"],
     "spectral/filters.py": ["tests/test_spectral_graph.py"],
@@ -63,28 +65,34 @@ TARGETS: dict[str, list[str]] = {
 #: They are run and reported, but not counted.
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     **{
-        ("spectral/clustering.py", line, change): "a float exactly at the residual tolerance"
+        ("spectral/eigensolve.py", line, change): "a float exactly at the residual tolerance"
         for line, change in [
             ("if result.residual <= RESIDUAL_TOLERANCE:", "LtE -> Lt"),
             ("if residual > RESIDUAL_TOLERANCE:", "Gt -> GtE"),
         ]
     },
     **{
-        (
-            "spectral/clustering.py",
-            line,
-            change,
-        ): "a graph of exactly the boundary size: both solvers are exact"
-        for line, change in [
-            ("lobpcg_fits = m >= 5 * (num + GUARD_VECTORS)", "GtE -> Gt"),
-            ("if not lobpcg_fits and m > DENSE_NODES:", "Gt -> GtE"),
-            ("if m <= DENSE_NODES and (start is None or not lobpcg_fits):", "LtE -> Lt"),
-            ("if m <= DENSE_NODES:", "LtE -> Lt"),
+        (file, line, change): "a graph of exactly the boundary size: both solvers are exact"
+        for file, line, change in [
+            ("spectral/eigensolve.py", "lobpcg_fits = m >= 5 * (num + GUARD_VECTORS)", "GtE -> Gt"),
+            ("spectral/eigensolve.py", "if not lobpcg_fits and m > DENSE_NODES:", "Gt -> GtE"),
+            (
+                "spectral/eigensolve.py",
+                "if m <= DENSE_NODES and (start is None or not lobpcg_fits):",
+                "LtE -> Lt",
+            ),
+            ("spectral/eigensolve.py", "if m <= DENSE_NODES:", "LtE -> Lt"),
+            ("spectral/clustering.py", "if full and m > DENSE_NODES:", "Gt -> GtE"),
         ]
     },
-    ("spectral/clustering.py", "wanted = min(num + GUARD_VECTORS, m - 1)", "Sub -> Add"): (
+    ("spectral/eigensolve.py", "wanted = min(num + GUARD_VECTORS, m - 1)", "Sub -> Add"): (
         "only reached for m > 2048 nodes, where num + 4 < m − 1 always"
     ),
+    (
+        "spectral/clustering.py",
+        "rows = np.flatnonzero((lengths == power) & (counts > neighbors))",
+        "Gt -> GtE",
+    ): ("a row of exactly `neighbors` edges keeps all of them whether or not topk ranks them"),
     **{
         ("spectral/graph.py", "if neighbors is None or neighbors >= m - 1:", change): (
             "with m − 1 or m neighbours the top-k keeps every edge too (the diagonal is 0 either way)"

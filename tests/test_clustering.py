@@ -9,6 +9,7 @@ import scipy.sparse.linalg
 from sklearn.cluster import SpectralClustering
 from sklearn.metrics import adjusted_rand_score
 
+from spec_lightning.spectral import clustering
 from spec_lightning.spectral.clustering import (
     SpectralClusterer,
     align_labels,
@@ -62,6 +63,11 @@ def test_knn_similarity_is_symmetric_sparse_and_keeps_neighbours() -> None:
     graph = knn_similarity(points, 5, "cosine").toarray()
     i, j = np.nonzero(graph)
     np.testing.assert_allclose(graph[i, j], np.clip(cosine[i, j], 0, 1), atol=1e-6)
+    ivf = knn_similarity(points, 5, "cosine", search="ivf")  # half-precision index: cosines within 1e-3
+    assert ivf.has_sorted_indices
+    i, j = ivf.nonzero()
+    np.testing.assert_allclose(ivf.toarray()[i, j], np.clip(cosine[i, j], 0, 1), atol=1e-3)
+    np.testing.assert_array_equal(ivf.toarray(), ivf.toarray().T)
 
 
 def test_ema_weights_follow_the_formula_and_stay_sparse() -> None:
@@ -199,6 +205,27 @@ def test_keep_strongest_against_a_direct_computation() -> None:
         keep[i, row[np.argsort(-dense[i, row])[:3]]] = True
     expected = np.where(keep | keep.T, dense, 0.0)
     np.testing.assert_allclose(keep_strongest(scipy.sparse.csr_matrix(dense), 3).toarray(), expected)
+
+
+def test_keep_strongest_over_rows_of_every_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hubs and leaves: rows of 1 to ~150 edges fall into different padded groups, each cut into
+    several ``topk`` chunks; the result against a per-row argsort, with W's sorted indices kept."""
+    monkeypatch.setattr(clustering, "TOPK_CHUNK", 256)
+    rng = np.random.default_rng(11)
+    m = 300
+    degree = np.minimum(rng.zipf(1.6, m), m // 2)
+    dense = np.zeros((m, m))
+    for i, d in enumerate(degree):
+        dense[i, rng.choice(np.delete(np.arange(m), i), d, replace=False)] = rng.random(d)
+    dense = np.maximum(dense, dense.T)
+    keep = np.zeros_like(dense, dtype=bool)
+    for i in range(m):
+        row = np.flatnonzero(dense[i])
+        keep[i, row[np.argsort(-dense[i, row])[:5]]] = True
+    pruned = keep_strongest(scipy.sparse.csr_matrix(dense), 5)
+    assert pruned.has_sorted_indices
+    np.testing.assert_array_equal(pruned.toarray(), np.where(keep | keep.T, dense, 0.0))
+    assert np.diff(scipy.sparse.csr_matrix(dense).indptr).max() > 64  # the groups went that far
 
 
 def test_knn_edge_cases_two_points_and_more_neighbours_than_points() -> None:

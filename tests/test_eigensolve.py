@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.sparse
+import scipy.sparse.csgraph
 import scipy.sparse.linalg
 from pyamg.aggregation import standard_aggregation
 
@@ -53,6 +54,31 @@ def test_normalized_laplacian_against_its_definition() -> None:
     np.testing.assert_allclose(
         normalized_laplacian(scipy.sparse.csr_matrix(dense)).toarray(), expected, atol=1e-12
     )
+
+
+def test_normalized_laplacian_matches_scipy_on_awkward_input() -> None:
+    """Against SciPy's ``csgraph.laplacian(normed=True)``: self-loops (ignored), unsorted column
+    indices, duplicate entries (summed), an isolated node, 64-bit indices."""
+    rng = np.random.default_rng(5)
+    dense = np.triu(rng.random((30, 30)) * (rng.random((30, 30)) < 0.3), 1)
+    dense = dense + dense.T
+    dense[4, :] = dense[:, 4] = 0.0
+    np.fill_diagonal(dense, rng.random(30))
+    rows, cols = np.nonzero(dense)
+    values = dense[rows, cols]
+    split = rng.choice(len(rows), 10, replace=False)  # ten entries stored as two halves each
+    values[split] /= 2
+    rows, cols, values = np.r_[rows, rows[split]], np.r_[cols, cols[split]], np.r_[values, values[split]]
+    order = np.lexsort((rng.random(len(rows)), rows))  # grouped by row, shuffled within rows
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=30))])
+    messy = scipy.sparse.csr_matrix((values[order], cols[order].astype(np.int64), indptr), shape=(30, 30))
+    assert not messy.has_canonical_format
+    np.testing.assert_allclose(messy.toarray(), dense, atol=1e-15)
+    expected = scipy.sparse.csgraph.laplacian(dense, normed=True)
+    lap = normalized_laplacian(messy)
+    assert lap.has_canonical_format  # sorted, duplicates summed
+    np.testing.assert_allclose(lap.toarray(), expected, atol=1e-12)
+    assert lap[4, 4] == 0.0
 
 
 def test_the_warm_start_converges_in_fewer_iterations() -> None:
@@ -225,3 +251,45 @@ def test_the_threaded_operator_is_the_sparse_product() -> None:
     operator = eigensolve.threaded(lap)
     np.testing.assert_allclose(operator @ vectors, lap.toarray() @ vectors, atol=1e-12)
     np.testing.assert_allclose(operator @ vectors[:, 0], lap.toarray() @ vectors[:, 0], atol=1e-12)
+    single = eigensolve.threaded(lap, np.float32)  # what LOBPCG iterates with on large graphs
+    assert (single @ vectors).dtype == np.float32 and single.dtype == np.float32
+    np.testing.assert_allclose(single @ vectors, lap.toarray() @ vectors, atol=1e-5)
+
+
+def test_lobpcg_iterations_are_counted_as_block_updates() -> None:
+    """Counted against the operator: each update applies L once, plus the start's and the final
+    Rayleigh–Ritz's products; a start that already meets SciPy's tolerance needs no update."""
+    diagonal = scipy.sparse.diags(np.arange(1.0, 401.0))
+    applied = []
+
+    def product(vectors: np.ndarray) -> np.ndarray:
+        applied.append(1)
+        return diagonal @ vectors
+
+    operator = scipy.sparse.linalg.LinearOperator((400, 400), matvec=product, matmat=product, dtype=float)
+    start = np.random.default_rng(0).standard_normal((400, 4))
+    for wanted in (1, 3, 5):
+        applied.clear()
+        assert eigensolve._quiet_lobpcg(operator, start, wanted)[2] == wanted == len(applied) - 2
+    applied.clear()
+    assert eigensolve._quiet_lobpcg(operator, np.eye(400)[:, :4], 5)[2] == 0 == len(applied) - 2
+
+
+@pytest.mark.parametrize("dense_limit", [2**13, 0])  # the dense bincount and the sparse build
+def test_galerkin_against_the_explicit_product(monkeypatch: pytest.MonkeyPatch, dense_limit: int) -> None:
+    monkeypatch.setattr(eigensolve, "DENSE_GALERKIN", dense_limit)
+    weights, _ = planted_partition([20, 25, 15], p_in=0.4, p_out=0.05, seed=6)
+    membership = np.random.default_rng(1).integers(0, 9, 60)
+    membership[:9] = np.arange(9)  # every aggregate used
+    prolongation = scipy.sparse.csr_matrix((np.ones(60), (np.arange(60), membership)), shape=(60, 9))
+    expected = (prolongation.T @ weights @ prolongation).toarray()
+    np.testing.assert_allclose(eigensolve.galerkin(weights, membership, 9).toarray(), expected, atol=1e-12)
+
+
+def test_a_dense_solve_keeps_the_guard_vectors_for_the_next_warm_start() -> None:
+    weights, _ = planted_partition([40] * 5, seed=2)
+    lap = normalized_laplacian(weights)
+    solved = smallest_eigenvectors(lap, 6)
+    values = scipy.linalg.eigh(lap.toarray(), eigvals_only=True)
+    assert solved.solver == "dense" and solved.block.shape == (200, 6 + eigensolve.GUARD_VECTORS)
+    np.testing.assert_allclose(np.diag(solved.block.T @ lap @ solved.block), values[:10], atol=1e-10)

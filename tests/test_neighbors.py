@@ -31,12 +31,16 @@ def test_exact_search_against_numpy_brute_force() -> None:
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-6)
 
 
-def test_ivf_with_a_single_cell_scans_everything_and_is_exact() -> None:
+def test_ivf_with_a_single_cell_scans_everything_in_half_precision() -> None:
+    """One cell: every point is scanned; the points are stored in half precision, so near ties may
+    swap, but the neighbours found are the nearest within 2⁻¹⁰ relative and so are their distances."""
     points = np.random.default_rng(2).standard_normal((200, 8))  # 200 < CELL_SIZE: one cell
     distances, found = nearest_neighbours(points, 5, "ivf")
     expected_distances, expected = brute_force(points, 5)
-    np.testing.assert_array_equal(found, expected)
-    np.testing.assert_allclose(distances, expected_distances, rtol=1e-5)
+    assert (found == expected).mean() > 0.95  # only near ties differ
+    true_distances = np.linalg.norm(points[found] - points[:, None, :], axis=-1)
+    np.testing.assert_allclose(np.sort(true_distances, axis=1), expected_distances, rtol=2**-10)
+    np.testing.assert_allclose(distances, true_distances, rtol=2**-10)
 
 
 def test_ivf_recall_and_planted_groups(monkeypatch: pytest.MonkeyPatch) -> None:

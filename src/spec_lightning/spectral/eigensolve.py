@@ -7,6 +7,9 @@ solve is checked by its residual max_k ||L u_k − λ_k u_k||, and one that did 
 to a slower, surer one and says why. A clustering uses only the eigenvectors below its eigengap: given
 the range of cluster counts, LOBPCG stops once the gap is certified (:func:`certified_gap`) and the
 vectors below it converged, instead of converging vectors inside the spectrum's bulk that nobody uses.
+Above :data:`DENSE_NODES` nodes LOBPCG iterates in single precision on torch's threads (its block
+algebra and sparse products are bound by memory traffic: at a million nodes the same iterations take
+about half the time); every check (residuals, the certificate) is made in double precision against L.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 import scipy.sparse
-import scipy.sparse.csgraph
 import scipy.sparse.linalg
 import torch
 from pyamg.aggregation import standard_aggregation
@@ -31,12 +33,47 @@ RESIDUAL_TOLERANCE = 1e-3
 #: LOBPCG iterations that refine each intermediate level of the multilevel start.
 CASCADE_ITERATIONS = 20
 #: LOBPCG iterations between two checks of an eigengap (:func:`certified_gap`).
-ROUND_ITERATIONS = 3
+ROUND_ITERATIONS = 4
+#: Coarse graphs up to this many aggregates are summed densely (:func:`galerkin`; 512 MiB at most).
+DENSE_GALERKIN = 2**13
 
 
 def normalized_laplacian(weights: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
-    """L_sym = I − D^{-1/2} W D^{-1/2} (SciPy's ``csgraph.laplacian(normed=True)``)."""
-    return scipy.sparse.csgraph.laplacian(weights.astype(np.float64), normed=True).tocsr()
+    """L_sym = I − D^{-1/2} W D^{-1/2}, d_i = Σ_{j≠i} w_ij, as SciPy's ``csgraph.laplacian(normed=True)``
+    computes it (W's diagonal ignored; a node of degree 0 gets a zero row), built in one pass over
+    W's entries: their scaled values, and each row's diagonal inserted at its sorted position."""
+    weights = weights.tocsr().astype(np.float64, copy=False)
+    if not weights.has_canonical_format:
+        weights = weights.copy()
+        weights.sum_duplicates()  # sorts the indices within rows
+    m = weights.shape[0]
+    rows = np.repeat(np.arange(m, dtype=weights.indices.dtype), np.diff(weights.indptr))
+    if (weights.indices == rows).any():
+        weights = weights.copy()
+        weights.data[weights.indices == rows] = 0.0
+        weights.eliminate_zeros()  # keeps the order
+        rows = np.repeat(np.arange(m, dtype=weights.indices.dtype), np.diff(weights.indptr))
+    counts = np.diff(weights.indptr)
+    degree = np.asarray(weights.sum(axis=1)).ravel()
+    inverse = torch.from_numpy(np.divide(1.0, np.sqrt(degree), out=np.zeros(m), where=degree > 0))
+    columns, row_index = torch.from_numpy(weights.indices), torch.from_numpy(rows)
+    # On torch's threads: these passes over every entry are most of the time at a million nodes.
+    values = (
+        torch.from_numpy(weights.data)
+        * inverse[columns]
+        * -inverse.repeat_interleave(torch.from_numpy(counts))
+    ).numpy()
+    below = torch.zeros(m, dtype=torch.int64).index_add_(0, row_index, (columns < row_index).long()).numpy()
+    indptr = np.concatenate([[0], np.cumsum(counts + 1)])
+    diagonal = indptr[:-1] + below
+    position = np.arange(weights.nnz) + rows + (weights.indices > rows)  # shifted by the diagonals before
+    lap_data = np.empty(weights.nnz + m)
+    lap_indices = np.empty(weights.nnz + m, dtype=weights.indices.dtype)
+    lap_data[position] = values
+    lap_indices[position] = weights.indices
+    lap_data[diagonal] = (degree > 0).astype(np.float64)
+    lap_indices[diagonal] = np.arange(m)
+    return scipy.sparse.csr_matrix((lap_data, lap_indices, indptr), shape=(m, m))
 
 
 class Eigenpairs(NamedTuple):
@@ -85,7 +122,8 @@ def smallest_eigenvectors(
     with k in that range: LOBPCG runs in rounds of :data:`ROUND_ITERATIONS` iterations until
     :func:`certified_gap` names that k and the k vectors below it meet the tolerance (``checked`` = k);
     the vectors above the gap are Ritz vectors of the bulk, left unconverged. Dense and fallback solves
-    converge all r.
+    converge all r. Above :data:`DENSE_NODES` nodes the iterations run in single precision, the checks
+    in double.
     A LOBPCG result whose residual max_k ||L u_k − λ_k u_k|| exceeds :data:`RESIDUAL_TOLERANCE` is
     not used: the solve falls back to ``eigh`` (small graphs), else to a fresh LOBPCG and then to
     ``eigsh``, and ``fallback`` says why. A residual still above the tolerance after that raises.
@@ -155,22 +193,27 @@ def _lobpcg(
     limit = 1000 if start is None else 200
     iterations, checked = 0, num
     operator = threaded(lap) if m > DENSE_NODES else lap  # below, handing over to torch costs more
+    iterate = threaded(lap, np.float32) if m > DENSE_NODES else lap
     values = residuals = None
-    if gap_range is not None and start is not None:  # a warm start may need no iteration at all
-        values, block = _rayleigh_ritz(operator, block)
+    if gap_range is not None and origin == "warm" and start is not None:  # it may need no iteration
+        values, block, residuals = _rayleigh_ritz(operator, block, num)
     while True:
         if gap_range is not None and values is not None:
-            residuals = residual_norms(operator, values[:num], block[:, :num])
+            if residuals is None:
+                residuals = residual_norms(operator, values[:num], block[:, :num])
             k = certified_gap(values[:num], residuals, *gap_range)
             if k is not None and residuals[:k].max() <= RESIDUAL_TOLERANCE:
                 checked = k
                 break
         if iterations >= limit:
             break
-        values, block, done = _quiet_lobpcg(operator, block, limit if gap_range is None else ROUND_ITERATIONS)
+        values, block, done = _quiet_lobpcg(
+            iterate, block.astype(iterate.dtype), limit if gap_range is None else ROUND_ITERATIONS
+        )
         iterations += max(done, 1)
+        residuals = None
         order = np.argsort(values)
-        values, block = values[order], np.ascontiguousarray(block[:, order])
+        values, block = values[order].astype(np.float64), block[:, order].astype(np.float64)
         block /= np.linalg.norm(block, axis=0, keepdims=True)
         if gap_range is None:
             break
@@ -183,13 +226,17 @@ def _lobpcg(
 
 
 def _rayleigh_ritz(
-    operator: scipy.sparse.linalg.LinearOperator, block: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The Ritz values (ascending) and unit Ritz vectors of L on span(block): Q = qr(block),
-    QᵀLQ = S Θ Sᵀ, vectors QS."""
+    operator: scipy.sparse.linalg.LinearOperator, block: np.ndarray, num: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Ritz values (ascending), unit Ritz vectors and the residual norms of the first ``num`` of L
+    on span(block): Q = qr(block), QᵀLQ = S Θ Sᵀ, vectors QS, residuals ||(LQ)S − QSΘ|| (from the one
+    product LQ)."""
     basis = np.linalg.qr(block)[0]
-    values, small = scipy.linalg.eigh(basis.T @ (operator @ basis))
-    return values, basis @ small
+    product = operator @ basis
+    values, small = scipy.linalg.eigh(basis.T @ product)
+    vectors = basis @ small
+    residuals = np.linalg.norm(product @ small[:, :num] - vectors[:, :num] * values[:num], axis=0)
+    return values, vectors, residuals
 
 
 def certified_gap(values: np.ndarray, residuals: np.ndarray, k_min: int, k_max: int) -> int | None:
@@ -219,23 +266,25 @@ def residual_norms(
     return np.linalg.norm(lap @ vectors - vectors * values, axis=0)
 
 
-def threaded(lap: scipy.sparse.csr_matrix) -> scipy.sparse.linalg.LinearOperator:
-    """L as an operator whose products with blocks of vectors run on torch's threads: SciPy's sparse
-    product uses one thread, and it is half of a LOBPCG iteration on a large graph."""
+def threaded(
+    lap: scipy.sparse.csr_matrix, dtype: type[np.floating] = np.float64
+) -> scipy.sparse.linalg.LinearOperator:
+    """L in ``dtype`` as an operator whose products with blocks of vectors run on torch's threads:
+    SciPy's sparse product uses one thread, and it is half of a LOBPCG iteration on a large graph."""
     with warnings.catch_warnings():  # the CSR layout is in beta; the product used here is not
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.sparse_csr_tensor(
-            torch.from_numpy(lap.indptr.astype(np.int64)),
-            torch.from_numpy(lap.indices.astype(np.int64)),
-            torch.from_numpy(lap.data.astype(np.float64, copy=False)),
+            torch.from_numpy(lap.indptr),
+            torch.from_numpy(lap.indices),
+            torch.from_numpy(lap.data.astype(dtype, copy=False)),
             size=lap.shape,
         )
 
     def product(vectors: np.ndarray) -> np.ndarray:
-        return (tensor @ torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float64))).numpy()
+        return (tensor @ torch.from_numpy(np.ascontiguousarray(vectors, dtype=dtype))).numpy()
 
     return scipy.sparse.linalg.LinearOperator(
-        lap.shape, matvec=product, matmat=product, rmatvec=product, rmatmat=product, dtype=np.float64
+        lap.shape, matvec=product, matmat=product, rmatvec=product, rmatmat=product, dtype=dtype
     )
 
 
@@ -270,34 +319,48 @@ def _cascade(weights: scipy.sparse.csr_matrix, width: int, seed: int, refine: bo
     if count > 0.8 * m:
         return None
     if count <= width:  # too few aggregates to hold the eigenvectors: solve this level
-        start = np.random.default_rng(seed).standard_normal((m, width))
-        return _quiet_lobpcg(threaded(_with_self_loops(weights, degree)), start, CASCADE_ITERATIONS * 10)[1]
-    coo = weights.tocoo()
-    galerkin = scipy.sparse.csr_matrix(  # PᵀWP: duplicate entries are summed
-        (coo.data, (membership[coo.row], membership[coo.col])), shape=(count, count)
-    )
-    coarse = _cascade(galerkin, width, seed, refine=True)
+        start = np.random.default_rng(seed).standard_normal((m, width), dtype=np.float32)
+        return _quiet_lobpcg(
+            threaded(_with_self_loops(weights, degree), np.float32), start, CASCADE_ITERATIONS * 10
+        )[1]
+    coarse = _cascade(galerkin(weights, membership, count), width, seed, refine=True)
     if coarse is None or coarse.shape[1] < width:
         return None
     coarse_degree = np.bincount(membership, weights=degree, minlength=count)  # Pᵀd
     block = _root_degree(degree)[:, None] * (coarse / _root_degree(coarse_degree)[:, None])[membership]
     if not refine:
         return block
-    return _quiet_lobpcg(threaded(_with_self_loops(weights, degree)), block, CASCADE_ITERATIONS)[1]
+    return _quiet_lobpcg(
+        threaded(_with_self_loops(weights, degree), np.float32), block.astype(np.float32), CASCADE_ITERATIONS
+    )[1]
+
+
+def galerkin(weights: scipy.sparse.csr_matrix, membership: np.ndarray, count: int) -> scipy.sparse.csr_matrix:
+    """PᵀWP for the binary P with P[i, membership[i]] = 1: (PᵀWP)_ab = Σ w_ij over i in aggregate a and
+    j in b. Up to :data:`DENSE_GALERKIN` aggregates one ``bincount`` fills the dense count × count
+    matrix (a quarter of the time of summing duplicates in a sparse build at a million nodes); beyond,
+    a COO build sums the duplicates."""
+    rows = np.repeat(membership, np.diff(weights.indptr))
+    columns = membership[weights.indices]
+    if count <= DENSE_GALERKIN:
+        dense = np.bincount(rows * count + columns, weights=weights.data, minlength=count * count)
+        return scipy.sparse.csr_matrix(dense.reshape(count, count))
+    return scipy.sparse.csr_matrix((weights.data, (rows, columns)), shape=(count, count))
 
 
 def _quiet_lobpcg(
-    lap: scipy.sparse.csr_matrix | scipy.sparse.linalg.LinearOperator, block: np.ndarray, maxiter: int
+    lap: scipy.sparse.csr_matrix | scipy.sparse.linalg.LinearOperator, block: np.ndarray, iterations: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(values, vectors, iterations) of at most ``maxiter`` LOBPCG iterations from ``block``, without
-    SciPy's warning that some vectors did not reach its tolerance: callers check the residual, or use
-    the block as a start only."""
+    """(values, vectors, iterations done) of at most ``iterations`` LOBPCG iterations (block updates)
+    from ``block``, without SciPy's warning that some vectors did not reach its tolerance: callers check
+    the residual, or use the block as a start only. (SciPy's ``maxiter`` = n makes n + 1 updates, and
+    its residual history holds one row per update plus the start's and the final Rayleigh–Ritz's.)"""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         values, vectors, history = scipy.sparse.linalg.lobpcg(
-            lap, block, largest=False, tol=1e-4, maxiter=maxiter, retResidualNormsHistory=True
+            lap, block, largest=False, tol=1e-4, maxiter=iterations - 1, retResidualNormsHistory=True
         )
-    return values, vectors, len(history)
+    return values, vectors, len(history) - 2
 
 
 def _with_self_loops(weights: scipy.sparse.csr_matrix, degree: np.ndarray) -> scipy.sparse.csr_matrix:
