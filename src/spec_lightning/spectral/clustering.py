@@ -84,22 +84,19 @@ def knn_similarity(
         points = points / norms[active, None]
     reach = min(neighbors, len(active) - 1)
     distances, found = nearest_neighbours(points, reach, search, seed=seed)
-    found, order = torch.from_numpy(found).sort(dim=1)  # columns ascending: W's rows stay sorted
-    distances = np.take_along_axis(distances, order.numpy(), axis=1)
+    ascending, order = torch.from_numpy(found).sort(dim=1)  # columns ascending: W's rows stay sorted
+    found, distances = ascending.numpy(), np.take_along_axis(distances, order.numpy(), axis=1)
     if kernel == "cosine":
         values = np.clip(1.0 - distances**2 / 2.0, 0.0, 1.0)
     else:
         sigma = float(np.median(distances[np.isfinite(distances)])) or 1.0
         values = np.exp(-(distances**2) / (2 * sigma**2))
-    hit = (found >= 0).numpy()  # the IVF search marks a missing neighbour −1 (its distance inf)
+    hit = found >= 0  # the IVF search marks a missing neighbour −1 (its distance inf)
     counts = np.zeros(m, dtype=np.int64)
     counts[active] = hit.sum(axis=1)
-    columns, values = (found.numpy(), values) if hit.all() else (found.numpy()[hit], values[hit])
-    columns = columns.ravel() if len(active) == m else active[columns.ravel()]
-    full = scipy.sparse.csr_matrix(
-        (values.ravel(), columns, np.concatenate([[0], np.cumsum(counts)])), (m, m)
-    )
-    return full.maximum(full.T.tocsr()).tocsr()  # no zero stored; no self loop: the search leaves each out
+    columns = found[hit] if len(active) == m else active[found[hit]]
+    full = scipy.sparse.csr_matrix((values[hit], columns, np.concatenate([[0], np.cumsum(counts)])), (m, m))
+    return _symmetrised(full)  # no self loop: the search leaves each point out
 
 
 def keep_strongest(weights: scipy.sparse.csr_matrix, neighbors: int) -> scipy.sparse.csr_matrix:
@@ -124,7 +121,13 @@ def keep_strongest(weights: scipy.sparse.csr_matrix, neighbors: int) -> scipy.sp
             keep[torch.gather(positions, 1, values.topk(neighbors, dim=1).indices).numpy()] = True
     indptr = np.concatenate([[0], np.cumsum(np.minimum(counts, neighbors))])
     pruned = scipy.sparse.csr_matrix((weights.data[keep], weights.indices[keep], indptr), shape=weights.shape)
-    return pruned.maximum(pruned.T.tocsr()).tocsr()
+    return _symmetrised(pruned)
+
+
+def _symmetrised(graph: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
+    """max(G, Gᵀ), entry by entry, storing no zero; sorted indices in G give sorted indices out (the
+    transpose is converted to CSR first, so SciPy merges two canonical matrices)."""
+    return graph.maximum(graph.T.tocsr())
 
 
 def ema_weights(
