@@ -3,8 +3,10 @@ process or under a 2-process CPU strategy (gloo), and save each method's whole a
 
 ``python tests/run_methods_distributed.py STRATEGY BACKBONE DATA OUT`` with STRATEGY ``ddp`` or
 ``fsdp2`` (``ModelParallelStrategy``, data-parallel size 2) writes ``OUT/<method>-rank<r>.pt``; Lightning
-relaunches the script once for rank 1. Under ``ddp`` LoRSA also runs with SpectralImportance choosing its
-components (``OUT/lorsa-importance-rank<r>.pt``). Rank r seeds its RNG with r, so only an initialisation
+relaunches the script once for rank 1. LoRSA also runs with SpectralImportance choosing its components
+(``OUT/lorsa-importance-rank<r>.pt``); under ``fsdp2`` also LoRA with a SpectrumMonitor (its snapshots in
+``OUT/lora-monitor-rank<r>.pt``) and GraphSpectral over full fine-tuning with a rows graph
+(``graph_spectral_rows``). Rank r seeds its RNG with r, so only an initialisation
 broadcast from rank 0 makes the ranks agree with a single process seeded with 0. Under ``fsdp2`` LoRA
 also stops after the first epoch, writes ``OUT/last.ckpt`` and resumes from it to the end
 (``OUT/lora-resumed-rank<r>.pt``). Run by tests/test_distributed.py, which compares the adapters with
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +27,15 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spec_lightning import GLUEDataModule, SequenceClassificationModule, SpectralImportance  # noqa: E402
+from spec_lightning import (  # noqa: E402
+    FullFineTuning,
+    GLUEDataModule,
+    GraphConfig,
+    GraphSpectral,
+    SequenceClassificationModule,
+    SpectralImportance,
+    SpectrumMonitor,
+)
 from spec_lightning.distributed import gather_full  # noqa: E402
 from tests.conftest import BACKBONE_TARGETS, METHODS  # noqa: E402
 
@@ -32,6 +43,15 @@ from tests.conftest import BACKBONE_TARGETS, METHODS  # noqa: E402
 BATCH, EXAMPLES = 8, 16
 #: Epochs of EXAMPLES / BATCH = 2 optimiser steps.
 EPOCHS = 2
+#: Methods run besides tests/conftest.METHODS: the joint loss over a rows graph (its nodes, the rows
+#: of each query matrix, lie on both ranks under FSDP2).
+EXTRA = {
+    "graph_spectral_rows": lambda: GraphSpectral(
+        FullFineTuning(),
+        GraphConfig(kind="rows", targets=("query",), edge_weights="weight_cosine", neighbors=4),
+        spectral_weight=0.1,
+    )
+}
 
 
 class Interrupt(L.Callback):
@@ -60,19 +80,19 @@ def train(
     data: str,
     strategy_name: str | None = None,
     interrupt: bool = False,
-    importance: bool = False,
     ckpt_path: Path | None = None,
     ckpt_dir: Path | None = None,
+    callbacks: Sequence[L.Callback] = (),
+    metrics: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The adapter after EPOCHS epochs of optimiser steps of BATCH examples (one with ``interrupt``;
-    resumed from ``ckpt_path``; ``last.ckpt`` written to ``ckpt_dir`` after every epoch; LoRSA's components
-    chosen by SpectralImportance with ``importance``): in this process when ``strategy_name`` is None,
+    resumed from ``ckpt_path``; ``last.ckpt`` written to ``ckpt_dir`` after every epoch; ``callbacks``
+    added; the last logged values put into ``metrics``): in this process when ``strategy_name`` is None,
     else on 2 ranks of BATCH / 2 each."""
     devices = 1 if strategy_name is None else 2
     L.seed_everything(rank())
-    module = SequenceClassificationModule(
-        backbone, METHODS[method](*BACKBONE_TARGETS["bert"]), learning_rate=1e-3, warmup_ratio=0.0
-    )
+    build = EXTRA[method] if method in EXTRA else lambda: METHODS[method](*BACKBONE_TARGETS["bert"])
+    module = SequenceClassificationModule(backbone, build(), learning_rate=1e-3, warmup_ratio=0.0)
     data_module = GLUEDataModule(
         "sst2", data_dir=data, tokenizer=backbone, batch_size=BATCH // devices, train_limit=EXAMPLES, seed=1
     )
@@ -84,7 +104,7 @@ def train(
         limit_val_batches=0,
         callbacks=[
             *([Interrupt()] if interrupt else []),
-            *([SpectralImportance(num_samples=EXAMPLES, batch_size=BATCH)] if importance else []),
+            *callbacks,
             *([ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0)] if ckpt_dir else []),
         ],
         logger=False,
@@ -94,6 +114,8 @@ def train(
         enable_model_summary=False,
     )
     trainer.fit(module, data_module, ckpt_path=ckpt_path)
+    if metrics is not None:
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     return gather_full(module.method.adapter_state_dict(module.model))
 
 
@@ -102,15 +124,27 @@ def fsdp_methods() -> list[str]:
     return [m for m, build in METHODS.items() if build(*BACKBONE_TARGETS["bert"]).supports_fsdp]
 
 
+def importance() -> SpectralImportance:
+    """Scores over the whole training set, in batches of BATCH."""
+    return SpectralImportance(num_samples=EXAMPLES, batch_size=BATCH)
+
+
 def main(strategy_name: str, backbone: str, data: str, out: Path) -> None:
     torch.set_num_threads(1)
     for method in fsdp_methods() if strategy_name == "fsdp2" else METHODS:
-        adapter = train(method, backbone, data, strategy_name)
-        torch.save(adapter, out / f"{method}-rank{rank()}.pt")
-    if strategy_name == "ddp":
-        adapter = train("lorsa", backbone, data, strategy_name, importance=True)
-        torch.save(adapter, out / f"lorsa-importance-rank{rank()}.pt")
+        metrics: dict[str, float] = {}
+        adapter = train(method, backbone, data, strategy_name, metrics=metrics)
+        torch.save({**adapter, "metrics": metrics}, out / f"{method}-rank{rank()}.pt")
+    scorer = importance()
+    adapter = train("lorsa", backbone, data, strategy_name, callbacks=[scorer])
+    torch.save({**adapter, "scores": scorer.scores}, out / f"lorsa-importance-rank{rank()}.pt")
     if strategy_name == "fsdp2":
+        metrics = {}
+        adapter = train("graph_spectral_rows", backbone, data, strategy_name, metrics=metrics)
+        torch.save({**adapter, "metrics": metrics}, out / f"graph_spectral_rows-rank{rank()}.pt")
+        monitor = SpectrumMonitor(top_k=4)
+        train("lora", backbone, data, strategy_name, callbacks=[monitor])
+        torch.save(monitor.state_dict(), out / f"lora-monitor-rank{rank()}.pt")
         train("lora", backbone, data, strategy_name, interrupt=True, ckpt_dir=out)
         adapter = train("lora", backbone, data, strategy_name, ckpt_path=out / "last.ckpt")
         torch.save(adapter, out / f"lora-resumed-rank{rank()}.pt")

@@ -260,7 +260,7 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     ):
         trainer(tmp_path, [clustering(), ModuleSearch(4, always_train=["classifier"])], 1).fit(ProbedStack())
     fsdp = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(MisconfigurationException, match="does not support FSDP yet"):
+    with pytest.raises(MisconfigurationException, match="FSDPStrategy \\(FSDP1\\).*Use FSDP2"):
         clustering().setup(fsdp, ProbedStack(), "fit")  # type: ignore[arg-type]
 
 

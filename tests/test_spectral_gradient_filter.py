@@ -198,7 +198,7 @@ def test_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     with pytest.raises(MisconfigurationException, match="no cross_layer graph has two nodes"):
         fit([SpectralGradientFilter(GraphConfig(targets=("blocks.0.fc1",)))], 1, tmp_path)
     fsdp = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(MisconfigurationException, match="does not support FSDP yet.*one all-reduce"):
+    with pytest.raises(MisconfigurationException, match="FSDPStrategy \\(FSDP1\\).*Use FSDP2"):
         SpectralGradientFilter().setup(fsdp, LayerStack(), "fit")  # type: ignore[arg-type]
 
 

@@ -119,6 +119,16 @@ def test_partial_lowpass_equals_the_dense_one() -> None:
     torch.testing.assert_close(partial.apply(nodes), dense.apply(nodes))
 
 
+def test_gram_is_exactly_symmetric_and_sums_over_row_shards() -> None:
+    """float32 θ θᵀ is not exactly symmetric for every shape on every BLAS (4 x 18 is not here); an
+    asymmetric W gives L a spurious negative eigenvalue. Shards of the node columns sum to the Gram."""
+    nodes = torch.randn(4, 18, generator=torch.Generator().manual_seed(2))
+    k = gram(nodes)
+    assert torch.equal(k, k.T)
+    np.testing.assert_allclose(k.numpy(), nodes.double().numpy() @ nodes.double().numpy().T, rtol=1e-6)
+    torch.testing.assert_close(gram(nodes[:, :7]) + gram(nodes[:, 7:]), k, rtol=1e-6, atol=1e-6)
+
+
 def test_edge_weights() -> None:
     assert structural_weights(4, 1).tolist() == [[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 0]]
     assert structural_weights(4, None).sum() == 12

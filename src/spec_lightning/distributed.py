@@ -1,17 +1,20 @@
-"""Multi-process helpers: one initialisation for all ranks, FSDP2 sharding, gathering sharded state.
+"""Multi-process helpers: one initialisation for all ranks, FSDP2 sharding, gathering sharded state, and
+what callbacks need to act on FSDP2's shards (each rank's rows of a parameter, sums over ranks).
 
-Everything here is a no-op in a single process, so the LightningModules call it unconditionally.
+Everything here is a no-op in a single process (or on a plain tensor), so callers use it unconditionally.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
 def world_size() -> int:
@@ -90,3 +93,94 @@ def shard_like(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a shard (FSDP2)."""
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def sharding_mesh(tensors: Iterable[torch.Tensor]) -> DeviceMesh | None:
+    """The mesh over which FSDP2 shards ``tensors`` (dim 0 on a one-dimensional mesh); None when none
+    is sharded.
+
+    Raises:
+        ValueError: a tensor is sharded another way (tensor parallelism, a 2-D HSDP mesh), which the
+            callbacks' row-wise arithmetic does not cover.
+    """
+    mesh = None
+    for tensor in tensors:
+        if not isinstance(tensor, DTensor):
+            continue
+        if tensor.device_mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
+            raise ValueError(
+                f"a parameter is sharded as {tuple(tensor.placements)} on a {tensor.device_mesh.ndim}-D "
+                "mesh; "
+                "spec_lightning's callbacks act on FSDP2's dim-0 shards over one data-parallel mesh "
+                "(ModelParallelStrategy with tensor_parallel_size=1)"
+            )
+        mesh = tensor.device_mesh
+    return mesh
+
+
+def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the rows of ``tensor`` this rank holds, the index of the first). FSDP2's ``Shard(0)`` cuts dim
+    0 as ``torch.chunk`` does: ⌈n / W⌉ rows per rank, the last ranks possibly fewer or none. A plain
+    tensor is whole: (``tensor``, 0). Differentiable: the local part of a parameter passes gradients
+    to that rank's shard."""
+    if not isinstance(tensor, DTensor):
+        return tensor, 0
+    rows, ranks = tensor.shape[0], tensor.device_mesh.size()
+    start = min(tensor.device_mesh.get_local_rank() * -(-rows // ranks), rows)
+    return tensor.to_local(), start
+
+
+def rows_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The rows of ``full`` (shaped like ``like``'s global shape) that this rank holds of ``like``."""
+    local, start = local_rows(like)
+    return full if local is like else full[start : start + local.shape[0]]
+
+
+def all_reduce_sum(tensor: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Σ over the mesh's ranks of ``tensor`` (a new tensor on ``tensor``'s device; ``tensor`` when
+    ``mesh`` is None). Goes through the mesh's device, so CPU tensors reduce under NCCL too."""
+    if mesh is None:
+        return tensor
+    buffer = tensor.to(mesh.device_type, copy=True)
+    dist.all_reduce(buffer, group=mesh.get_group())
+    return buffer.to(tensor.device)
+
+
+def by_unit(model: nn.Module, names: Iterable[str]) -> Iterator[list[str]]:
+    """Yield the submodule names ``names`` of ``model`` grouped by the FSDP2 unit (a ``fully_shard``-ed
+    module) that holds their parameters, each group while its unit's parameters are whole
+    (all-gathered, then freed before the next group: memory for one unit at a time). Unsharded models
+    yield all names at once, untouched. A collective: every rank must run the loop to its end."""
+    from torch.distributed.fsdp import FSDPModule
+
+    names = list(names)
+    units = {n: m for n, m in model.named_modules() if isinstance(m, FSDPModule)}
+    if not units:
+        yield names
+        return
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        owner = max(
+            (u for u in units if u == "" or name == u or name.startswith(u + ".")), key=len, default=None
+        )
+        if owner is None:
+            raise ValueError(f"{name} lies outside every FSDP2 unit of the model")
+        groups.setdefault(owner, []).append(name)
+    for owner, members in groups.items():
+        unit = units[owner]
+        unit.unshard()
+        try:
+            yield members
+        finally:
+            unit.reshard()
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP2 unit's gathered parameters. FSDP2 keeps the root unit's gathered after a forward
+    pass without backward (evaluation), and the next forward would use them, not the shards, which
+    may have been written since; a no-op for unsharded models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

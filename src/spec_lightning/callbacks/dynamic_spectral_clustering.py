@@ -13,10 +13,18 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.distributed.device_mesh import DeviceMesh
 from typing_extensions import override
 
 from spec_lightning.analysis.modules import assignment_figure
-from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
+from spec_lightning.callbacks.strategy import (
+    KeyedCallback,
+    log_directory,
+    publish_figure,
+    refuse_fsdp1,
+    sharding_mesh_of,
+)
+from spec_lightning.distributed import all_reduce_sum, local_rows
 from spec_lightning.spectral.blocks import BlockMap, BlockRule, GradientSketcher, default_blocks
 from spec_lightning.spectral.clustering import Kernel, Module, SpectralClusterer
 from spec_lightning.spectral.neighbors import NeighborSearch
@@ -27,7 +35,10 @@ class DynamicSpectralClustering(KeyedCallback):
 
     Every optimiser step (in ``on_before_optimizer_step``: after accumulation, AMP unscaling and the
     DDP all-reduce, so every rank sketches the same global gradient) each block's gradient is sketched
-    by a random projection, g_i ↦ Rᵀ g_i ∈ ℝ^s, and its squared norm kept. Every
+    by a random projection, g_i ↦ Rᵀ g_i ∈ ℝ^s, and its squared norm kept. Under FSDP2
+    (``ModelParallelStrategy``) each rank sketches the rows of the reduce-scattered gradient it holds
+    (a sketch and a norm are sums over a block's entries) and one all-reduce of the m x (s + 1)
+    contributions gives every rank the sketches of the whole gradient. Every
     ``update_every_n_steps`` steps the summed sketches feed one DSCA update
     (:class:`~spec_lightning.spectral.clustering.SpectralClusterer`): k-NN similarity S(t),
     W(t) = α W(t−1) + (1−α) S(t), L_sym, its r smallest eigenvectors warm-started from the last ones
@@ -132,6 +143,7 @@ class DynamicSpectralClustering(KeyedCallback):
         self._energy: torch.Tensor | None = None
         self._pending = 0
         self._warned: set[str] = set()
+        self._mesh: DeviceMesh | None = None
 
     def key_arguments(self) -> Mapping[str, Any]:
         blocks = None if self.blocks is None else [asdict(rule) for rule in self.blocks]
@@ -149,11 +161,7 @@ class DynamicSpectralClustering(KeyedCallback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            refuse_fsdp(
-                trainer,
-                "DynamicSpectralClustering sketches whole weight matrices and does not support FSDP yet; "
-                "use a single device or DDP (every rank sketches the same all-reduced gradient).",
-            )
+            refuse_fsdp1(trainer, "DynamicSpectralClustering")
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -170,6 +178,7 @@ class DynamicSpectralClustering(KeyedCallback):
                 "train them (e.g. method FullFineTuning) and let ModuleSearch choose what updates"
             )
         self._sketcher = GradientSketcher(self.block_map, self.sketch_dim, self.seed)
+        self._mesh = sharding_mesh_of("DynamicSpectralClustering", [params[n] for n in self.block_map.names])
         device = params[self.block_map.names[0]].device
         m = self.block_map.num_blocks
         if self._sketches is None or self._sketches.shape != (m, self.sketch_dim):
@@ -190,13 +199,27 @@ class DynamicSpectralClustering(KeyedCallback):
             return
         if missing:
             self._warn_missing(missing, "their blocks get zero sketches this step")
-        sketches, energy = self._sketcher.sketch(grads)
+        sketches, energy = self._sketch(grads)
         self._sketches += sketches
         self._energy += energy
         self._pending += 1
         self.steps += 1
         if self.steps % self.update_every_n_steps == 0:
             self.update(trainer, pl_module)
+
+    def _sketch(self, grads: Mapping[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's sketches and squared norms of the whole gradient (under FSDP2: this rank's rows'
+        contributions, summed over the ranks)."""
+        assert self._sketcher is not None
+        if self._mesh is None:
+            return self._sketcher.sketch(grads)
+        parts = {n: None if g is None else local_rows(g) for n, g in grads.items()}
+        sketches, energy = self._sketcher.sketch(
+            {n: None if part is None else part[0] for n, part in parts.items()},
+            {n: part[1] for n, part in parts.items() if part is not None},
+        )
+        summed = all_reduce_sum(torch.cat([sketches, energy[:, None]], dim=1), self._mesh)
+        return summed[:, :-1], summed[:, -1]
 
     def _warn_missing(self, missing: list[str], consequence: str) -> None:
         new = [name for name in missing if name not in self._warned]

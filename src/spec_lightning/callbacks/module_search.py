@@ -12,16 +12,19 @@ from typing import Any, Protocol, runtime_checkable
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from spec_lightning.analysis.modules import predictor_figure
 from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
-from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
+from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp1
+from spec_lightning.distributed import local_rows, reshard, rows_like
 from spec_lightning.methods.mftc.search import SearchProblem, best_selection, predictor_quality
 from spec_lightning.naming import matches
 from spec_lightning.spectral.blocks import (
@@ -97,12 +100,15 @@ class ModuleSearch(KeyedCallback):
     fine-tuning; under DDP this needs ``find_unused_parameters=True``, else their gradients are
     computed and dropped, with a warning), the other matrices' gradients are masked before every
     optimiser step and their frozen slices restored after it, so no optimiser (weight decay,
-    momentum) moves them. The probes step the optimiser outside the trainer's precision plugin, so
-    ``16-mixed`` (a GradScaler) is refused; use ``bf16-mixed`` or 32-bit. The selection, increments
-    and predictor quality go to
-    ``module_search.json`` in the log dir and into the checkpoint; :meth:`export` writes the trained
-    slices alone (a few MB), which ``load_slices`` puts back into the base model. The module must
-    implement :class:`Probeable`, or ``probe_fn`` does its part.
+    momentum) moves them. Under FSDP2 (``ModelParallelStrategy``) the masks, gradients and restored
+    slices are each rank's rows of them, every rank takes part in each probe's forward and backward
+    (the gradient is the whole batch's, as in one process), the probe scores are averaged over the
+    ranks' batches and the selection is broadcast from rank 0. The probes step the optimiser outside
+    the trainer's precision plugin, so ``16-mixed`` (a GradScaler) is refused; use ``bf16-mixed`` or
+    32-bit. The selection, increments and predictor quality go to ``module_search.json`` in the log
+    dir and into the checkpoint; :meth:`export` writes the trained slices alone (a few MB), which
+    ``load_slices`` puts back into the base model. The module must implement :class:`Probeable`, or
+    ``probe_fn`` does its part.
 
     Parameters outside every block and outside ``always_train`` (biases, LayerNorms, embeddings
     unless a block rule covers them) never train while this callback runs: a warning at fit start
@@ -182,7 +188,13 @@ class ModuleSearch(KeyedCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_fsdp(trainer, "ModuleSearch masks whole weight matrices and does not support FSDP yet.")
+        refuse_fsdp1(trainer, "ModuleSearch")
+        if isinstance(trainer.strategy, ModelParallelStrategy) and pl_module.strict_loading:
+            pl_module.strict_loading = False
+            rank_zero_info(
+                "ModuleSearch: strict_loading set to False under FSDP2: until the search the blocks get no "
+                "optimiser step, hence no optimiser state, which torch refuses to load strictly on resume"
+            )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise MisconfigurationException(
                 f"ModuleSearch under precision={trainer.precision!r}: its probes step the optimiser outside "
@@ -283,16 +295,20 @@ class ModuleSearch(KeyedCallback):
         return self._clustering.block_map
 
     def _device_masks(self, pl_module: L.LightningModule, blocks: np.ndarray) -> dict[str, torch.Tensor]:
-        """The parameter masks of ``blocks``, each on its parameter's device (moved once, not per step)."""
+        """The masks of ``blocks`` over the rows each parameter holds on this rank (all of them off
+        FSDP2), on its device (moved once, not per step)."""
         params = dict(pl_module.named_parameters())
-        return {n: m.to(params[n].device) for n, m in self._block_map().masks(blocks).items()}
+        return {
+            n: rows_like(m, params[n]).to(local_rows(params[n])[0].device)
+            for n, m in self._block_map().masks(blocks).items()
+        }
 
     def _freeze_outside(self, trainer: L.Trainer, pl_module: L.LightningModule, blocks: np.ndarray) -> None:
         """Train the head and ``blocks``' slices only, from now on; parameters with no trained slice
         stop requiring gradients where the strategy allows it."""
         params = dict(pl_module.named_parameters())
         self._masks = self._device_masks(pl_module, blocks)
-        self._frozen_values = frozen_values(params, self._masks)
+        self._frozen_values = frozen_values(_local(params), self._masks)
         unused = [
             n for n, p in params.items() if p.requires_grad and n not in self._head and n not in self._masks
         ]
@@ -313,23 +329,28 @@ class ModuleSearch(KeyedCallback):
         for name, p in params.items():
             if p.grad is not None and name not in self._head and name not in self._masks:
                 p.grad = None  # the optimiser skips it altogether
-        mask_gradients(params, self._masks)
+        mask_gradients(_local_grads(params), self._masks)
 
     def _restore_frozen(self, pl_module: L.LightningModule) -> None:
-        restore_frozen(dict(pl_module.named_parameters()), self._masks, self._frozen_values)
+        restore_frozen(_local(dict(pl_module.named_parameters())), self._masks, self._frozen_values)
 
     def trained_parameters(self) -> dict[str, torch.Tensor | None]:
-        """Parameter name -> boolean mask of its trained slices (None: the whole tensor, the head)."""
+        """Parameter name -> boolean mask of its trained slices, whole-parameter shaped on the CPU
+        (None: the whole tensor, the head)."""
         if self.selected is None:
             return dict.fromkeys(self._head)
-        return {**dict.fromkeys(self._head), **self._masks}
+        return {
+            **dict.fromkeys(self._head),
+            **self._block_map().masks(np.array(self.selected, dtype=np.int64)),
+        }
 
     def export(
         self, pl_module: L.LightningModule, directory: str | Path, module: nn.Module | None = None
     ) -> Path:
         """Write the trained slices and the head alone to ``directory/mftc_slices.safetensors`` (with
         ``module_search.json``); :func:`~spec_lightning.spectral.blocks.load_slices` puts them into a
-        freshly loaded base model, which then equals the fine-tuned one.
+        freshly loaded base model, which then equals the fine-tuned one. Under FSDP2 the trained
+        parameters are all-gathered (a collective: call it on every rank) and global rank 0 writes.
 
         Args:
             pl_module: the LightningModule that was fitted.
@@ -357,8 +378,10 @@ class ModuleSearch(KeyedCallback):
                 )
             params = {n.removeprefix(prefix): p for n, p in params.items() if n.startswith(prefix)}
             trained = {n.removeprefix(prefix): mask for n, mask in trained.items()}
-        save_slices(params, trained, directory / SLICES_FILE)
-        (directory / "module_search.json").write_text(json.dumps(self.report, indent=1))
+        whole = {n: params[n].full_tensor() if isinstance(params[n], DTensor) else params[n] for n in trained}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            save_slices(whole, trained, directory / SLICES_FILE)
+            (directory / "module_search.json").write_text(json.dumps(self.report, indent=1))
         return directory / SLICES_FILE
 
     # ---- the search --------------------------------------------------------------------------
@@ -485,7 +508,7 @@ class ModuleSearch(KeyedCallback):
         masks = self._device_masks(pl_module, blocks)
         touched = [*self._head, *masks]
         saved_values = {n: params[n].detach().clone() for n in touched}
-        frozen = frozen_values(params, masks)
+        frozen = frozen_values(_local(params), masks)
         saved_optimizer = copy.deepcopy(optimizer.state_dict())
         saved_flags = {n: p.requires_grad for n, p in params.items()}
         train, evaluate = self._held_back[: self.probe_steps], self._held_back[self.probe_steps :]
@@ -500,9 +523,9 @@ class ModuleSearch(KeyedCallback):
                     with trainer.precision_plugin.forward_context():
                         batch_loss, _ = self._probe_step(pl_module, batch)
                     batch_loss.backward()
-                    mask_gradients(params, masks)
+                    mask_gradients(_local_grads(params), masks)
                     optimizer.step()
-                    restore_frozen(params, masks, frozen)
+                    restore_frozen(_local(params), masks, frozen)
                 pl_module.eval()
                 with torch.no_grad(), trainer.precision_plugin.forward_context():
                     for batch in evaluate:
@@ -510,6 +533,9 @@ class ModuleSearch(KeyedCallback):
                         loss.append(float(batch_loss))
                         accuracy.append(float(batch_accuracy))
             finally:
+                reshard(
+                    pl_module
+                )  # else FSDP2's root keeps the probe's gathered weights for the next forward
                 optimizer.zero_grad()
                 with torch.no_grad():
                     for name, value in saved_values.items():
@@ -533,3 +559,16 @@ class ModuleSearch(KeyedCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.selected = state_dict["selected"]
         self.report = state_dict["report"]
+
+
+def _local(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each parameter's rows on this rank (the whole tensor off FSDP2); writing into them writes the
+    parameter."""
+    with torch.no_grad():
+        return {n: local_rows(p)[0] for n, p in params.items()}
+
+
+def _local_grads(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """Each gradient's rows on this rank (the whole gradient off FSDP2; None where there is none)."""
+    with torch.no_grad():
+        return {n: None if p.grad is None else local_rows(p.grad)[0] for n, p in params.items()}

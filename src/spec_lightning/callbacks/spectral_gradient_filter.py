@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from spec_lightning.callbacks.strategy import KeyedCallback, refuse_fsdp
+from spec_lightning.callbacks.strategy import KeyedCallback, refuse_fsdp1, sharding_mesh_of
+from spec_lightning.distributed import all_reduce_sum, local_rows, rows_like
 from spec_lightning.spectral import (
     FilterName,
     GraphConfig,
@@ -22,14 +26,6 @@ from spec_lightning.spectral import (
     filter_node_gradients,
 )
 from spec_lightning.spectral.laplacian import Eigensolver
-
-FSDP_MESSAGE = (
-    "SpectralGradientFilter does not support FSDP yet. What it needs: FSDP2 shards dim 0 of every "
-    "parameter, and the filter acts on the node axis only, so cross_layer graphs (equal shapes per node) "
-    "could be filtered shard by shard with no communication for structural edges and one all-reduce of "
-    "the m x m Gram matrix for cosine edges; rows graphs and FSDP1's flattened parameters cannot. Use a "
-    "single device or DDP (every rank filters the same all-reduced gradient)."
-)
 
 
 class SpectralGradientFilter(KeyedCallback):
@@ -53,7 +49,13 @@ class SpectralGradientFilter(KeyedCallback):
     does: ``lora_A`` covers ``lora_A.default``.
 
     Works on any LightningModule (public hooks only). Under DDP every rank filters the same
-    all-reduced gradient, so no communication is needed; FSDP is refused (the message says why).
+    all-reduced gradient, so no communication is needed. Under FSDP2 (``ModelParallelStrategy``) it
+    filters the sharded gradients the optimiser sees, after the reduce-scatter: FSDP2 cuts dim 0 of
+    every parameter and F acts on the node axis only, so a ``cross_layer`` graph (nodes of one shape,
+    cut alike) is filtered shard by shard, F G_r on each rank's rows G_r; structural edges need no
+    communication, cosine edges one all-reduce of the m x m Gram matrix, and the logged energy one of
+    two numbers. A ``rows`` graph mixes rows held by different ranks: its gradient is all-gathered,
+    filtered whole, and each rank keeps its rows. FSDP1 is refused (flattened parameters).
 
     Example::
 
@@ -98,6 +100,7 @@ class SpectralGradientFilter(KeyedCallback):
         self._saved_graphs: dict[str, Any] | None = None
         self._filters: dict[str, NodeFilter] = {}
         self._warned: set[str] = set()
+        self._mesh: DeviceMesh | None = None
 
     def key_arguments(self) -> Mapping[str, Any]:
         return {"graph": asdict(self.graph), "filter": self.filter, "cutoff": self.cutoff, "tau": self.tau}
@@ -105,11 +108,13 @@ class SpectralGradientFilter(KeyedCallback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            refuse_fsdp(trainer, FSDP_MESSAGE)
+            refuse_fsdp1(trainer, "SpectralGradientFilter")
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.build({name: p for name, p in pl_module.named_parameters() if p.requires_grad})
+        params = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        self._mesh = sharding_mesh_of("SpectralGradientFilter", params.values())
+        self.build(params)
 
     @override
     def on_before_optimizer_step(
@@ -121,7 +126,8 @@ class SpectralGradientFilter(KeyedCallback):
             pl_module.log("spectral_filter/energy_removed", removed / total.clamp_min(1e-30))
 
     def build(self, params: Mapping[str, torch.Tensor]) -> None:
-        """Build the graphs over ``params`` (the trainable ones); a resumed run takes the saved graphs."""
+        """Build the graphs over ``params`` (the trainable ones, whole or FSDP2 shards); a resumed run
+        takes the saved graphs."""
         num_pairs = self.cutoff if self.filter == "ideal_lowpass" else None
         try:
             self.graphs = ParameterGraphs(
@@ -129,12 +135,33 @@ class SpectralGradientFilter(KeyedCallback):
             )
         except ValueError as error:
             raise MisconfigurationException(f"SpectralGradientFilter: {error}") from error
+        if self._mesh is not None:
+            whole = [n for n in self.graphs.parameter_names if not isinstance(params[n], DTensor)]
+            if whole:
+                raise MisconfigurationException(
+                    f"SpectralGradientFilter: {whole[:3]} are not sharded while the rest of the model is "
+                    "(FSDP2 shards what fully_shard covers): shard the modules that hold them too"
+                )
         if self._saved_graphs is not None:  # resumed: the graphs of the interrupted run, not new ones
             self.graphs.load_state_dict(self._saved_graphs)
             self._refilter()
         elif self.graph.edge_weights != "grad_cosine":
-            self.graphs.initialise(params)
+            self.graphs.initialise(*self._node_view({n: params[n] for n in self.graphs.parameter_names}))
             self._refilter()
+
+    @torch.no_grad()
+    def _node_view(
+        self, tensors: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """``tensors`` (graph parameters or their gradients) as the node arithmetic sees them, and the
+        sum over ranks of a Gram matrix: whole tensors and no sum off FSDP2; under it, each rank's rows
+        (cross_layer) with the sum, or the all-gathered tensors (rows graphs, a collective) without."""
+        assert self.graphs is not None
+        if self._mesh is None:
+            return dict(tensors), _unchanged
+        if self.graphs.config.kind == "rows":
+            return {n: t.full_tensor() for n, t in tensors.items()}, _unchanged
+        return {n: local_rows(t)[0] for n, t in tensors.items()}, partial(all_reduce_sum, mesh=self._mesh)
 
     def filter_gradients(
         self, params: Mapping[str, torch.Tensor]
@@ -144,20 +171,24 @@ class SpectralGradientFilter(KeyedCallback):
         (e.g. frozen by a module search) are named in a warning, once per graph."""
         graphs = self.graphs
         assert graphs is not None, "build() (on_fit_start) comes first"
-        grads: dict[str, torch.Tensor] = {
-            n: grad for n in graphs.parameter_names if (grad := params[n].grad) is not None
-        }
-        groups = [g for g in graphs.groups if all(p in grads for p in g.params)]
-        self._warn_skipped([g for g in graphs.groups if g not in groups], grads)
+        present = {n: grad for n in graphs.parameter_names if (grad := params[n].grad) is not None}
+        groups = [g for g in graphs.groups if all(p in present for p in g.params)]
+        self._warn_skipped([g for g in graphs.groups if g not in groups], present)
         if not groups:
             return None
+        grads, all_reduce = self._node_view({p: present[p] for g in groups for p in g.params})
         if graphs.config.edge_weights == "grad_cosine":
-            graphs.observe_gradients(grads)
+            graphs.observe_gradients(grads, all_reduce)
             if self.steps % self.recompute_every_n_steps == 0:
                 self._refilter()
-        energies = filter_node_gradients(groups, self._device_filters(grads), grads)
+        total, removed = all_reduce(
+            torch.stack(filter_node_gradients(groups, self._device_filters(grads), grads))
+        )
+        if self._mesh is not None and graphs.config.kind == "rows":  # filtered whole: keep this rank's rows
+            for name, whole in grads.items():
+                local_rows(present[name])[0].copy_(rows_like(whole, present[name]))
         self.steps += 1
-        return energies
+        return total, removed
 
     def _warn_skipped(self, skipped: list[NodeGroup], present: Mapping[str, Any]) -> None:
         new = [g for g in skipped if g.name not in self._warned]
@@ -195,3 +226,7 @@ class SpectralGradientFilter(KeyedCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = state_dict["steps"]
         self._saved_graphs = state_dict["graphs"]
+
+
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor

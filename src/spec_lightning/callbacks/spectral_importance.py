@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
@@ -17,7 +17,14 @@ from typing_extensions import override
 
 from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
 from spec_lightning.calibration import fit_train_loader, seeded_sample
-from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
+from spec_lightning.callbacks.strategy import (
+    KeyedCallback,
+    log_directory,
+    publish_figure,
+    refuse_fsdp1,
+    sharding_mesh_of,
+)
+from spec_lightning.distributed import by_unit
 from spec_lightning.spectral import TopKSVD, allocate_components
 from spec_lightning.spectral.importance import SigmaFisher
 
@@ -109,11 +116,7 @@ class SpectralImportance(KeyedCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        refuse_fsdp(
-            trainer,
-            "SpectralImportance needs whole (unsharded) weights before training and does not "
-            "support FSDP; use a single device or DDP (the selection is broadcast from rank 0).",
-        )
+        refuse_fsdp1(trainer, "SpectralImportance")
         pl_module.configure_model()
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, SpectralComponents)}
         if not layers:
@@ -121,8 +124,15 @@ class SpectralImportance(KeyedCallback):
                 "SpectralImportance found no layer with selectable spectral components: use it with a method "
                 "such as spec_lightning.LoRSA."
             )
+        sharded = sharding_mesh_of("SpectralImportance", pl_module.parameters()) is not None
+        if sharded and self.budget == "global":
+            raise MisconfigurationException(
+                "SpectralImportance(budget='global') under FSDP2: a global budget changes |S| per layer, "
+                "so the adapted parameters would be replaced after FSDP2 has sharded them. Use "
+                "budget='per_layer' (the parameters keep their shapes), or DDP."
+            )
         pl_module.to(trainer.strategy.root_device)
-        spectra = {name: layer.candidate_spectrum() for name, layer in layers.items()}
+        spectra = self._spectra(trainer, pl_module, layers)
         self.scores = self._score(trainer, pl_module, layers, spectra)
         sizes = {name: layer.num_components for name, layer in layers.items()}
         selected = trainer.strategy.broadcast(allocate_components(self.scores, sizes, self.budget), src=0)
@@ -132,6 +142,20 @@ class SpectralImportance(KeyedCallback):
             layer.select_components(self.selected[name], spectra[name])
         self._report(trainer, pl_module)
 
+    def _spectra(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, layers: dict[str, nn.Module]
+    ) -> dict[str, TopKSVD]:
+        """Every layer's candidate spectrum, computed once on rank 0 (under FSDP2 while its weights are
+        gathered, one FSDP2 unit at a time) and broadcast: singular vectors are defined up to sign, so
+        ranks must not compute their own."""
+        spectra = {}
+        for names in by_unit(pl_module, layers):
+            if trainer.is_global_zero:
+                spectra |= {n: TopKSVD(*(t.cpu() for t in layers[n].candidate_spectrum())) for n in names}
+        spectra = trainer.strategy.broadcast(spectra, src=0)
+        device = trainer.strategy.root_device
+        return {n: TopKSVD(*(t.to(device) for t in spectrum)) for n, spectrum in spectra.items()}
+
     def _score(
         self,
         trainer: L.Trainer,
@@ -139,18 +163,28 @@ class SpectralImportance(KeyedCallback):
         layers: dict[str, nn.Module],
         spectra: dict[str, TopKSVD],
     ) -> dict[str, torch.Tensor]:
+        """I_i per layer. With several processes rank r scores the calibration batches r, r + W, ...
+        and the sums Σ (∂ℓ/∂σ_i)² and sample counts are added over the ranks; a rank short of a batch
+        in the last round runs its first batch again unrecorded, so that every rank makes the same
+        forward and backward passes (FSDP2's all-gathers and reduce-scatters)."""
         fisher = SigmaFisher(layers, spectra, self.loss_reduction)
+        batches = list(self._calibration_batches(trainer, pl_module))
+        world, rank = trainer.world_size, trainer.global_rank
         was_training = pl_module.training
         pl_module.eval()  # no dropout: the scores are a property of the pretrained model
-        with isolate_rng(), torch.enable_grad(), _muted_logging(pl_module), fisher.recording():
-            for i, batch in enumerate(self._calibration_batches(trainer, pl_module)):
-                batch = trainer.strategy.batch_to_device(batch)
-                with trainer.precision_plugin.forward_context():
-                    out = pl_module.training_step(batch, i)
-                loss = out["loss"] if isinstance(out, dict) else out
-                loss.backward()
+        with isolate_rng(), torch.enable_grad(), _muted_logging(pl_module):
+            for first in range(0, len(batches), world):
+                i = first + rank
+                with fisher.recording() if i < len(batches) else nullcontext():
+                    batch = trainer.strategy.batch_to_device(batches[min(i, len(batches) - 1)])
+                    with trainer.precision_plugin.forward_context():
+                        out = pl_module.training_step(batch, i)
+                    loss = out["loss"] if isinstance(out, dict) else out
+                    loss.backward()
         pl_module.train(was_training)
         pl_module.zero_grad(set_to_none=True)
+        if world > 1:
+            fisher.add(lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum"))
         return {name: s.cpu() for name, s in fisher.scores().items()}
 
     def _calibration_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterable[Any]:

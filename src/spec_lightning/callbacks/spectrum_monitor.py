@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -21,7 +22,8 @@ from spec_lightning.analysis.spectrum import (
     spectrum,
     spectrum_figure,
 )
-from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp
+from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp1
+from spec_lightning.distributed import by_unit
 from spec_lightning.naming import matches
 
 #: Default targets, tried in order: BERT-style names, then Llama/GPT-style ones.
@@ -41,7 +43,9 @@ class SpectrumMonitor(KeyedCallback):
     read from a layer's ``effective_weight()`` (spec_lightning's layers), from peft's
     ``get_base_layer()`` + ``get_delta_weight()``, or from a plain ``nn.Linear``/``Conv1D``, so
     it works on any LightningModule. The reference and the snapshots are kept in the checkpoint,
-    so a resumed run compares with the original weights.
+    so a resumed run compares with the original weights. Global rank 0 computes the spectra; under
+    FSDP2 (``ModelParallelStrategy``) every rank takes part in gathering each matrix's FSDP2 unit, one
+    unit at a time.
 
     Example::
 
@@ -87,11 +91,7 @@ class SpectrumMonitor(KeyedCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        refuse_fsdp(
-            trainer,
-            "SpectrumMonitor reads whole weight matrices and does not support FSDP yet; "
-            "use a single device or DDP.",
-        )
+        refuse_fsdp1(trainer, "SpectrumMonitor")
         monitors = [c for c in trainer.callbacks if isinstance(c, SpectrumMonitor)]
         if self.name is None and len(monitors) > 1:
             targets = self.target_modules or ["default"]
@@ -117,32 +117,49 @@ class SpectrumMonitor(KeyedCallback):
         if self.reference:  # resumed: the reference came from the checkpoint
             return
         directory = log_directory(trainer)
-        if not trainer.is_global_zero:
-            return
-        for name, module in self._targets(pl_module).items():
-            self.reference[name] = spectrum(effective_weight(module), self.top_k)
-        self._snapshot(trainer, pl_module, "start", directory)
+        spectra = self._spectra(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.reference = spectra
+            self._snapshot(trainer, pl_module, "start", directory, spectra)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
             directory = log_directory(trainer)
+            spectra = self._spectra(trainer, pl_module)
             if trainer.is_global_zero:
-                self._snapshot(trainer, pl_module, f"epoch{epoch}", directory)
+                self._snapshot(trainer, pl_module, f"epoch{epoch}", directory, spectra)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         directory = log_directory(trainer)
+        spectra = self._spectra(trainer, pl_module)
         if trainer.is_global_zero:
-            self._snapshot(trainer, pl_module, "end", directory)
+            self._snapshot(trainer, pl_module, "end", directory, spectra)
+
+    def _spectra(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Spectrum]:
+        """The current spectra of the targets, on global rank 0 (empty elsewhere). Every rank must call
+        it: under FSDP2 the weights are gathered one FSDP2 unit at a time (a collective), so memory
+        holds one unit's whole matrices, never the whole model."""
+        targets = self._targets(pl_module)
+        spectra = {}
+        with torch.no_grad():
+            for names in by_unit(pl_module, targets):
+                if trainer.is_global_zero:
+                    spectra |= {n: spectrum(effective_weight(targets[n]), self.top_k) for n in names}
+        return spectra
 
     def _snapshot(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, directory: Path
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        stage: str,
+        directory: Path,
+        spectra: Mapping[str, Spectrum],
     ) -> None:
         rows = []
-        for name, module in self._targets(pl_module).items():
-            now = spectrum(effective_weight(module), self.top_k)
+        for name, now in spectra.items():
             rows += compare(stage, trainer.global_step, name, self.reference[name], now)
         self.rows += rows
         write_rows(self.rows, directory / f"{self.prefix}.csv", FIELDS)

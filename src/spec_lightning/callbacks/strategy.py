@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
-from lightning.pytorch.strategies import ModelParallelStrategy
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.distributed.device_mesh import DeviceMesh
+
+from spec_lightning.distributed import sharding_mesh
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,11 +35,24 @@ class KeyedCallback(L.Callback):
         return type(self).__qualname__
 
 
-def refuse_fsdp(trainer: L.Trainer, message: str) -> None:
-    """Raise ``message`` when the trainer shards weights, with FSDP (``FSDPStrategy``) or FSDP2 / tensor
-    parallelism (``ModelParallelStrategy``): the callback needs whole matrices."""
-    if "FSDP" in type(trainer.strategy).__name__ or isinstance(trainer.strategy, ModelParallelStrategy):
-        raise MisconfigurationException(message)
+def refuse_fsdp1(trainer: L.Trainer, callback: str) -> None:
+    """Refuse FSDP1 (``FSDPStrategy``): it flattens each wrapped block's parameters into one buffer, so
+    a callback cannot find a parameter's gradient or rows under its own name."""
+    if "FSDP" in type(trainer.strategy).__name__:
+        raise MisconfigurationException(
+            f"{callback} under FSDPStrategy (FSDP1): FSDP1 flattens each wrapped block's parameters into one "
+            "buffer, so parameters cannot be read under their own names. Use FSDP2 (ModelParallelStrategy, "
+            "configs/trainer/fsdp2.yaml), DDP or a single device."
+        )
+
+
+def sharding_mesh_of(callback: str, params: Iterable[torch.Tensor]) -> DeviceMesh | None:
+    """The FSDP2 mesh over which ``params`` are sharded (None: not sharded), or a configuration error
+    that names ``callback`` when they are sharded in a way the callbacks do not cover."""
+    try:
+        return sharding_mesh(params)
+    except ValueError as error:
+        raise MisconfigurationException(f"{callback}: {error}") from error
 
 
 def log_directory(trainer: L.Trainer) -> Path:

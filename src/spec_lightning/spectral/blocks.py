@@ -206,10 +206,11 @@ def frozen_values(
     return {name: params[name].detach().masked_select(~mask) for name, mask in masks.items()}
 
 
-def mask_gradients(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero every masked parameter's gradient outside its mask (masks on the parameters' devices)."""
+def mask_gradients(grads: Mapping[str, torch.Tensor | None], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero every masked parameter's gradient outside its mask, in place (masks on the gradients'
+    devices; a missing gradient is skipped)."""
     for name, mask in masks.items():
-        grad = params[name].grad
+        grad = grads.get(name)
         if grad is not None:
             grad.mul_(mask)
 
@@ -245,21 +246,47 @@ class GradientSketcher:
             self._projections[key] = matrix.to(device)
         return self._projections[key]
 
-    def sketch(self, grads: Mapping[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sketch(
+        self, grads: Mapping[str, torch.Tensor | None], starts: Mapping[str, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, s) sketches and (m,) squared norms of the gradients (float32, on the gradients' device);
-        a parameter whose gradient is None gets zero rows."""
+        a parameter whose gradient is None gets zero rows.
+
+        With ``starts``, ``grads[name]`` holds only the rows ``starts[name]``, ``starts[name] + 1``, ...
+        of the parameter (an FSDP2 shard): the result is then this part's contribution, and since
+        both are sums over a block's entries, the contributions of all parts add up to the whole
+        gradient's sketches and norms."""
         device = next(g.device for g in grads.values() if g is not None)
         sketches, norms = [], []
         for p in self.block_map.parameters:
             grad = grads[p.name]
-            if grad is None:
-                sketches.append(torch.zeros(p.count, self.dim, device=device))
-                norms.append(torch.zeros(p.count, device=device))
-                continue
-            blocks = p.as_blocks(grad.float())  # (count, block_numel)
-            sketches.append(blocks @ self._projection(p.block_numel, blocks.device))
-            norms.append(blocks.pow(2).sum(dim=1))
+            sketch = torch.zeros(p.count, self.dim, device=device)
+            norm = torch.zeros(p.count, device=device)
+            if grad is not None:
+                start = 0 if starts is None else starts[p.name]
+                first, blocks, projection = self._part(p, grad.float(), start)
+                sketch[first : first + len(blocks)] = blocks @ projection
+                norm[first : first + len(blocks)] = blocks.pow(2).sum(dim=1)
+            sketches.append(sketch)
+            norms.append(norm)
         return torch.cat(sketches), torch.cat(norms)
+
+    def _part(
+        self, p: ParameterBlocks, rows: torch.Tensor, start: int
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """For the rows [start, start + n) of parameter ``p``: the first block they touch, their entries
+        of each touched block flattened as :meth:`ParameterBlocks.as_blocks` orders a whole block (zeros
+        elsewhere, for row blocks), and the projection rows that those entries meet."""
+        projection = self._projection(p.block_numel, rows.device)
+        n = rows.shape[0]
+        if p.axis == 0:  # row blocks: pad the part to whole blocks
+            first, end = start // p.width, -(-(start + n) // p.width)
+            padded = torch.nn.functional.pad(rows, (0, 0, start - first * p.width, end * p.width - start - n))
+            return first, padded.reshape(end - first, -1), projection
+        # column blocks: every block has n of its rows here; block entry (j, r) sits at j * rows + r
+        blocks = rows.reshape(n, p.count, p.width).permute(1, 2, 0).reshape(p.count, p.width * n)
+        projection = projection.view(p.width, p.shape[0], self.dim)[:, start : start + n]
+        return 0, blocks, projection.reshape(p.width * n, self.dim)
 
 
 def save_slices(

@@ -209,9 +209,12 @@ def structural_weights(m: int, neighbors: int | None) -> torch.Tensor:
 
 
 def gram(nodes: torch.Tensor) -> torch.Tensor:
-    """K = θ θᵀ (m x m, float64 on the CPU): sums over shards give the Gram of the whole nodes."""
+    """K = θ θᵀ (m x m, float64 on the CPU): sums over shards give the Gram of the whole nodes. K is
+    made exactly symmetric, (K + Kᵀ)/2: a float32 product θ θᵀ is not for every shape (BLAS blocks
+    K_ij and K_ji differently), and an asymmetric W has no real Laplacian spectrum."""
     nodes = nodes.float()
-    return (nodes @ nodes.T).double().cpu()
+    product = (nodes @ nodes.T).double().cpu()
+    return (product + product.T) / 2
 
 
 def cosine_weights(gram_matrix: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ once; nothing here imports Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -77,6 +77,18 @@ class SigmaFisher:
             grads = grads * x.shape[0]
         self.sum_sq[name] += grads.pow(2).sum(0).to(self.sum_sq[name].device)
         self.samples[name] += x.shape[0]
+
+    def add(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the sums and sample counts by their totals over processes: ``all_reduce`` returns the
+        sum of a tensor over them (one call for everything)."""
+        names = list(self.sum_sq)
+        flat = torch.cat([self.sum_sq[n].double().flatten() for n in names])
+        counts = torch.tensor([self.samples[n] for n in names], dtype=torch.float64, device=flat.device)
+        total = all_reduce(torch.cat([flat, counts])).cpu()
+        sizes = [self.sum_sq[n].numel() for n in names]
+        for name, part in zip(names, total[: flat.numel()].split(sizes), strict=True):
+            self.sum_sq[name] = part.view_as(self.sum_sq[name]).to(self.sum_sq[name])
+        self.samples = {n: int(c) for n, c in zip(names, total[flat.numel() :].tolist(), strict=True)}
 
     def scores(self) -> dict[str, torch.Tensor]:
         """I_i = σ_i² · mean over samples of (∂ℓ/∂σ_i)², per module."""

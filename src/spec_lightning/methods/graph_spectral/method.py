@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from spec_lightning.distributed import broadcast_from_rank0
+from spec_lightning.distributed import all_reduce_sum, broadcast_from_rank0, local_rows, sharding_mesh
 from spec_lightning.methods.base import FineTuningMethod, Regularization, describe_in
 from spec_lightning.methods.full import FullFineTuning
 from spec_lightning.spectral import GraphConfig, ParameterGraphs, spectral_smoothness
@@ -65,13 +67,11 @@ class GraphSpectral(FineTuningMethod):
         self.objective = objective
         self.parameter_efficient = self.method.parameter_efficient
         self.mergeable = self.method.mergeable
-        self.supports_fsdp = False
-        self.supports_fsdp_reason = (
-            "its spectral term stacks whole trainable tensors into graph nodes outside the forward pass, "
-            "where FSDP2 holds only each rank's shard."
-        )
+        self.supports_fsdp = self.method.supports_fsdp
+        self.supports_fsdp_reason = self.method.supports_fsdp_reason
         self._graphs: ParameterGraphs | None = None
         self._reference: dict[str, torch.Tensor] = {}
+        self._local: dict[tuple[Any, ...], torch.Tensor] = {}  # θ₀'s columns held here, per device
 
     def calibration_sample(self, loader: Callable[[], Iterable[Any]]) -> Iterable[Any] | None:
         return self.method.calibration_sample(loader)
@@ -131,18 +131,48 @@ class GraphSpectral(FineTuningMethod):
         return self._graphs
 
     def spectral_loss(self, model: nn.Module) -> torch.Tensor:
-        """L_spec summed over the graphs, differentiable in the node tensors."""
+        """L_spec summed over the graphs, differentiable in the node tensors.
+
+        Under FSDP2 the value is the single-process one on every rank and each rank's gradient is
+        its shard's. L_spec = 2 Σ_k λ_k Σ_columns (UᵀΔθ)_k² is a sum over the columns of the node
+        matrix, and FSDP2 cuts every node of a cross_layer graph alike (dim 0), so each rank computes
+        the term over its own rows and one all-reduce of the detached sum supplies the other ranks'
+        part of the value. A rows graph (whose nodes are rows on different ranks) and a tensor that
+        is whole on every rank are computed whole, from all-gathered tensors.
+        """
         params = dict(model.named_parameters())
-        total = None
+        local, whole = [], []
         for group in self.graphs.groups:
-            nodes = group.stack(params)  # (m, d), differentiable
-            reference = self._reference[group.name]
-            if reference.device != nodes.device:
-                reference = self._reference[group.name] = reference.to(nodes.device)
-            term = spectral_smoothness((nodes - reference).float(), self.graphs.spectra[group.name])
-            total = term if total is None else total + term
-        assert total is not None  # group_nodes never returns an empty list
+            tensors = {p: params[p] for p in group.params}
+            if group.kind == "cross_layer" and all(isinstance(t, DTensor) for t in tensors.values()):
+                parts = {p: local_rows(t) for p, t in tensors.items()}
+                start = next(iter(parts.values()))[1]  # equal shapes: every node's shard starts alike
+                per_row = math.prod(next(iter(tensors.values())).shape[1:])
+                nodes = group.stack({p: part for p, (part, _) in parts.items()})
+                columns = slice(start * per_row, start * per_row + nodes.shape[1])
+                local.append(self._smoothness(group.name, nodes, columns))
+            else:
+                full = {p: t.full_tensor() if isinstance(t, DTensor) else t for p, t in tensors.items()}
+                whole.append(self._smoothness(group.name, group.stack(full), slice(None)))
+        total = torch.stack(whole).sum() if whole else torch.zeros(())
+        if local:
+            own = torch.stack(local).sum()
+            mesh = sharding_mesh(params[p] for group in self.graphs.groups for p in group.params)
+            total = total.to(own.device) + own + (all_reduce_sum(own.detach(), mesh) - own.detach())
         return total
+
+    def _smoothness(self, name: str, nodes: torch.Tensor, columns: slice) -> torch.Tensor:
+        """The term of graph ``name`` over ``nodes``, the node matrix's ``columns`` (θ₀ cut alike and
+        kept on ``nodes``' device)."""
+        reference = self._reference[name]
+        if reference.ndim == 2 and columns != slice(None):
+            key = (name, columns.start, columns.stop, nodes.device)
+            if key not in self._local:
+                self._local[key] = reference[:, columns].to(nodes.device)
+            reference = self._local[key]
+        elif reference.device != nodes.device:  # moved once, not kept twice
+            reference = self._reference[name] = reference.to(nodes.device)
+        return spectral_smoothness((nodes - reference).float(), self.graphs.spectra[name])
 
     def regularization(self, model: nn.Module) -> Regularization:
         self._called("regularization")

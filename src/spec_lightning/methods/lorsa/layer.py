@@ -79,9 +79,13 @@ class LoRSALinear(nn.Module):
         self.register_buffer("u_s", u.to(device, torch.float32).contiguous())  # (m, s)
         self.register_buffer("sigma_s", sigma.to(device, torch.float32).contiguous())  # (s,)
         self.register_buffer("v_s", v.to(device, torch.float32).contiguous())  # (n, s)
-        self.delta_sigma = nn.Parameter(torch.zeros(s, device=device))
-        self.p = nn.Parameter(torch.zeros(self.rank, s, device=device))
-        self.q = nn.Parameter(torch.zeros(self.rank, s, device=device))
+        for name, shape in (("delta_sigma", (s,)), ("p", (self.rank, s)), ("q", (self.rank, s))):
+            current = getattr(self, name, None)
+            if isinstance(current, nn.Parameter) and current.shape == shape:
+                with torch.no_grad():  # the same parameter (FSDP2 may have sharded it), restarted at zero
+                    current.zero_()
+            else:
+                setattr(self, name, nn.Parameter(torch.zeros(shape, device=device)))
         self._refresh_bases()
 
     def _refresh_bases(self) -> None:

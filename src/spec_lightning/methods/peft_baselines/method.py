@@ -191,8 +191,12 @@ class AdaLoRA(PeftMethod):
 
     supports_fsdp = False
     supports_fsdp_reason = (
-        "peft computes its orthogonality penalty and the rank allocation from whole P and Q matrices in "
-        "the root forward and after the optimiser step, where FSDP2 holds only each rank's shard."
+        "peft's AdaLoraModel.forward adds the orthogonality penalty ||PPᵀ − I|| + ||QᵀQ − I|| over "
+        "model.named_parameters() after the model's forward, where FSDP2 holds P and Q as dim-0 shards "
+        "(DTensor): its identity, torch.eye(out=torch.empty_like(PPᵀ)), takes the shard's shape and the "
+        "subtraction fails (RuntimeError: the size of tensor a (3) must match the size of tensor b (6)); "
+        "its RankAllocator (update_and_allocate) ranks importance scores across all layers with "
+        "torch.kthvalue over whole tensors too."
     )
 
     def __init__(
