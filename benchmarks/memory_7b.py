@@ -7,7 +7,8 @@ the methods' own. Per GPU, with bf16 mixed precision and AdamW::
     M = (2 · N_frozen + (16 + e) · N_trainable) / G + 2 · N_block
 
 frozen weights in bf16 (2 B), trainable ones with an fp32 master copy, fp32 gradient and two fp32 Adam
-moments (16 B), plus e bytes of the method's own (graph-spectral keeps θ₀ in fp32: e = 4); G = 1 for
+moments (16 B), plus e bytes of the method's own (graph-spectral keeps θ₀ in fp32: e = 4, sharded
+like the weights under FSDP2); G = 1 for
 DDP (every rank holds everything), the number of shards for FSDP, which also holds one all-gathered
 transformer block (N_block parameters, bf16) at a time. Activations are left out
 (they scale with batch x sequence; gradient checkpointing keeps one block's)::
@@ -59,7 +60,7 @@ METHODS: dict[str, FineTuningMethod] = {
     "SpecLoRA r=8 q,v": SpecLoRA(target_modules=ATTENTION, r=8),
 }
 #: MFTC trains the chosen modules' slices of the full model (on SST-2 it chose 9.3 % of the weights);
-#: its callbacks need whole matrices, so it runs under DDP only.
+#: its callbacks act on each rank's shard under FSDP2.
 MFTC_FRACTION = 0.10
 #: Bytes per trainable parameter a method keeps besides the optimiser's: graph-spectral's θ₀ (fp32).
 EXTRA_BYTES = {"graph-spectral (full fine-tuning + L_spec)": 4}
@@ -96,14 +97,19 @@ def main() -> None:
     rows[f"MFTC ({MFTC_FRACTION:.0%} of the weights chosen)"] = (
         int(MFTC_FRACTION * full_total),
         full_total,
-        False,
+        True,
     )
     results = {
         name: {
             "trainable": trainable,
             "total": total,
             "ddp_gib": per_gpu(trainable, total, block, 1, EXTRA_BYTES.get(name, 0)),
-            **{f"fsdp{g}_gib": per_gpu(trainable, total, block, g) if fsdp else None for g in args.shards},
+            **{
+                f"fsdp{g}_gib": per_gpu(trainable, total, block, g, EXTRA_BYTES.get(name, 0))
+                if fsdp
+                else None
+                for g in args.shards
+            },
         }
         for name, (trainable, total, fsdp) in rows.items()
     }

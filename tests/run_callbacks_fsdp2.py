@@ -85,18 +85,26 @@ def make_callbacks() -> list[L.Callback]:
 
 
 def trainer(
-    callbacks: list[L.Callback], steps: int, sharded: bool, root: Path, ckpt_dir: Path | None = None
+    callbacks: list[L.Callback],
+    steps: int,
+    devices: int | None,
+    root: Path,
+    ckpt_dir: Path | None = None,
+    accelerator: str = "cpu",
 ) -> L.Trainer:
-    """One process, or FSDP2 on two; the ranks' shards of the data fed in order; files under ``root``."""
+    """One process without sharding (``devices`` None), or FSDP2 over ``devices`` processes; the ranks'
+    shards of the data fed in order; files under ``root``."""
     strategy = (
-        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
-        if sharded
+        ModelParallelStrategy(
+            data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
+        if devices
         else "auto"
     )
     checkpoints = [ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0)] if ckpt_dir else []
     return L.Trainer(
-        accelerator="cpu",
-        devices=2 if sharded else 1,
+        accelerator=accelerator,
+        devices=devices or 1,
         strategy=strategy,
         max_steps=steps,
         use_distributed_sampler=False,
@@ -109,24 +117,28 @@ def trainer(
     )
 
 
-def run(scenario: str, sharded: bool, out: Path) -> dict[str, Any]:
-    """Fit ``scenario``; the gathered weights and the callbacks' state (the same on every rank)."""
-    module = ShardedStack(width=WIDTH, batch_size=BATCH // 2 if sharded else BATCH)
+def run(scenario: str, devices: int | None, out: Path, accelerator: str = "cpu") -> dict[str, Any]:
+    """Fit ``scenario`` in one process (``devices`` None) or under FSDP2 over ``devices`` processes; the
+    gathered weights and the callbacks' state (the same on every rank)."""
+    module = ShardedStack(width=WIDTH, batch_size=BATCH // (devices or 1))
+    options = {"root": out, "accelerator": accelerator}
     state: dict[str, Any] = {}
     if scenario.startswith("filter"):
         callback = make_filter(scenario.removeprefix("filter_"))
-        trainer([callback], 3, sharded, out).fit(module)
+        trainer([callback], 3, devices, **options).fit(module)
         state["filter"] = callback.state_dict()
     else:
         callbacks = make_callbacks()
         if scenario == "mftc_resumed":
-            trainer(callbacks, 1, sharded, out, out / "ckpt").fit(module)  # before the held-back batches
+            trainer(callbacks, 1, devices, ckpt_dir=out / "ckpt", **options).fit(
+                module
+            )  # before the held-back batches
             module, callbacks = ShardedStack(width=WIDTH, batch_size=module.batch_size), make_callbacks()
-            trainer(callbacks, 6, sharded, out, out / "ckpt").fit(
+            trainer(callbacks, 6, devices, ckpt_dir=out / "ckpt", **options).fit(
                 module, ckpt_path=out / "ckpt" / "last.ckpt"
             )
         else:
-            trainer(callbacks, 6, sharded, out).fit(module)
+            trainer(callbacks, 6, devices, **options).fit(module)
         search = callbacks[1]
         assert isinstance(search, ModuleSearch)
         state |= {
@@ -134,7 +146,7 @@ def run(scenario: str, sharded: bool, out: Path) -> dict[str, Any]:
             "selected": search.selected,
             "report": search.report,
         }
-        state["exported"] = search.export(module, out / f"export-{scenario}-{int(sharded)}")
+        state["exported"] = search.export(module, out / f"export-{scenario}-{devices}")
     state["params"] = gather_full({n: p.detach() for n, p in module.named_parameters()})
     return state
 
@@ -142,7 +154,7 @@ def run(scenario: str, sharded: bool, out: Path) -> dict[str, Any]:
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     for scenario in SCENARIOS:
-        state = run(scenario, True, out)
+        state = run(scenario, 2, out)
         torch.save(state, out / f"{scenario}-rank{os.environ.get('LOCAL_RANK', 0)}.pt")
 
 

@@ -45,8 +45,8 @@ def assert_weights(ranks: list[dict[str, Any]], single: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("scenario", ["filter_cross_layer", "filter_rows"])
 def test_gradient_filter_under_fsdp2_equals_one_process(sharded, scenario: str, tmp_path: Path) -> None:
-    single = run(scenario, False, tmp_path)
-    unfiltered = run("mftc", False, tmp_path)["params"]  # not filtered: the filter changed the weights
+    single = run(scenario, None, tmp_path)
+    unfiltered = run("mftc", None, tmp_path)["params"]  # not filtered: the filter changed the weights
     assert_weights(sharded[scenario], single)
     assert not torch.allclose(single["params"]["blocks.0.fc1.weight"], unfiltered["blocks.0.fc1.weight"])
     graphs = sharded[scenario][0]["filter"]["graphs"]
@@ -60,7 +60,7 @@ def test_gradient_filter_under_fsdp2_equals_one_process(sharded, scenario: str, 
 def test_clustering_and_search_under_fsdp2_equal_one_process(sharded, scenario: str, tmp_path: Path) -> None:
     """Sketches from each rank's rows (one row block straddles the two shards), probes that train on
     both ranks' halves, masks on local rows, the export gathered; resumed: the same after a restart."""
-    single = run(scenario, False, tmp_path)
+    single = run(scenario, None, tmp_path)
     ranks = sharded[scenario]
     assert_weights(ranks, single)
     for rank in ranks:
@@ -80,3 +80,24 @@ def test_clustering_and_search_under_fsdp2_equal_one_process(sharded, scenario: 
     assert set(exported) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=ATOL)
+
+
+def test_what_fsdp2_cannot_take_is_refused_with_the_reason(tiny_bert: str) -> None:
+    """A global LoRSA budget (it would replace parameters FSDP2 has sharded) and a 2-D (HSDP or tensor
+    parallel) mesh, whose shards are not one rank's rows, are configuration errors naming the fix."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "run_fsdp2_refusals.py"), tiny_bert],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    outcome = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert outcome["importance_global"].startswith(
+        "MisconfigurationException: SpectralImportance(budget='global')"
+    )
+    assert "budget='per_layer'" in outcome["importance_global"]
+    assert outcome["hsdp_mesh"].startswith(
+        "MisconfigurationException: SpectralGradientFilter: a parameter is"
+    )
+    assert "tensor_parallel_size=1" in outcome["hsdp_mesh"]

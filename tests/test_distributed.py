@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from spec_lightning import SequenceClassificationModule, SpectrumMonitor
+from spec_lightning import FullFineTuning, GraphSpectral, SequenceClassificationModule, SpectrumMonitor
 from tests.conftest import BACKBONE_TARGETS, METHODS, write_sst2, write_tiny_bert
 from tests.run_methods_distributed import fsdp_methods, importance, train
 
@@ -147,8 +147,16 @@ def test_methods_that_need_whole_tensors_refuse_fsdp2(setup, method: str) -> Non
         module.configure_model()
 
 
-def test_parameter_efficient_methods_refuse_fsdp1(setup) -> None:
-    module = SequenceClassificationModule(setup[0], METHODS["lora"](*BACKBONE_TARGETS["bert"]))
+@pytest.mark.parametrize("method", ["lora", "graph_spectral_full"])
+def test_adapters_and_regularisers_refuse_fsdp1(setup, method: str) -> None:
+    """FSDP1's flat parameters hide the names that an adapter's state and GraphSpectral's nodes use;
+    full fine-tuning alone runs under FSDP1 (tests/test_gpu.py)."""
+    built = (
+        GraphSpectral(FullFineTuning())
+        if method == "graph_spectral_full"
+        else METHODS[method](*BACKBONE_TARGETS["bert"])
+    )
+    module = SequenceClassificationModule(setup[0], built)
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())  # Lightning refuses FSDP1 on CPU itself
     with pytest.raises(MisconfigurationException, match="FSDP1 flattens.*fsdp2.yaml"):
         module.configure_model()

@@ -13,6 +13,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 from spec_lightning import GLUEDataModule, SequenceClassificationModule, SpectralImportance, SpectrumMonitor
 from tests.conftest import BACKBONE_TARGETS, METHODS
+from tests.run_callbacks_fsdp2 import SCENARIOS, run
 from tests.test_method_contract import batch, build, train_steps
 
 pytestmark = [
@@ -94,3 +95,14 @@ def test_sharded_fit_bf16_on_cuda(
         assert sum(v.numel() for v in saved.values()) == sum(
             p.numel() for _, p in module.trainable_parameters()
         )
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_callbacks_under_fsdp2_on_cuda(tmp_path: Path, scenario: str) -> None:
+    """Every spectral callback on the user's model under FSDP2 on one GPU (NCCL, a mesh of one: the
+    collectives and the devices of masks, sketches and Gram matrices) equals the unsharded GPU run."""
+    sharded = run(scenario, 1, tmp_path / "fsdp2", accelerator="gpu")
+    single = run(scenario, None, tmp_path / "single", accelerator="gpu")
+    for name, value in single["params"].items():
+        torch.testing.assert_close(sharded["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert sharded.get("selected") == single.get("selected")

@@ -140,11 +140,13 @@ class FineTuningModule(L.LightningModule, ABC):
                 "Train it with DDP (configs/trainer/ddp.yaml) instead."
             )
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if "FSDP" in type(strategy).__name__ and self.method.parameter_efficient:
+        regularised = type(self.method).regularization is not FineTuningMethod.regularization
+        if "FSDP" in type(strategy).__name__ and (self.method.parameter_efficient or regularised):
             raise MisconfigurationException(
                 f"{name} under FSDPStrategy (FSDP1): FSDP1 flattens each wrapped block's parameters into one "
-                "buffer, so the adapter cannot be gathered under its own names. Use FSDP2 "
-                "(configs/trainer/fsdp2.yaml, ModelParallelStrategy) or DDP (configs/trainer/ddp.yaml)."
+                "buffer, so the adapter (or the tensors a regulariser reads) cannot be found under their own "
+                "names. Use FSDP2 (configs/trainer/fsdp2.yaml, ModelParallelStrategy) or DDP "
+                "(configs/trainer/ddp.yaml)."
             )
 
     def _total_steps(self) -> int | None:

@@ -29,7 +29,8 @@ class GraphSpectral(FineTuningMethod):
     θ itself. The graph is fixed (``structural`` or ``weight_cosine`` edges, from the pretrained
     weights); gradient-dependent graphs belong to :class:`~spec_lightning.SpectralGradientFilter`,
     which adds the paper's low-pass filtering of gradients. Everything else (what trains, adapter
-    state, merge, export) is the wrapped method's.
+    state, merge, export, FSDP2 support) is the wrapped method's; under FSDP2 the term is computed
+    from each rank's shards (:meth:`spectral_loss`).
 
     Args:
         method: the method whose trainable tensors become nodes (default: full fine-tuning).
@@ -71,7 +72,7 @@ class GraphSpectral(FineTuningMethod):
         self.supports_fsdp_reason = self.method.supports_fsdp_reason
         self._graphs: ParameterGraphs | None = None
         self._reference: dict[str, torch.Tensor] = {}
-        self._local: dict[tuple[Any, ...], torch.Tensor] = {}  # θ₀'s columns held here, per device
+        self._columns: dict[str, slice] = {}  # under FSDP2: the node columns of θ₀ this rank keeps
 
     def calibration_sample(self, loader: Callable[[], Iterable[Any]]) -> Iterable[Any] | None:
         return self.method.calibration_sample(loader)
@@ -165,12 +166,17 @@ class GraphSpectral(FineTuningMethod):
         """The term of graph ``name`` over ``nodes``, the node matrix's ``columns`` (θ₀ cut alike and
         kept on ``nodes``' device)."""
         reference = self._reference[name]
-        if reference.ndim == 2 and columns != slice(None):
-            key = (name, columns.start, columns.stop, nodes.device)
-            if key not in self._local:
-                self._local[key] = reference[:, columns].to(nodes.device)
-            reference = self._local[key]
-        elif reference.device != nodes.device:  # moved once, not kept twice
+        held = self._columns.get(name, slice(None))
+        if reference.ndim == 2 and columns != held:
+            if held != slice(None):
+                raise RuntimeError(
+                    f"GraphSpectral: θ₀ of graph {name} holds the columns {held} of this rank's shard, and "
+                    f"the loss now asks for {columns}: the parameters were resharded during the fit"
+                )
+            # FSDP2 keeps each rank's shard all fit long: keep only its columns of θ₀ (1/W of the memory)
+            reference = self._reference[name] = reference[:, columns].clone()
+            self._columns[name] = columns
+        if reference.device != nodes.device:  # moved once, not kept twice
             reference = self._reference[name] = reference.to(nodes.device)
         return spectral_smoothness((nodes - reference).float(), self.graphs.spectra[name])
 
