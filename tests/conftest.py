@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +57,22 @@ def composed_args(backbone: str, data_dir: str, method: str = "lora") -> list[st
         f"--model.init_args.backbone={backbone}",
         f"--data.init_args.data_dir={data_dir}",
     ]
+
+
+def run_script(name: str, *args: str, cwd: Path, timeout: int = 600) -> str:
+    """Run ``tests/<name> args`` in a fresh interpreter with the repository importable (multi-process
+    runs launch their other ranks from there) in ``cwd``; its stdout. A failure shows the end of its
+    stderr."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / name), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"{name} failed:\n{result.stderr[-3000:]}"
+    return result.stdout
 
 
 def _repo_status() -> set[str] | None:

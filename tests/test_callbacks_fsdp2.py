@@ -4,9 +4,6 @@ DSCA + ModuleSearch through the search and the export, and a run resumed from a 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import run_script
 from tests.run_callbacks_fsdp2 import SCENARIOS, run
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Half batches reduce-scattered against whole ones: the same sums in another order.
 ATOL = 1e-6
 
@@ -26,14 +23,7 @@ ATOL = 1e-6
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     """Every scenario's state from both FSDP2 ranks."""
     out = tmp_path_factory.mktemp("fsdp2")
-    subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "run_callbacks_fsdp2.py"), str(out)],
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        cwd=out,
-        timeout=600,
-        capture_output=True,
-    )
+    run_script("run_callbacks_fsdp2.py", str(out), cwd=out)
     return {s: [torch.load(out / f"{s}-rank{r}.pt", weights_only=False) for r in (0, 1)] for s in SCENARIOS}
 
 
@@ -85,14 +75,8 @@ def test_clustering_and_search_under_fsdp2_equal_one_process(sharded, scenario: 
 def test_what_fsdp2_cannot_take_is_refused_with_the_reason(tiny_bert: str) -> None:
     """A global LoRSA budget (it would replace parameters FSDP2 has sharded) and a 2-D (HSDP or tensor
     parallel) mesh, whose shards are not one rank's rows, are configuration errors naming the fix."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "run_fsdp2_refusals.py"), tiny_bert],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    outcome = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    stdout = run_script("run_fsdp2_refusals.py", tiny_bert, cwd=Path(tiny_bert), timeout=300)
+    outcome = dict(line.split(": ", 1) for line in stdout.splitlines() if ": " in line)
     assert outcome["importance_global"].startswith(
         "MisconfigurationException: SpectralImportance(budget='global')"
     )

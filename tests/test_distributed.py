@@ -3,8 +3,6 @@ same adapter, initialisation broadcast from rank 0, gathered adapter checkpoints
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,10 +12,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spec_lightning import FullFineTuning, GraphSpectral, SequenceClassificationModule, SpectrumMonitor
-from tests.conftest import BACKBONE_TARGETS, METHODS, write_sst2, write_tiny_bert
+from tests.conftest import BACKBONE_TARGETS, METHODS, run_script, write_sst2, write_tiny_bert
 from tests.run_methods_distributed import fsdp_methods, importance, train
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Without the broadcast the ranks' different seeds move GraphSpectral's adapter by ~4e-3; float
 #: reordering (another padding length, the all-reduce) by < 1e-5.
 ATOL = 5e-5
@@ -37,9 +34,7 @@ def single(setup: tuple[str, str]) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def launch(strategy: str, setup: tuple[str, str], out: Path) -> None:
-    command = [sys.executable, str(ROOT / "tests" / "run_methods_distributed.py"), strategy, *setup, str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("run_methods_distributed.py", strategy, *setup, str(out), cwd=out)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +124,7 @@ def test_fsdp2_spectral_callbacks_and_rows_graphs_like_one_process(setup, fsdp2:
 def test_why_adalora_refuses_fsdp2(setup, tmp_path: Path) -> None:
     """peft's AdaLoRA forward on FSDP2 shards fails in its orthogonality penalty (what the refusal
     message says); when a peft release passes this, AdaLoRA's FSDP2 support can be revisited."""
-    command = [sys.executable, str(ROOT / "tests" / "run_adalora_fsdp2.py"), setup[0], str(tmp_path)]
-    subprocess.run(command, capture_output=True, timeout=300, cwd=tmp_path, check=True)
+    run_script("run_adalora_fsdp2.py", setup[0], str(tmp_path), cwd=tmp_path, timeout=300)
     for rank in (0, 1):
         error, where = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         assert error.startswith("RuntimeError: The size of tensor a (3) must match the size of tensor b (6)")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from spec_lightning import BlockRule, DynamicSpectralClustering, ModuleSearch
 from spec_lightning.callbacks.module_search import Candidate
 from spec_lightning.spectral.blocks import BlockMap, load_slices, save_slices
+from tests.conftest import run_script
 from tests.run_mftc_ddp import make_callbacks
 from tests.user_model import LayerStack, probe_step
 
@@ -267,14 +265,7 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
 def test_ddp_ranks_cluster_and_select_identically(tmp_path: Path) -> None:
     """2 CPU processes (gloo) with half batches: both ranks hold the same labels, selection and weights,
     and the clustering (of the all-reduced gradients) equals one process's with the whole batch."""
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [sys.executable, str(root / "tests" / "run_mftc_ddp.py"), str(tmp_path)],
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        cwd=tmp_path,
-        timeout=300,
-    )
+    run_script("run_mftc_ddp.py", str(tmp_path), cwd=tmp_path, timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["selected"] == ranks[1]["selected"] and ranks[0]["selected"] is not None
     assert ranks[0]["report"] == ranks[1]["report"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,10 +23,9 @@ from spec_lightning import (
     SequenceClassificationModule,
     SpectralGradientFilter,
 )
+from tests.conftest import run_script
 from tests.run_filter_ddp import STEPS, make_filter
 from tests.user_model import LayerStack
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class GradRecorder(L.Callback):
@@ -204,14 +200,7 @@ def test_refuses_what_it_cannot_do(tmp_path: Path) -> None:
 
 def test_ddp_ranks_filter_identically_and_match_one_process(tmp_path: Path) -> None:
     """2 CPU processes (gloo) with half batches each = one process with the whole batch."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "run_filter_ddp.py"), str(tmp_path)],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    run_script("run_filter_ddp.py", str(tmp_path), cwd=tmp_path, timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     callback = make_filter()
     _, single = fit([callback], STEPS, tmp_path)
