@@ -110,9 +110,8 @@ def sharding_mesh(tensors: Iterable[torch.Tensor]) -> DeviceMesh | None:
         if tensor.device_mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
             raise ValueError(
                 f"a parameter is sharded as {tuple(tensor.placements)} on a {tensor.device_mesh.ndim}-D "
-                "mesh; "
-                "spec_lightning's callbacks act on FSDP2's dim-0 shards over one data-parallel mesh "
-                "(ModelParallelStrategy with tensor_parallel_size=1)"
+                "mesh; spec_lightning's callbacks act on FSDP2's dim-0 shards over one data-parallel "
+                "mesh (ModelParallelStrategy with tensor_parallel_size=1)"
             )
         mesh = tensor.device_mesh
     return mesh

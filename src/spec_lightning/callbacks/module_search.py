@@ -533,9 +533,9 @@ class ModuleSearch(KeyedCallback):
                         loss.append(float(batch_loss))
                         accuracy.append(float(batch_accuracy))
             finally:
-                reshard(
-                    pl_module
-                )  # else FSDP2's root keeps the probe's gathered weights for the next forward
+                # FSDP2 keeps its root gathered after the evaluation (no backward): the next forward
+                # would read the probe's weights, not the shards restored below
+                reshard(pl_module)
                 optimizer.zero_grad()
                 with torch.no_grad():
                     for name, value in saved_values.items():
