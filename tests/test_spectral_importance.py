@@ -69,6 +69,36 @@ def test_fisher_scores_match_finite_differences(tiny_bert: str) -> None:
         torch.testing.assert_close(scores[name][i].double(), expected, rtol=2e-3, atol=1e-10)
 
 
+def test_fisher_sums_added_over_processes_give_the_scores_of_all_their_batches(tiny_bert: str) -> None:
+    """Two ranks each score their own batch; ``add`` with the sum over both (here: this rank's plus
+    the other's) gives the scores of one process that saw both batches."""
+    model = lorsa_bert(tiny_bert)
+    inputs = AutoTokenizer.from_pretrained(tiny_bert)(SENTENCES, padding=True, return_tensors="pt")
+    layers = lorsa_layers(model)
+    spectra = {name: layer.candidate_spectrum() for name, layer in layers.items()}
+
+    def scored(parts: list[slice]) -> SigmaFisher:
+        fisher = SigmaFisher(layers, spectra, loss_reduction="mean")
+        with fisher.recording():
+            for part in parts:
+                logits = model(**{k: v[part] for k, v in inputs.items()}).logits
+                torch.nn.functional.cross_entropy(logits, LABELS[part]).backward()
+        return fisher
+
+    first, second, both = scored([slice(0, 4)]), scored([slice(4, 6)]), scored([slice(0, 4), slice(4, 6)])
+    names = list(second.sum_sq)
+    other = torch.cat(
+        [
+            *(second.sum_sq[n].double() for n in names),
+            torch.tensor([float(second.samples[n]) for n in names], dtype=torch.float64),
+        ]
+    )
+    first.add(lambda flat: flat + other)
+    assert first.samples == both.samples == dict.fromkeys(names, 6)
+    for name, value in both.scores().items():
+        torch.testing.assert_close(first.scores()[name], value, rtol=1e-5, atol=1e-12)
+
+
 def test_allocation_per_layer_and_global() -> None:
     scores = {"a": torch.tensor([5.0, 1.0, 4.0, 0.1]), "b": torch.tensor([0.2, 0.3, 0.01, 9.0])}
     per_layer = allocate_components(scores, {"a": 2, "b": 2}, "per_layer")

@@ -282,7 +282,7 @@ class GradientSketcher:
         if p.axis == 0:  # row blocks: pad the part to whole blocks
             first, end = start // p.width, -(-(start + n) // p.width)
             padded = torch.nn.functional.pad(rows, (0, 0, start - first * p.width, end * p.width - start - n))
-            return first, padded.reshape(end - first, -1), projection
+            return first, padded.reshape(end - first, p.block_numel), projection  # none for an empty part
         # column blocks: every block has n of its rows here; block entry (j, r) sits at j * rows + r
         blocks = rows.reshape(n, p.count, p.width).permute(1, 2, 0).reshape(p.count, p.width * n)
         projection = projection.view(p.width, p.shape[0], self.dim)[:, start : start + n]
