@@ -6,11 +6,13 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import yaml
 
-from spec_lightning.analysis.report import cost_table, summary
+from spec_lightning.analysis.report import cost_table, paired_differences, paired_table, summary
 from spec_lightning.reproduce import Grid, main, read_rows
 from tests.conftest import write_sst2
 
@@ -174,3 +176,33 @@ def test_cost_table_gives_the_trainable_range_where_seeds_differ() -> None:
     table = cost_table(summary(runs))
     assert "| rte | mftc |  | 770–602,882 | 20 | 40 | 1.000 | 2 |" in table
     assert "| rte | lora |  | 74,498 | 6 | 10 | 0.300 | 2 |" in table
+
+
+def test_paired_differences_to_lora_match_scipys_paired_t_interval() -> None:
+    """Differences on shared seeds only (seed 4 has no lora run), the interval of scipy's paired t-test
+    (an independent reference), none for a single pair, variants left out."""
+    rng = np.random.default_rng(0)
+    rows = [("sst2", "lorsa", "fewshot20", 1, 0.1)]  # a variant, listed first: not paired
+    for seed in (1, 2, 3, 4):
+        for method, shift in (("lora", 0.0), ("lorsa", 0.02), ("full", -0.01)):
+            if method == "lora" and seed == 4:
+                continue
+            rows.append(("sst2", method, "", seed, 0.8 + shift + rng.normal(0, 0.01)))
+    rows += [("rte", "lora", "", 1, 0.6), ("rte", "lorsa", "", 1, 0.65)]
+    runs = pd.DataFrame(rows, columns=["task", "method", "variant", "seed", "val/accuracy"])
+    table = paired_differences(runs).set_index(["task", "method"])
+    values = runs[runs["variant"] == ""].pivot_table(
+        index=["task", "seed"], columns="method", values="val/accuracy"
+    )
+    sst2 = values.loc["sst2"].dropna()
+    for method in ("lorsa", "full"):
+        test = scipy.stats.ttest_rel(sst2[method], sst2["lora"])
+        low, high = test.confidence_interval(0.95)
+        r = table.loc[("sst2", method)]
+        assert r["pairs"] == 3
+        assert r["difference"] == pytest.approx((sst2[method] - sst2["lora"]).mean(), abs=1e-12)
+        assert (r["low"], r["high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    single = table.loc[("rte", "lorsa")]
+    assert single["pairs"] == 1 and single["difference"] == pytest.approx(0.05) and np.isnan(single["low"])
+    text = paired_table(paired_differences(runs), "lora")
+    assert "| lorsa | " in text and "+5.0, 1" in text

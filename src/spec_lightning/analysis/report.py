@@ -2,6 +2,8 @@
 
 - the method comparison: the task metric per method and task, mean ± sd over seeds, with the
   trainable-parameter percentage (the GLUE table);
+- paired differences to a baseline method (peft LoRA): per task, each method's metric minus the
+  baseline's on the same seed, the mean difference and its 95 % t-interval over the seed pairs;
 - the cost table: wall and CPU seconds of the whole run (CPU seconds stand in for energy: no power
   meter on CPU), seconds per optimiser step while training, and trainable parameters (their range
   over seeds where they differ: MFTC's search picks per seed);
@@ -23,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy import stats as scipy_stats  # noqa: E402
 
 from spec_lightning.analysis.curves import curves_figure, read_scalars  # noqa: E402
 from spec_lightning.analysis.modules import predictor_figure  # noqa: E402
@@ -90,6 +93,62 @@ def comparison_table(stats: pd.DataFrame) -> str:
             means.append(scale * r["mean"])
         pct = group["trainable_pct"].mean()
         lines.append(f"| {method} | {pct:.3f} | " + " | ".join(cells) + f" | {np.mean(means):.1f} |")
+    return "\n".join(lines)
+
+
+def paired_differences(runs: pd.DataFrame, baseline: str = "lora") -> pd.DataFrame:
+    """Per task and method (main runs): d_s = metric(method, s) − metric(baseline, s) over the seeds s
+    both ran; the mean d̄, its 95 % interval d̄ ± t_{0.975, n−1} · sd(d) / √n (NaN for n < 2) and n.
+    Pairing on seeds removes what the seed does to both (data order, initialisation)."""
+    main = runs[runs["variant"] == ""]
+    records = []
+    for task, group in main.groupby("task", sort=False):
+        metric = primary_metric(str(task), group.columns[group.notna().any()])
+        values = group.pivot_table(index="seed", columns="method", values=metric, aggfunc="first")
+        if baseline not in values.columns:
+            continue
+        for method in (m for m in dict.fromkeys(group["method"]) if m != baseline):
+            pairs = values[[method, baseline]].dropna().astype(float)
+            differences = (pairs[method] - pairs[baseline]).to_numpy()
+            n = len(differences)
+            mean = float(differences.mean()) if n else float("nan")
+            half = float("nan")
+            if n >= 2:
+                half = float(scipy_stats.t.ppf(0.975, n - 1) * differences.std(ddof=1) / np.sqrt(n))
+            records.append(
+                {
+                    "task": task,
+                    "method": method,
+                    "metric": metric.removeprefix("val/"),
+                    "difference": mean,
+                    "low": mean - half,
+                    "high": mean + half,
+                    "pairs": n,
+                }
+            )
+    return pd.DataFrame(records)
+
+
+def paired_table(differences: pd.DataFrame, baseline: str) -> str:
+    """Methods x tasks: the mean paired difference to ``baseline`` [95 % interval] (x100 except
+    perplexity), and the seed pairs."""
+    tasks = list(dict.fromkeys(differences["task"]))
+    lines = [
+        "| method | " + " | ".join(f"{t} − {baseline} [95 % CI], pairs" for t in tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for method, group in differences.groupby("method", sort=False):
+        by_task = group.set_index("task")
+        cells = []
+        for task in tasks:
+            if task not in by_task.index:
+                cells.append("")
+                continue
+            r = by_task.loc[task]
+            scale = 1.0 if r["metric"] == "perplexity" else 100.0
+            interval = "" if np.isnan(r["low"]) else f" [{scale * r['low']:+.1f}, {scale * r['high']:+.1f}]"
+            cells.append(f"{scale * r['difference']:+.1f}{interval}, {r['pairs']}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -228,6 +287,16 @@ def write_report(table: Path, title: str) -> Path:
         f"{len(runs)} runs from `{table.name}`; metrics are the last validation, x100 except perplexity.",
         "## Method comparison",
         comparison_table(stats),
+    ]
+    differences = paired_differences(runs)
+    if not differences.empty:
+        sections += [
+            "## Paired differences to lora",
+            "Per task: the method's metric minus lora's on the same seed, mean over the seeds both ran "
+            "and its 95 % t-interval (none for one pair).",
+            paired_table(differences, "lora"),
+        ]
+    sections += [
         "## Cost",
         cost_table(stats),
     ]
