@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -72,6 +73,20 @@ def cell(mean: float, sd: float, scale: float) -> str:
     return f"{scale * mean:.1f}" + ("" if np.isnan(sd) else f" ± {scale * sd:.1f}")
 
 
+def display_scale(row: pd.Series) -> float:
+    """x100 for scores in [0, 1]; perplexity as it is."""
+    return 1.0 if row["metric"] == "perplexity" else 100.0
+
+
+def task_cells(group: pd.DataFrame, tasks: list[str], render: Callable[[pd.Series, float], str]) -> list[str]:
+    """One table cell per task from ``group``'s row for it (empty where there is none): ``render(row,
+    display scale)``."""
+    by_task = group.set_index("task")
+    return [
+        "" if t not in by_task.index else render(by_task.loc[t], display_scale(by_task.loc[t])) for t in tasks
+    ]
+
+
 def comparison_table(stats: pd.DataFrame) -> str:
     """Methods x tasks, the task metric (x100 for scores in [0, 1]) mean ± sd, and trainable %."""
     main = stats[stats["variant"] == ""]
@@ -81,18 +96,11 @@ def comparison_table(stats: pd.DataFrame) -> str:
     )
     lines = [header + " | mean |", "|---" * (len(tasks) + 3) + "|"]
     for method, group in main.groupby("method", sort=False):
-        by_task = group.set_index("task")
-        cells, means = [], []
-        for task in tasks:
-            if task not in by_task.index:
-                cells.append("")
-                continue
-            r = by_task.loc[task]
-            scale = 1.0 if r["metric"] == "perplexity" else 100.0
-            cells.append(cell(r["mean"], r["sd"], scale))
-            means.append(scale * r["mean"])
-        pct = group["trainable_pct"].mean()
-        lines.append(f"| {method} | {pct:.3f} | " + " | ".join(cells) + f" | {np.mean(means):.1f} |")
+        cells = task_cells(group, tasks, lambda r, scale: cell(r["mean"], r["sd"], scale))
+        mean = np.mean([display_scale(r) * r["mean"] for _, r in group.iterrows()])
+        lines.append(
+            f"| {method} | {group['trainable_pct'].mean():.3f} | " + " | ".join(cells) + f" | {mean:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -137,18 +145,13 @@ def paired_table(differences: pd.DataFrame, baseline: str) -> str:
         "| method | " + " | ".join(f"{t} − {baseline} [95 % CI], pairs" for t in tasks) + " |",
         "|---" * (len(tasks) + 1) + "|",
     ]
+
+    def paired_cell(r: pd.Series, scale: float) -> str:
+        interval = "" if np.isnan(r["low"]) else f" [{scale * r['low']:+.1f}, {scale * r['high']:+.1f}]"
+        return f"{scale * r['difference']:+.1f}{interval}, {r['pairs']}"
+
     for method, group in differences.groupby("method", sort=False):
-        by_task = group.set_index("task")
-        cells = []
-        for task in tasks:
-            if task not in by_task.index:
-                cells.append("")
-                continue
-            r = by_task.loc[task]
-            scale = 1.0 if r["metric"] == "perplexity" else 100.0
-            interval = "" if np.isnan(r["low"]) else f" [{scale * r['low']:+.1f}, {scale * r['high']:+.1f}]"
-            cells.append(f"{scale * r['difference']:+.1f}{interval}, {r['pairs']}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(task_cells(group, tasks, paired_cell)) + " |")
     return "\n".join(lines)
 
 
@@ -176,7 +179,7 @@ def variant_table(stats: pd.DataFrame) -> str:
     lines = ["| task | method | variant | metric | mean ± sd | main run |", "|---|---|---|---|---|---|"]
     main = stats[stats["variant"] == ""].set_index(["task", "method"])
     for _, r in stats[stats["variant"] != ""].iterrows():
-        scale = 1.0 if r["metric"] == "perplexity" else 100.0
+        scale = display_scale(r)
         reference = main.loc[(r["task"], r["method"])] if (r["task"], r["method"]) in main.index else None
         base = "" if reference is None else cell(reference["mean"], reference["sd"], scale)
         lines.append(
