@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,33 @@ def test_validation_carved_from_train(tiny_bert: str, tmp_path: Path) -> None:
     )
     dm.setup("fit")
     assert len(dm.splits["validation"]) == 16 and len(dm.splits["train"]) == 80
+
+
+def test_tuning_split_replaces_validation_and_is_the_same_for_every_run(
+    tiny_bert: str, tmp_path: Path
+) -> None:
+    """A sweep validates on examples held out of train (never on dev), drawn with the data seed only."""
+    folder = write_sst2(tmp_path / "x", n_train=96, n_dev=32)
+
+    def splits(**kwargs: object) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        dm = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=str(folder), train_limit=64, **kwargs)
+        dm.setup("fit")
+        return [tuple(x) for x in dm.splits["validation"]["input_ids"]], [
+            tuple(x) for x in dm.splits["train"]["input_ids"]
+        ]
+
+    tuning, rest = splits(tuning_size=16)
+    assert len(tuning) == 16 and len(rest) == 48
+    # A partition of the first 64 training rows (the dev rows are not among them):
+    assert Counter(tuning) + Counter(rest) == Counter(splits()[1])
+    assert splits(tuning_size=16) == (tuning, rest)  # same data seed: the same split in every run
+    assert splits(tuning_size=16, seed=7)[0] != tuning
+    with pytest.raises(
+        ValueError, match=r"tuning_size=64 leaves no training example of the 64; hold out fewer"
+    ):
+        splits(tuning_size=64)
+    with pytest.raises(ValueError, match="tuning_size must be >= 1 example, got 0"):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, tuning_size=0)
 
 
 def test_label_words_and_headerless_files(tmp_path: Path) -> None:
@@ -266,5 +294,7 @@ def test_bad_sizes_are_named(tiny_bert: str, sst2_dir: str) -> None:
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         GLUEDataModule("sst2", tokenizer=tiny_bert, batch_size=0)
     files = {"train": str(Path(sst2_dir) / "train.tsv")}
-    with pytest.raises(ValueError, match=r"validation_size=500 leaves no training example of the 96"):
+    with pytest.raises(
+        ValueError, match=r"validation_size=500 leaves no training example of the 96; hold out fewer"
+    ):
         GLUEDataModule("sst2", tokenizer=tiny_bert, data_files=files, validation_size=500).setup("fit")

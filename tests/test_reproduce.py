@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,15 +13,23 @@ import pytest
 import scipy.stats
 import yaml
 
-from spec_lightning.analysis.report import cost_table, paired_differences, paired_table, summary
-from spec_lightning.reproduce import Grid, main, read_rows
+from spec_lightning.analysis.report import (
+    comparison_table,
+    cost_table,
+    paired_differences,
+    paired_table,
+    summary,
+)
+from spec_lightning.analysis.statistics import paired_bootstrap, t_interval
+from spec_lightning.reproduce import Grid, Sweep, main, read_rows
 from tests.conftest import write_sst2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def tiny_grid(tmp_path: Path, backbone: str) -> Path:
-    """LoRA and BitFit on the tiny BERT, two seeds, and a 50 % few-shot variant of LoRA."""
+def tiny_grid(tmp_path: Path, backbone: str, sweep: bool = False) -> Path:
+    """LoRA and BitFit on the tiny BERT, two seeds, and a 50 % few-shot variant of LoRA; with ``sweep``,
+    LoRA's learning rate is tuned first (two candidates, seed 1, 16 training examples held out)."""
     data = write_sst2(tmp_path / "sst2", n_train=64, n_dev=32)
     (tmp_path / "half.yaml").write_text(yaml.safe_dump({"data": {"init_args": {"train_fraction": 0.5}}}))
     grid = {
@@ -50,6 +59,13 @@ def tiny_grid(tmp_path: Path, backbone: str) -> Path:
         "output": str(tmp_path / "reports"),
         "threads": 1,
     }
+    if sweep:
+        grid["sweep"] = {
+            "argument": "model.init_args.learning_rate",
+            "values": {"lora": [1e-5, 0.05]},
+            "overrides": ["--data.init_args.tuning_size=16"],
+            "seeds": [1],
+        }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return path
@@ -58,14 +74,35 @@ def tiny_grid(tmp_path: Path, backbone: str) -> Path:
 def test_grid_runs_resumes_and_reports(
     tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    grid_file = tiny_grid(tmp_path, tiny_bert)
+    grid_file = tiny_grid(tmp_path, tiny_bert, sweep=True)
     grid = Grid.load(grid_file)
-    assert [r.name for r in grid.runs()] == ["lora-sst2"] * 2 + ["lora-sst2-fewshot50"] * 2 + [
-        "bitfit-sst2"
-    ] * 2
+    assert [r.name for r in grid.runs()] == ["lora-sst2-tune_1e-05", "lora-sst2-tune_0.05"] + [
+        "lora-sst2"
+    ] * 2 + ["lora-sst2-fewshot50"] * 2 + ["bitfit-sst2"] * 2
     main(["--grid", str(grid_file)])
     out = tmp_path / "reports" / "tiny"
     rows = pd.DataFrame(read_rows(out / "results.csv"))
+    sweep = pd.DataFrame(read_rows(out / "sweep.csv"))
+    # The sweep validated on the 16 held-out training sentences; the chosen rate is its best (the first
+    # on a tie), and every LoRA run, the variant's too, trained with it.
+    assert list(sweep["tuned"]) == ["1e-05", "0.05"] and list(sweep["steps"].astype(int)) == [3, 3]
+    tuning = np.load(Path(sweep["run_dir"].iloc[0]) / "predictions.npz")["labels"]
+    assert len(tuning) == 16
+    chosen = sweep["tuned"].iloc[int(np.argmax(sweep["val/accuracy"].astype(float).to_numpy()))]
+    lora_rows = rows[rows["method"] == "lora"]
+    assert set(lora_rows["tuned"]) == {chosen} and set(rows[rows["method"] == "bitfit"]["tuned"]) == {""}
+    for run_dir in lora_rows["run_dir"]:
+        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        assert config["model"]["init_args"]["learning_rate"] == float(chosen)
+    # Each run's dev predictions are kept beside the CSV, and the majority share comes from their labels.
+    dev = pd.read_csv(tmp_path / "sst2" / "dev.tsv", sep="\t")
+    saved = np.load(out / "predictions" / "lora-sst2-seed1.npz")
+    np.testing.assert_array_equal(saved["labels"], dev["label"].to_numpy())
+    majority = dev["label"].value_counts().max() / len(dev)
+    assert rows["majority"].astype(float).to_numpy() == pytest.approx(majority)
+    assert float(lora_rows["val/accuracy"].iloc[0]) == pytest.approx(
+        (saved["predictions"] == saved["labels"]).mean()
+    )
     assert len(rows) == 6 and set(rows["seed"]) == {"1", "2"}
     lora = rows[(rows["method"] == "lora") & (rows["variant"] == "")]
     assert (lora["steps"].astype(int) == 4).all() and (
@@ -80,14 +117,19 @@ def test_grid_runs_resumes_and_reports(
     accuracy = lora["val/accuracy"].astype(float)
     assert f"{100 * accuracy.mean():.1f} ± {100 * accuracy.std(ddof=1):.1f}" in report
     assert "| sst2 | lora | fewshot50 | accuracy |" in report
+    assert "| sst2 | lora | " in report and f"**{chosen}: " in report and f"| {chosen} |" in report
+    assert "bootstrap over dev examples" in report and "logs are not on this machine" not in report
     assert (out / "comparison.png").is_file() and (out / "fewshot.png").is_file()
 
     def no_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run was started again")
 
     monkeypatch.setattr(subprocess, "run", no_run)
-    main(["--grid", str(grid_file)])  # everything is finished: nothing runs, the report is rendered again
-    assert len(read_rows(out / "results.csv")) == 6
+    # On another machine the committed CSVs are the record: without the logs nothing runs again.
+    shutil.rmtree(tmp_path / "logs")
+    main(["--grid", str(grid_file)])
+    assert len(read_rows(out / "results.csv")) == 6 and len(read_rows(out / "sweep.csv")) == 2
+    assert "6 of the 6 runs' TensorBoard logs are not on this machine" in (out / "report.md").read_text()
 
 
 def test_variant_seeds_and_the_seeds_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,8 +216,8 @@ def test_cost_table_gives_the_trainable_range_where_seeds_differ() -> None:
         }
     )
     table = cost_table(summary(runs))
-    assert "| rte | mftc |  | 770–602,882 | 20 | 40 | 1.000 | 2 |" in table
-    assert "| rte | lora |  | 74,498 | 6 | 10 | 0.300 | 2 |" in table
+    assert "| rte | mftc |  | 770–602,882 | 20 | 40 | 1.000 | – | 2 |" in table
+    assert "| rte | lora |  | 74,498 | 6 | 10 | 0.300 | – | 2 |" in table
 
 
 def test_paired_differences_to_lora_match_scipys_paired_t_interval() -> None:
@@ -206,3 +248,82 @@ def test_paired_differences_to_lora_match_scipys_paired_t_interval() -> None:
     assert single["pairs"] == 1 and single["difference"] == pytest.approx(0.05) and np.isnan(single["low"])
     text = paired_table(paired_differences(runs), "lora")
     assert "| lorsa | " in text and "+5.0, 1" in text
+
+
+def test_cells_at_the_majority_class_are_marked_and_not_ranked() -> None:
+    rows = []
+    for seed in (1, 2, 3):
+        rows += [
+            ("sst2", "lora", seed, 0.80 + 0.01 * seed),
+            ("sst2", "full", seed, 0.85),
+            ("sst2", "bitfit", seed, 0.509 if seed < 3 else 0.45),  # never above the majority class
+            ("mrpc", "lora", seed, 0.70),
+            ("mrpc", "full", seed, 0.684 if seed < 3 else 0.69),  # one seed above it: it learned
+            ("mrpc", "bitfit", seed, 0.75),
+        ]
+    runs = pd.DataFrame(rows, columns=["task", "method", "seed", "val/accuracy"])
+    runs["variant"], runs["trainable"], runs["total"] = "", 10, 100
+    runs["wall_s"] = runs["cpu_s"] = runs["s_per_step"] = 1.0
+    runs["majority"] = runs["task"].map({"sst2": 0.509, "mrpc": 0.684})
+    table = comparison_table(summary(runs))
+    lines = {line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines()[2:]}
+    assert "| did not learn (48.9; majority 50.9) | 75.0 ± 0.0 [75.0, 75.0] #1 | – |" in lines["bitfit"]
+    assert "| 85.0 ± 0.0 [85.0, 85.0] #1 | 68.6 ± 0.3 [67.7, 69.5] #3 | 76.8 |" in lines["full"]
+    low, high = scipy.stats.ttest_1samp([0.81, 0.82, 0.83], 0).confidence_interval(0.95)
+    assert (
+        f"| 82.0 ± 1.0 [{100 * low:.1f}, {100 * high:.1f}] #2 | 70.0 ± 0.0 [70.0, 70.0] #2 |" in lines["lora"]
+    )
+
+
+def test_paired_differences_bootstrap_over_the_saved_predictions(tmp_path: Path) -> None:
+    """With every pair's predictions saved, the interval is the bootstrap of those examples; a method
+    missing one seed's file falls back to the t-interval over seeds."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    rows = []
+    for seed in (1, 2, 3):
+        for method, flip in (("lora", 0.25), ("lorsa", 0.2), ("dora", 0.3)):
+            predictions = np.where(rng.random(300) < flip, 1 - labels, labels)
+            if not (method == "dora" and seed == 3):
+                np.savez(tmp_path / f"{method}-sst2-seed{seed}.npz", predictions=predictions, labels=labels)
+            rows.append(("sst2", method, "", seed, float((predictions == labels).mean())))
+    runs = pd.DataFrame(rows, columns=["task", "method", "variant", "seed", "val/accuracy"])
+    table = paired_differences(runs, predictions=tmp_path).set_index("method")
+    examples = []
+    for seed in (1, 2, 3):
+        saved = {m: np.load(tmp_path / f"{m}-sst2-seed{seed}.npz") for m in ("lora", "lorsa")}
+        examples.append([(s["predictions"] == s["labels"]).astype(float) for s in saved.values()])
+    differences = np.array([lorsa - lora for lora, lorsa in examples])
+    assert table.loc["lorsa", "interval"] == "bootstrap"
+    assert (table.loc["lorsa", "low"], table.loc["lorsa", "high"]) == paired_bootstrap(differences)
+    assert table.loc["lorsa", "difference"] == pytest.approx(differences.mean(), abs=1e-12)
+    dora = (
+        runs[runs["method"] == "dora"]["val/accuracy"].to_numpy()
+        - runs[runs["method"] == "lora"]["val/accuracy"].to_numpy()
+    )
+    assert table.loc["dora", "interval"] == "t"
+    assert table.loc["dora", "low"] == pytest.approx(t_interval(dora)[0], abs=1e-12)
+    assert "(t), 3" in paired_table(paired_differences(runs, predictions=tmp_path), "lora")
+
+
+def test_the_sweep_chooses_the_best_mean_over_its_seeds() -> None:
+    """Highest mean accuracy (not the best single run), lowest perplexity, the first listed on a tie, and
+    nothing until every candidate has run with every seed."""
+    sweep = Sweep(argument="lr", values={"lora": [0.1, 0.2, 0.3]}, overrides=[], seeds=[1, 2])
+    scores = {("0.1", 1): 0.90, ("0.1", 2): 0.50, ("0.2", 1): 0.80, ("0.2", 2): 0.75, ("0.3", 1): 0.6}
+    rows = [
+        {"task": "sst2", "method": "lora", "tuned": v, "seed": str(s), "val/accuracy": str(x)}
+        for (v, s), x in scores.items()
+    ]
+    assert sweep.chosen(rows, "sst2", "lora") is None  # 0.3 has not run with seed 2
+    rows.append({"task": "sst2", "method": "lora", "tuned": "0.3", "seed": "2", "val/accuracy": "0.6"})
+    assert sweep.chosen(rows, "sst2", "lora") == "0.2"  # 0.775 > 0.70 > 0.60
+    assert sweep.chosen(rows, "rte", "lora") is None
+    tie = [{**r, "val/accuracy": "0.5"} for r in rows]
+    assert sweep.chosen(tie, "sst2", "lora") == "0.1"
+    lm = [
+        {"task": "wikitext2", "method": "lora", "tuned": r["tuned"], "seed": r["seed"], "val/perplexity": x}
+        for r in rows
+        for x in [r["val/accuracy"]]
+    ]
+    assert sweep.chosen(lm, "wikitext2", "lora") == "0.3"  # 0.60 is the lowest perplexity

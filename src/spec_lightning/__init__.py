@@ -35,6 +35,7 @@ _EXPORTS = {
     "SpectralGradientFilter": "spec_lightning.callbacks",
     "SpectralImportance": "spec_lightning.callbacks",
     "SpectrumMonitor": "spec_lightning.callbacks",
+    "ValidationPredictions": "spec_lightning.callbacks",
     "bert_blocks": "spec_lightning.spectral.blocks",
     "default_blocks": "spec_lightning.spectral.blocks",
     "llama_blocks": "spec_lightning.spectral.blocks",
@@ -70,6 +71,7 @@ __all__ = [
     "SpectralGradientFilter",
     "SpectralImportance",
     "SpectrumMonitor",
+    "ValidationPredictions",
     "bert_blocks",
     "default_blocks",
     "llama_blocks",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
         SpectralGradientFilter,
         SpectralImportance,
         SpectrumMonitor,
+        ValidationPredictions,
     )
     from spec_lightning.data import (
         GLUEDataModule,

@@ -5,13 +5,22 @@ A grid file names the configs of every run (``base_configs``) and, per method, t
 after them (``{task}`` is filled in with the task), the tasks, the seeds, the arguments added to
 every run (``overrides``, e.g. a smaller training set) or to one method's runs
 (``method_overrides``), and optional ``variants``: extra runs of some methods on some tasks with
-overlay configs (few-shot subsets, ablations). Every run is ``spec-lightning fit`` in its own
-process, logged as ``<logs>/<method>-<task>[-<variant>]/seed<seed>``; a run that has finished
-(``checkpoints/last.ckpt`` and a row in the CSV) is not run again, so an interrupted grid
-resumes. ``results.csv`` gets one row per run: the final ``val/*`` metrics, trainable and total
-parameters, optimiser steps, wall and CPU seconds of the process and seconds per step between the
-first and last logged training steps; :mod:`spec_lightning.analysis.report`
-turns it into ``report.md`` and figures::
+overlay configs (few-shot subsets, ablations), and an optional ``sweep``: candidate values of one
+argument per method (e.g. the learning rate), each run on a tuning split held out of the training
+data, never on the reported split; per method and task the best candidate is passed to the method's
+runs and recorded. Every run is ``spec-lightning fit`` in its own process, logged as
+``<logs>/<method>-<task>[-<variant>]/seed<seed>``, with :class:`~spec_lightning.ValidationPredictions`
+added to its callbacks.
+
+``results.csv`` gets one row per run as it finishes (``sweep.csv`` one per tuning run): the final
+``val/*`` metrics, the majority-class share of the validation labels, the tuned value, trainable and
+total parameters, optimiser steps, wall and CPU seconds of the process, seconds per step between the
+first and last logged training steps and the machine's 1-minute load average when it ended (above the
+run's threads: something else was running, and the times are not clean). Each run's validation
+predictions are copied to ``predictions/<run>-seed<seed>.npz`` beside the CSV. A run with a row is
+finished and is not run again, so a grid whose output folder is committed resumes on another machine
+(the TensorBoard logs stay behind; the figures that read them are left out there).
+:mod:`spec_lightning.analysis.report` turns the CSVs into ``report.md`` and figures::
 
     spec-lightning reproduce --grid configs/reproduce/glue_small.yaml
     spec-lightning reproduce --grid configs/reproduce/glue_small.yaml --report_only
@@ -23,6 +32,7 @@ import argparse
 import csv
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -30,11 +40,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from spec_lightning.analysis.curves import read_scalars, seconds_per_step
-from spec_lightning.analysis.report import write_report
+from spec_lightning.analysis.report import lower_is_better, primary_metric, write_report
 from spec_lightning.checkpoints import load_checkpoint
+
+#: Added to every run's callbacks: the report's bootstrap needs each example's prediction.
+PREDICTIONS_CALLBACK = "--trainer.callbacks+=spec_lightning.ValidationPredictions"
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,33 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """Tuning: for each method in ``values``, every candidate value of ``argument`` (a CLI key such as
+    ``model.init_args.learning_rate``) runs with ``seeds`` and ``overrides`` added after the grid's (these
+    must hold out a tuning split, e.g. ``--data.init_args.tuning_size=500``: the check refuses a sweep
+    without ``tuning_size``); the candidate with the best mean of the task's metric over the seeds
+    (highest; lowest for perplexity and losses; the first listed among equals) is chosen."""
+
+    argument: str
+    values: dict[str, list[float | int | str]]
+    overrides: list[str]
+    seeds: list[int] = field(default_factory=lambda: [42])
+
+    def chosen(self, rows: Sequence[dict[str, str]], task: str, method: str) -> str | None:
+        """The best candidate of ``method`` on ``task`` from the sweep's rows; None until all have run."""
+        mine = [r for r in rows if r["task"] == task and r["method"] == method]
+        scores = []
+        for value in self.values[method]:
+            runs = [r for r in mine if r["tuned"] == str(value)]
+            if not set(self.seeds) <= {int(r["seed"]) for r in runs}:
+                return None
+            metric = primary_metric(task, [k for k in runs[0] if runs[0][k] != ""])
+            scores.append(np.mean([float(r[metric]) for r in runs]))
+        best = int(np.argmin(scores) if lower_is_better(metric) else np.argmax(scores))
+        return str(self.values[method][best])
+
+
+@dataclass(frozen=True)
 class Grid:
     """A reproduction grid (see the module docstring); paths are relative to the working directory."""
 
@@ -60,6 +101,7 @@ class Grid:
     overrides: list[str] = field(default_factory=list)
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
+    sweep: Sweep | None = None
     logs: str = "logs/reproduce"
     output: str = "reports"
     threads: int = 2
@@ -74,7 +116,8 @@ class Grid:
             )
         methods = {m: [c] if isinstance(c, str) else list(c) for m, c in raw.pop("methods").items()}
         variants = {name: Variant(**v) for name, v in raw.pop("variants", {}).items()}
-        grid = cls(methods=methods, variants=variants, **raw)
+        sweep = Sweep(**raw.pop("sweep")) if "sweep" in raw else None
+        grid = cls(methods=methods, variants=variants, sweep=sweep, **raw)
         grid.check()
         return grid
 
@@ -87,14 +130,31 @@ class Grid:
         unknown = sorted(set(self.method_overrides) - set(self.methods))
         if unknown:
             raise ValueError(f"method_overrides names methods {unknown} the grid does not define")
+        if self.sweep is not None:
+            unknown = sorted(set(self.sweep.values) - set(self.methods))
+            if unknown:
+                raise ValueError(f"sweep names methods {unknown} the grid does not define")
+            empty = sorted(m for m, candidates in self.sweep.values.items() if not candidates)
+            if empty:
+                raise ValueError(f"sweep lists no candidate values for {empty}")
+            if not any("tuning_size" in o for o in self.sweep.overrides):
+                raise ValueError(
+                    "the sweep's overrides hold out no tuning split, so it would choose on the reported "
+                    "validation split; add e.g. --data.init_args.tuning_size=500 to sweep.overrides"
+                )
         missing = sorted({str(c) for run in self.runs() for c in run.configs if not c.is_file()})
         if missing:
             raise FileNotFoundError(f"grid {self.name!r}: config files {missing} do not exist")
 
     def runs(self) -> list[Run]:
-        """Every run of the grid, task by task, then method, variant and seed."""
+        """Every run of the grid, task by task: the task's tuning runs (method, candidate, seed), then
+        its runs by method, variant and seed."""
         out = []
         for task in self.tasks:
+            for method, candidates in (self.sweep.values if self.sweep else {}).items():
+                base = [Path(c.format(task=task)) for c in [*self.base_configs, *self.methods[method]]]
+                for value in candidates:
+                    out += [Run(task, method, f"tune_{value}", s, base, str(value)) for s in self.sweep.seeds]
             for method, configs in self.methods.items():
                 base = [Path(c.format(task=task)) for c in [*self.base_configs, *configs]]
                 settings = [("", [], self.seeds)] + [
@@ -110,11 +170,18 @@ class Grid:
 
 @dataclass(frozen=True)
 class Run:
+    """One ``spec-lightning fit``; ``candidate`` is the swept value of a tuning run (None otherwise)."""
+
     task: str
     method: str
     variant: str
     seed: int
     configs: list[Path]
+    candidate: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return self.task, self.method, self.variant, self.seed
 
     @property
     def name(self) -> str:
@@ -127,22 +194,34 @@ class Run:
     def directory(self, logs: Path) -> Path:
         return logs / self.name / self.version
 
-    def command(self, grid: Grid) -> list[str]:
+    def command(self, grid: Grid, tuned: str | None = None) -> list[str]:
+        """The run's command line; ``tuned``: the sweep's choice for a run that is not itself tuning."""
         args = [sys.executable, "-m", "spec_lightning", "fit"]
         args += [a for c in self.configs for a in ("--config", str(c))]
-        return args + [
+        args += [
             f"--seed_everything={self.seed}",
             f"--trainer.logger.init_args.save_dir={grid.logs}",
             f"--trainer.logger.init_args.name={self.name}",
             f"--trainer.logger.init_args.version={self.version}",
+            PREDICTIONS_CALLBACK,
             *grid.overrides,
             *grid.method_overrides.get(self.method, []),
         ]
+        if grid.sweep is not None and self.candidate is not None:
+            args += [*grid.sweep.overrides, f"--{grid.sweep.argument}={self.candidate}"]
+        elif grid.sweep is not None and tuned is not None:
+            args.append(f"--{grid.sweep.argument}={tuned}")
+        return args
 
 
-def collect(run: Run, logs: Path, wall_s: float, cpu_s: float) -> dict[str, object]:
-    """The CSV row of a finished run, from its TensorBoard scalars; ``cpu_s`` is the CPU time (user +
-    system) of its process, the energy proxy on a machine without a power meter."""
+def majority_share(labels: np.ndarray) -> float:
+    """The share of the most frequent label: the accuracy of always answering it."""
+    return float(np.unique(labels, return_counts=True)[1].max() / len(labels))
+
+
+def collect(run: Run, logs: Path, wall_s: float, cpu_s: float, tuned: str | None) -> dict[str, object]:
+    """The CSV row of a finished run, from its TensorBoard scalars and predictions; ``cpu_s`` is the CPU
+    time (user + system) of its process, the energy proxy on a machine without a power meter."""
     scalars = read_scalars(run.directory(logs))
     checkpoint = load_checkpoint(run.directory(logs) / "checkpoints" / "last.ckpt")
     steps = int(checkpoint["global_step"])
@@ -151,14 +230,22 @@ def collect(run: Run, logs: Path, wall_s: float, cpu_s: float) -> dict[str, obje
         "method": run.method,
         "variant": run.variant,
         "seed": run.seed,
+        "tuned": run.candidate if run.candidate is not None else (tuned or ""),
         "trainable": int(scalars["params/trainable"][0][1]),
         "total": int(scalars["params/total"][0][1]),
         "steps": steps,
         "wall_s": round(wall_s, 1),
         "cpu_s": round(cpu_s, 1),
         "s_per_step": round(seconds_per_step(run.directory(logs)), 4),
+        "load_1m": round(os.getloadavg()[0], 2),
         "run_dir": str(run.directory(logs)),
     }
+    predictions = run.directory(logs) / "predictions.npz"
+    if predictions.is_file():
+        with np.load(predictions) as saved:
+            labels = saved["labels"]
+        if np.issubdtype(labels.dtype, np.integer):
+            row["majority"] = round(majority_share(labels), 6)
     if "module_search/trainable_parameters" in scalars:  # MFTC trains the selection after its search
         row["trainable"] = int(scalars["module_search/trainable_parameters"][-1][1])
     row |= {tag: round(points[-1][1], 6) for tag, points in sorted(scalars.items()) if tag.startswith("val/")}
@@ -190,27 +277,42 @@ def write_rows(path: Path, rows: Sequence[dict[str, object]]) -> None:
     staging.replace(path)
 
 
+def row_key(row: dict[str, object]) -> tuple[str, str, str, int]:
+    return str(row["task"]), str(row["method"]), str(row["variant"]), int(str(row["seed"]))
+
+
 def run_grid(grid: Grid, dry_run: bool = False) -> Path:
-    """Run every unfinished run, appending its row to ``<output>/<name>/results.csv``; returns the CSV."""
-    logs, table = Path(grid.logs), Path(grid.output) / grid.name / "results.csv"
-    rows = read_rows(table)
-    done = {(r["task"], r["method"], r["variant"], int(r["seed"])) for r in rows}
+    """Run every run without a row, appending its row to ``<output>/<name>/results.csv`` (tuning runs:
+    ``sweep.csv``) and copying its predictions; returns ``results.csv``."""
+    logs, out = Path(grid.logs), Path(grid.output) / grid.name
+    tables = {False: out / "results.csv", True: out / "sweep.csv"}
+    rows = {tuning: read_rows(path) for tuning, path in tables.items()}
     env = {**os.environ, "OMP_NUM_THREADS": str(grid.threads)}
     for run in grid.runs():
-        key = (run.task, run.method, run.variant, run.seed)
-        if key in done and (run.directory(logs) / "checkpoints" / "last.ckpt").is_file():
+        tuning = run.candidate is not None
+        if run.key in {row_key(r) for r in rows[tuning]}:
             continue
-        command = run.command(grid)
+        tuned = None
+        if grid.sweep is not None and not tuning and run.method in grid.sweep.values:
+            tuned = grid.sweep.chosen(rows[True], run.task, run.method)
+            if tuned is None and not dry_run:
+                raise RuntimeError(f"{run.name}: the sweep of {run.method} on {run.task} has not finished")
+            tuned = tuned or "<the sweep's choice>"
+        command = run.command(grid, tuned)
         print(" ".join(command[2:]), flush=True)
         if dry_run:
             continue
         start, cpu = time.perf_counter(), children_cpu_seconds()
         subprocess.run(command, check=True, env=env)
         wall_s, cpu_s = time.perf_counter() - start, children_cpu_seconds() - cpu
-        rows = [r for r in rows if (r["task"], r["method"], r["variant"], int(r["seed"])) != key]
-        rows.append(collect(run, logs, wall_s, cpu_s))
-        write_rows(table, rows)
-    return table
+        predictions = run.directory(logs) / "predictions.npz"
+        if not tuning and predictions.is_file():
+            (out / "predictions").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(predictions, out / "predictions" / f"{run.name}-{run.version}.npz")
+        rows[tuning] = [r for r in rows[tuning] if row_key(r) != run.key]
+        rows[tuning].append(collect(run, logs, wall_s, cpu_s, tuned))
+        write_rows(tables[tuning], rows[tuning])
+    return tables[False]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,9 +1,15 @@
 """The reproduction report: tables and figures from a grid's ``results.csv`` (one row per run).
 
-- the method comparison: the task metric per method and task, mean ± sd over seeds, with the
+- the method comparison: the task metric per method and task, mean ± sd over seeds, its 95 %
+  t-interval and the rank among the methods that learned; a cell whose runs all scored at or below
+  the majority class (``majority`` in the CSV) says "did not learn" and is not ranked; with the
   trainable-parameter percentage (the GLUE table);
 - paired differences to a baseline method (peft LoRA): per task, each method's metric minus the
-  baseline's on the same seed, the mean difference and its 95 % t-interval over the seed pairs;
+  baseline's on the same seed, the mean difference and its 95 % interval: a bootstrap over dev
+  examples and seeds where every pair's predictions are in ``predictions/`` beside the CSV (accuracy),
+  else Student's t over the seed pairs;
+- the tuning: the value a sweep chose per method and task, and every candidate's tuning score
+  (``sweep.csv`` beside the CSV);
 - the cost table: wall and CPU seconds of the whole run (CPU seconds stand in for energy: no power
   meter on CPU), seconds per optimiser step while training, and trainable parameters (their range
   over seeds where they differ: MFTC's search picks per seed);
@@ -17,7 +23,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import matplotlib
@@ -26,21 +32,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy import stats as scipy_stats  # noqa: E402
 
 from spec_lightning.analysis.curves import curves_figure, read_scalars  # noqa: E402
 from spec_lightning.analysis.modules import predictor_figure  # noqa: E402
+from spec_lightning.analysis.statistics import did_not_learn, paired_bootstrap, t_interval  # noqa: E402
 
 #: The metric reported per task where it is not accuracy; perplexity for language modelling.
 PRIMARY = {"cola": "val/matthews", "stsb": "val/pearson"}
 ABLATIONS = ("task_only", "spectral_only")
 
 
-def primary_metric(task: str, columns: pd.Index) -> str:
+def primary_metric(task: str, columns: Iterable[str]) -> str:
+    """The task's reported metric among ``columns`` (``val/*`` names)."""
+    columns = list(columns)
     for metric in (PRIMARY.get(task), "val/accuracy", "val/perplexity"):
         if metric in columns:
             return metric
     raise KeyError(f"no metric for task {task!r} among the columns {sorted(columns)}")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.removeprefix("val/") in ("perplexity", "loss")
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
@@ -49,6 +61,9 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     for (task, method, variant), group in runs.groupby(["task", "method", "variant"], sort=False):
         metric = primary_metric(task, group.columns[group.notna().any()])
         values = group[metric].astype(float)
+        low, high = t_interval(values.to_numpy())
+        majority = group["majority"].astype(float).max() if "majority" in group else float("nan")
+        tuned = sorted(set(group["tuned"].dropna().astype(str)) - {""}) if "tuned" in group else []
         records.append(
             {
                 "task": task,
@@ -57,6 +72,13 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
                 "metric": metric.removeprefix("val/"),
                 "mean": values.mean(),
                 "sd": values.std(ddof=1) if len(values) > 1 else float("nan"),
+                "low": low,
+                "high": high,
+                "learned": metric != "val/accuracy"
+                or np.isnan(majority)
+                or not did_not_learn(values.to_numpy(), majority),
+                "majority": majority,
+                "tuned": ", ".join(tuned),
                 "seeds": len(values),
                 "trainable_min": int(group["trainable"].min()),
                 "trainable_max": int(group["trainable"].max()),
@@ -64,6 +86,9 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
                 "wall_s": float(group["wall_s"].mean()),
                 "cpu_s": float(group["cpu_s"].astype(float).mean()),
                 "s_per_step": float(group["s_per_step"].astype(float).mean()),
+                "load_1m": float(group["load_1m"].astype(float).max())
+                if "load_1m" in group
+                else float("nan"),
             }
         )
     return pd.DataFrame(records)
@@ -71,6 +96,24 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 def cell(mean: float, sd: float, scale: float) -> str:
     return f"{scale * mean:.1f}" + ("" if np.isnan(sd) else f" ± {scale * sd:.1f}")
+
+
+def ranks(main: pd.DataFrame) -> pd.Series:
+    """Per task, each learned cell's rank by mean (1 = best; lowest first for perplexity); NaN for
+    cells that did not learn."""
+    ranked = pd.Series(np.nan, index=main.index)
+    for _, group in main[main["learned"]].groupby("task", sort=False):
+        ascending = lower_is_better(str(group["metric"].iloc[0]))
+        ranked[group.index] = group["mean"].rank(ascending=ascending, method="min")
+    return ranked
+
+
+def comparison_cell(r: pd.Series, scale: float) -> str:
+    """mean ± sd [95 % t-interval] #rank, or "did not learn" with the mean and the majority share."""
+    if not r["learned"]:
+        return f"did not learn ({scale * r['mean']:.1f}; majority {scale * r['majority']:.1f})"
+    interval = "" if np.isnan(r["low"]) else f" [{scale * r['low']:.1f}, {scale * r['high']:.1f}]"
+    return cell(r["mean"], r["sd"], scale) + interval + f" #{int(r['rank'])}"
 
 
 def display_scale(row: pd.Series) -> float:
@@ -88,26 +131,58 @@ def task_cells(group: pd.DataFrame, tasks: list[str], render: Callable[[pd.Serie
 
 
 def comparison_table(stats: pd.DataFrame) -> str:
-    """Methods x tasks, the task metric (x100 for scores in [0, 1]) mean ± sd, and trainable %."""
-    main = stats[stats["variant"] == ""]
+    """Methods x tasks: the task metric (x100 for scores in [0, 1]) mean ± sd [95 % interval] and rank,
+    "did not learn" where no run beat the majority class; trainable %; the mean over tasks (none where
+    a cell did not learn)."""
+    main = stats[stats["variant"] == ""].copy()
+    main["rank"] = ranks(main)
     tasks = list(dict.fromkeys(main["task"]))
     header = "| method | trainable % | " + " | ".join(
         f"{t} ({main[main['task'] == t]['metric'].iloc[0]})" for t in tasks
     )
     lines = [header + " | mean |", "|---" * (len(tasks) + 3) + "|"]
     for method, group in main.groupby("method", sort=False):
-        cells = task_cells(group, tasks, lambda r, scale: cell(r["mean"], r["sd"], scale))
+        cells = task_cells(group, tasks, comparison_cell)
         mean = np.mean([display_scale(r) * r["mean"] for _, r in group.iterrows()])
+        overall = f"{mean:.1f}" if group["learned"].all() else "–"
         lines.append(
-            f"| {method} | {group['trainable_pct'].mean():.3f} | " + " | ".join(cells) + f" | {mean:.1f} |"
+            f"| {method} | {group['trainable_pct'].mean():.3f} | " + " | ".join(cells) + f" | {overall} |"
         )
     return "\n".join(lines)
 
 
-def paired_differences(runs: pd.DataFrame, baseline: str = "lora") -> pd.DataFrame:
+def correct(folder: Path, method: str, task: str, seed: int) -> np.ndarray | None:
+    """1(ŷ = y) per dev example of a main run, from ``predictions/<method>-<task>-seed<seed>.npz``."""
+    path = folder / f"{method}-{task}-seed{seed}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return (saved["predictions"] == saved["labels"]).astype(float)
+
+
+def example_differences(
+    folder: Path, method: str, baseline: str, task: str, seeds: list[int]
+) -> np.ndarray | None:
+    """seeds x examples: 1(method right) − 1(baseline right); None unless every run's predictions are
+    there, over the same examples."""
+    rows = []
+    for seed in seeds:
+        ours, theirs = correct(folder, method, task, seed), correct(folder, baseline, task, seed)
+        if ours is None or theirs is None or len(ours) != len(theirs):
+            return None
+        rows.append(ours - theirs)
+    return np.stack(rows) if rows and len({len(r) for r in rows}) == 1 else None
+
+
+def paired_differences(
+    runs: pd.DataFrame, baseline: str = "lora", predictions: Path | None = None
+) -> pd.DataFrame:
     """Per task and method (main runs): d_s = metric(method, s) − metric(baseline, s) over the seeds s
-    both ran; the mean d̄, its 95 % interval d̄ ± t_{0.975, n−1} · sd(d) / √n (NaN for n < 2) and n.
-    Pairing on seeds removes what the seed does to both (data order, initialisation)."""
+    both ran, their mean d̄ and n, and a 95 % interval: for accuracy with every pair's predictions in
+    ``predictions``, the paired bootstrap over dev examples and seeds
+    (:func:`~spec_lightning.analysis.statistics.paired_bootstrap`); else Student's t over the pairs,
+    d̄ ± t_{0.975, n−1} · sd(d) / √n (NaN for n < 2). Pairing on seeds removes what the seed does to
+    both (data order, initialisation)."""
     main = runs[runs["variant"] == ""]
     records = []
     for task, group in main.groupby("task", sort=False):
@@ -120,18 +195,22 @@ def paired_differences(runs: pd.DataFrame, baseline: str = "lora") -> pd.DataFra
             differences = (pairs[method] - pairs[baseline]).to_numpy()
             n = len(differences)
             mean = float(differences.mean()) if n else float("nan")
-            half = float("nan")
-            if n >= 2:
-                half = float(scipy_stats.t.ppf(0.975, n - 1) * differences.std(ddof=1) / np.sqrt(n))
+            low, high, kind = *t_interval(differences), "t"
+            examples = None
+            if predictions is not None and metric == "val/accuracy" and n:
+                examples = example_differences(predictions, method, baseline, str(task), list(pairs.index))
+            if examples is not None:
+                (low, high), kind = paired_bootstrap(examples), "bootstrap"
             records.append(
                 {
                     "task": task,
                     "method": method,
                     "metric": metric.removeprefix("val/"),
                     "difference": mean,
-                    "low": mean - half,
-                    "high": mean + half,
+                    "low": low,
+                    "high": high,
                     "pairs": n,
+                    "interval": kind,
                 }
             )
     return pd.DataFrame(records)
@@ -139,7 +218,7 @@ def paired_differences(runs: pd.DataFrame, baseline: str = "lora") -> pd.DataFra
 
 def paired_table(differences: pd.DataFrame, baseline: str) -> str:
     """Methods x tasks: the mean paired difference to ``baseline`` [95 % interval] (x100 except
-    perplexity), and the seed pairs."""
+    perplexity), the seed pairs, and "t" where the interval is Student's over seeds, not the bootstrap."""
     tasks = list(dict.fromkeys(differences["task"]))
     lines = [
         "| method | " + " | ".join(f"{t} − {baseline} [95 % CI], pairs" for t in tasks) + " |",
@@ -148,10 +227,27 @@ def paired_table(differences: pd.DataFrame, baseline: str) -> str:
 
     def paired_cell(r: pd.Series, scale: float) -> str:
         interval = "" if np.isnan(r["low"]) else f" [{scale * r['low']:+.1f}, {scale * r['high']:+.1f}]"
-        return f"{scale * r['difference']:+.1f}{interval}, {r['pairs']}"
+        kind = " (t)" if r["interval"] == "t" and interval else ""
+        return f"{scale * r['difference']:+.1f}{interval}{kind}, {r['pairs']}"
 
     for method, group in differences.groupby("method", sort=False):
         lines.append(f"| {method} | " + " | ".join(task_cells(group, tasks, paired_cell)) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(sweep: pd.DataFrame) -> str:
+    """Per task and method: each candidate's tuning score (mean over the sweep's seeds, x100 except
+    perplexity), the chosen one in bold."""
+    lines = ["| task | method | candidates (tuning split) | chosen |", "|---|---|---|---|"]
+    for (task, method), group in sweep.groupby(["task", "method"], sort=False):
+        metric = primary_metric(str(task), group.columns[group.notna().any()])
+        scores = group.groupby("tuned", sort=False)[metric].mean()
+        best = scores.idxmin() if lower_is_better(metric) else scores.idxmax()
+        scale = 1.0 if lower_is_better(metric) else 100.0
+        listed = ", ".join(
+            f"**{v}: {scale * x:.1f}**" if v == best else f"{v}: {scale * x:.1f}" for v, x in scores.items()
+        )
+        lines.append(f"| {task} | {method} | {listed} | {best} |")
     return "\n".join(lines)
 
 
@@ -160,16 +256,19 @@ def parameter_count(low: int, high: int) -> str:
 
 
 def cost_table(stats: pd.DataFrame) -> str:
+    """Per cell: trainable parameters, mean wall and CPU seconds, seconds per step, and the highest
+    1-minute load average at the end of its runs (above the runs' threads: the times are not clean)."""
     lines = [
-        "| task | method | variant | trainable | wall (s) | CPU (s) | s / step | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | method | variant | trainable | wall (s) | CPU (s) | s / step | load | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in stats.iterrows():
         pace = "–" if np.isnan(r["s_per_step"]) else f"{r['s_per_step']:.3f}"  # NaN: under two logged steps
+        load = "–" if np.isnan(r["load_1m"]) else f"{r['load_1m']:.1f}"
         lines.append(
             f"| {r['task']} | {r['method']} | {r['variant']} "
             f"| {parameter_count(r['trainable_min'], r['trainable_max'])} | {r['wall_s']:.0f} "
-            f"| {r['cpu_s']:.0f} | {pace} | {r['seeds']} |"
+            f"| {r['cpu_s']:.0f} | {pace} | {load} | {r['seeds']} |"
         )
     return "\n".join(lines)
 
@@ -231,8 +330,10 @@ def fewshot_figure(stats: pd.DataFrame, path: Path) -> bool:
 
 
 def first_seed_dirs(runs: pd.DataFrame, method: str, variant: str) -> dict[str, Path]:
+    """Per task, the log folder of the first seed's run, where it is on this machine."""
     chosen = runs[(runs["method"] == method) & (runs["variant"] == variant)].sort_values("seed")
-    return {task: Path(group["run_dir"].iloc[0]) for task, group in chosen.groupby("task", sort=False)}
+    folders = {task: Path(group["run_dir"].iloc[0]) for task, group in chosen.groupby("task", sort=False)}
+    return {task: folder for task, folder in folders.items() if folder.is_dir()}
 
 
 def ablation_figures(runs: pd.DataFrame, out: Path) -> list[Path]:
@@ -279,25 +380,37 @@ def write_report(table: Path, title: str) -> Path:
         raise ValueError(f"{table} has no runs; run the grid first")
     runs["variant"] = runs["variant"].fillna("").astype(str)
     out = table.parent
+    sweep = out / "sweep.csv"
     stats = summary(runs)
     comparison_figure(stats, out / "comparison.png")
     figures = ["comparison.png"]
     if fewshot_figure(stats, out / "fewshot.png"):
         figures.append("fewshot.png")
     figures += [p.name for p in ablation_figures(runs, out) + predictor_figures(runs, out)]
+    logs_here = sum(Path(d).is_dir() for d in runs["run_dir"])
     sections = [
         f"# {title}",
         f"{len(runs)} runs from `{table.name}`; metrics are the last validation, x100 except perplexity.",
         "## Method comparison",
+        "mean ± sd over seeds [95 % t-interval of the mean] #rank among the methods that learned; "
+        '"did not learn": no seed scored above always answering the majority class.',
         comparison_table(stats),
     ]
-    differences = paired_differences(runs)
+    differences = paired_differences(runs, predictions=out / "predictions")
     if not differences.empty:
         sections += [
             "## Paired differences to lora",
-            "Per task: the method's metric minus lora's on the same seed, mean over the seeds both ran "
-            "and its 95 % t-interval (none for one pair).",
+            "Per task: the method's metric minus lora's on the same seed, mean over the seeds both ran, "
+            "and its 95 % interval: a bootstrap over dev examples and seeds (10,000 resamples), or "
+            "Student's t over the seed pairs where marked (t) (no interval for one pair).",
             paired_table(differences, "lora"),
+        ]
+    if sweep.is_file():
+        sections += [
+            "## Tuning",
+            "Each candidate on the tuning split held out of the training data (never the reported split); "
+            "the chosen value is what the runs above used.",
+            sweep_table(pd.read_csv(sweep, keep_default_na=False, na_values=[""]).astype({"tuned": str})),
         ]
     sections += [
         "## Cost",
@@ -306,6 +419,11 @@ def write_report(table: Path, title: str) -> Path:
     if (stats["variant"] != "").any():
         sections += ["## Variants", variant_table(stats)]
     sections += ["## Figures", *(f"![{f}]({f})" for f in figures)]
+    if logs_here < len(runs):
+        sections.append(
+            f"{len(runs) - logs_here} of the {len(runs)} runs' TensorBoard logs are not on this machine: the "
+            "figures drawn from them (training curves, MFTC's predictor) leave those runs out."
+        )
     report = out / "report.md"
     report.write_text("\n\n".join(sections) + "\n")
     return report

@@ -14,6 +14,7 @@ _EXPORTS = {
     "SpectralGradientFilter": "spec_lightning.callbacks.spectral_gradient_filter",
     "SpectralImportance": "spec_lightning.callbacks.spectral_importance",
     "SpectrumMonitor": "spec_lightning.callbacks.spectrum_monitor",
+    "ValidationPredictions": "spec_lightning.callbacks.predictions",
 }
 __all__ = [
     "ApplyMethod",
@@ -25,6 +26,7 @@ __all__ = [
     "SpectralGradientFilter",
     "SpectralImportance",
     "SpectrumMonitor",
+    "ValidationPredictions",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from spec_lightning.callbacks.apply_method import ApplyMethod
     from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
     from spec_lightning.callbacks.module_search import ModuleSearch, Probeable
+    from spec_lightning.callbacks.predictions import ValidationPredictions
     from spec_lightning.callbacks.preemption import PreemptionCheckpoint
     from spec_lightning.callbacks.spectral_gradient_filter import SpectralGradientFilter
     from spec_lightning.callbacks.spectral_importance import SpectralComponents, SpectralImportance

@@ -36,6 +36,9 @@ class GLUEDataModule(TokenizedDataModule):
         train_fraction: then keep this seeded random fraction of them (few-shot subsets).
         validation_size: carve a validation split of this many training examples when the source
             has none (e.g. the QQP subset, which ships train lines only).
+        tuning_size: hold out this many of the remaining training examples (seeded by ``seed``, not by
+            the run's seed: every run of a sweep sees the same split) and validate on them instead of
+            the validation split, for hyper-parameter sweeps that never see the split that is reported.
         num_workers: DataLoader workers.
         seed: seed of the subset draw and of the per-epoch shuffle.
     """
@@ -52,6 +55,7 @@ class GLUEDataModule(TokenizedDataModule):
         train_limit: int | None = None,
         train_fraction: float | None = None,
         validation_size: int | None = None,
+        tuning_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
     ) -> None:
@@ -63,6 +67,8 @@ class GLUEDataModule(TokenizedDataModule):
             raise ValueError(f"data.init_args.train_limit must be >= 1, got {train_limit}")
         if validation_size is not None and validation_size < 1:
             raise ValueError(f"data.init_args.validation_size must be >= 1 example, got {validation_size}")
+        if tuning_size is not None and tuning_size < 1:
+            raise ValueError(f"data.init_args.tuning_size must be >= 1 example, got {tuning_size}")
         self.save_hyperparameters()
         self.task = task
         self.num_labels = self.spec.num_labels
@@ -147,13 +153,9 @@ class GLUEDataModule(TokenizedDataModule):
         if hp.train_limit is not None:
             train = train.select(range(min(hp.train_limit, len(train))))
         if hp.validation_size is not None and "validation" not in raw:
-            if hp.validation_size >= len(train):
-                raise ValueError(
-                    f"data.init_args.validation_size={hp.validation_size} leaves no training example of the "
-                    f"{len(train)}; carve fewer"
-                )
-            parts = train.train_test_split(test_size=hp.validation_size, seed=hp.seed)
-            train, raw["validation"] = parts["train"], parts["test"]
+            train, raw["validation"] = self._hold_out(train, hp.validation_size, "validation_size")
+        if hp.tuning_size is not None:
+            train, raw["validation"] = self._hold_out(train, hp.tuning_size, "tuning_size")
         if hp.train_fraction is not None:
             keep = max(1, round(hp.train_fraction * len(train)))
             train = train.shuffle(seed=hp.seed).select(range(keep))
@@ -163,6 +165,17 @@ class GLUEDataModule(TokenizedDataModule):
             )
         raw["train"] = train
         return {k: v for k, v in raw.items() if k in ("train", "validation", "test")}
+
+    def _hold_out(
+        self, train: datasets.Dataset, size: int, key: str
+    ) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """(the rest, ``size`` examples drawn with ``seed``) of ``train``."""
+        if size >= len(train):
+            raise ValueError(
+                f"data.init_args.{key}={size} leaves no training example of the {len(train)}; hold out fewer"
+            )
+        parts = train.train_test_split(test_size=size, seed=self.hparams.seed)
+        return parts["train"], parts["test"]
 
     def _tokenize(self, ds: datasets.Dataset) -> datasets.Dataset:
         fields = self.spec.text_fields

@@ -144,13 +144,15 @@ class SequenceClassificationModule(FineTuningModule):
         self.target_stats = None if stats is None else (float(stats[0]), float(stats[1]))
 
     # ---- evaluation --------------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> torch.Tensor:
+        """Update the stage's metrics and log its loss; returns the batch's predictions."""
         out = self(**self.standardised(batch))
         predictions = self.predictions(out.logits)
         metrics.update(predictions, batch["labels"])
         self._predictions.append(predictions.detach().float().cpu())
         self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=len(batch["labels"]))
         self.log_dict(metrics, prog_bar=True)
+        return predictions
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = []
@@ -189,8 +191,9 @@ class SequenceClassificationModule(FineTuningModule):
         scale = self.target_stats[1] if self.target_stats else 1.0
         return f"about {float(values.mean()):.4g}" if float(values.std()) < 1e-4 * scale else None
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Logs the validation metrics; returns the predictions (for :class:`ValidationPredictions`)."""
+        return {"predictions": self._evaluate(batch, self.val_metrics, "val")}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
