@@ -84,10 +84,9 @@ def test_validation_carved_from_train(tiny_bert: str, tmp_path: Path) -> None:
     assert len(dm.splits["validation"]) == 16 and len(dm.splits["train"]) == 80
 
 
-def test_tuning_split_replaces_validation_and_is_the_same_for_every_run(
-    tiny_bert: str, tmp_path: Path
-) -> None:
-    """A sweep validates on examples held out of train (never on dev), drawn with the data seed only."""
+def test_tuning_split_is_held_out_of_train_and_the_same_for_every_run(tiny_bert: str, tmp_path: Path) -> None:
+    """A sweep validates on examples held out of train (never on dev), drawn with the data seed only; the
+    reported runs hold out the same examples (same training data) and validate on dev."""
     folder = write_sst2(tmp_path / "x", n_train=96, n_dev=32)
 
     def splits(**kwargs: object) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -97,18 +96,23 @@ def test_tuning_split_replaces_validation_and_is_the_same_for_every_run(
             tuple(x) for x in dm.splits["train"]["input_ids"]
         ]
 
-    tuning, rest = splits(tuning_size=16)
-    assert len(tuning) == 16 and len(rest) == 48
-    # A partition of the first 64 training rows (the dev rows are not among them):
-    assert Counter(tuning) + Counter(rest) == Counter(splits()[1])
-    assert splits(tuning_size=16) == (tuning, rest)  # same data seed: the same split in every run
-    assert splits(tuning_size=16, seed=7)[0] != tuning
+    dev, everything = splits()
+    tuning, rest = splits(tuning_size=16, validate_on="tuning")
+    assert len(dev) == 32 and len(tuning) == 16 and len(rest) == 48
+    assert Counter(tuning) + Counter(rest) == Counter(everything)  # a partition of the first 64 rows
+    assert splits(tuning_size=16) == (dev, rest)  # the reported runs: same training data, dev validation
+    assert splits(tuning_size=16, validate_on="tuning") == (tuning, rest)  # every run: the same split
+    assert splits(tuning_size=16, validate_on="tuning", seed=7)[0] != tuning
     with pytest.raises(
         ValueError, match=r"tuning_size=64 leaves no training example of the 64; hold out fewer"
     ):
         splits(tuning_size=64)
     with pytest.raises(ValueError, match="tuning_size must be >= 1 example, got 0"):
         GLUEDataModule("sst2", tokenizer=tiny_bert, tuning_size=0)
+    with pytest.raises(
+        ValueError, match="validate_on='tuning' needs a tuning split: set data.init_args.tuning_size"
+    ):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, validate_on="tuning")
 
 
 def test_label_words_and_headerless_files(tmp_path: Path) -> None:

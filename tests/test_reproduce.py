@@ -29,7 +29,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def tiny_grid(tmp_path: Path, backbone: str, sweep: bool = False) -> Path:
     """LoRA and BitFit on the tiny BERT, two seeds, and a 50 % few-shot variant of LoRA; with ``sweep``,
-    LoRA's learning rate is tuned first (two candidates, seed 1, 16 training examples held out)."""
+    every run holds 16 training examples out and LoRA's learning rate is first tuned on them (two
+    candidates, seed 1)."""
     data = write_sst2(tmp_path / "sst2", n_train=64, n_dev=32)
     (tmp_path / "half.yaml").write_text(yaml.safe_dump({"data": {"init_args": {"train_fraction": 0.5}}}))
     grid = {
@@ -63,9 +64,10 @@ def tiny_grid(tmp_path: Path, backbone: str, sweep: bool = False) -> Path:
         grid["sweep"] = {
             "argument": "model.init_args.learning_rate",
             "values": {"lora": [1e-5, 0.05]},
-            "overrides": ["--data.init_args.tuning_size=16"],
+            "overrides": ["--data.init_args.validate_on=tuning"],
             "seeds": [1],
         }
+        grid["overrides"].append("--data.init_args.tuning_size=16")
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return path
@@ -105,7 +107,7 @@ def test_grid_runs_resumes_and_reports(
     )
     assert len(rows) == 6 and set(rows["seed"]) == {"1", "2"}
     lora = rows[(rows["method"] == "lora") & (rows["variant"] == "")]
-    assert (lora["steps"].astype(int) == 4).all() and (
+    assert (lora["steps"].astype(int) == 3).all() and (  # 64 − 16 held out, in batches of 16
         rows[rows["variant"] == "fewshot50"]["steps"].astype(int) == 2
     ).all()
     assert (rows["trainable"].astype(int) < rows["total"].astype(int)).all()
@@ -172,6 +174,27 @@ def test_grid_errors_name_the_problem(tmp_path: Path) -> None:
             {**base, "variants": {"v": {"overlays": [], "methods": ["full"], "tasks": ["sst2"]}}},
             ValueError,
             r"variant 'v' names methods \['full'\]",
+        ),
+        (
+            {**base, "sweep": {"argument": "a", "values": {"lora": [1]}, "overrides": ["--x=1"]}},
+            ValueError,
+            "do not validate on the tuning split, so it would choose on the reported split",
+        ),
+        (
+            {
+                **base,
+                "sweep": {"argument": "a", "values": {"dora": [1]}, "overrides": ["--d.validate_on=tuning"]},
+            },
+            ValueError,
+            r"sweep names methods \['dora'\]",
+        ),
+        (
+            {
+                **base,
+                "sweep": {"argument": "a", "values": {"lora": []}, "overrides": ["--d.validate_on=tuning"]},
+            },
+            ValueError,
+            r"sweep lists no candidate values for \['lora'\]",
         ),
     ]
     for i, (grid, error, message) in enumerate(cases):

@@ -65,10 +65,12 @@ class Variant:
 @dataclass(frozen=True)
 class Sweep:
     """Tuning: for each method in ``values``, every candidate value of ``argument`` (a CLI key such as
-    ``model.init_args.learning_rate``) runs with ``seeds`` and ``overrides`` added after the grid's (these
-    must hold out a tuning split, e.g. ``--data.init_args.tuning_size=500``: the check refuses a sweep
-    without ``tuning_size``); the candidate with the best mean of the task's metric over the seeds
-    (highest; lowest for perplexity and losses; the first listed among equals) is chosen."""
+    ``model.init_args.learning_rate``) runs with ``seeds`` and ``overrides`` added after the grid's
+    (``{task}`` is filled in). These must validate on the tuning split, ``--data.init_args.validate_on=
+    tuning`` (the check refuses a sweep without it), which the grid's runs all hold out of their training
+    data (``data.init_args.tuning_size``), so the sweep and the reported runs train on the same examples.
+    The candidate with the best mean of the task's metric over the seeds (highest; lowest for perplexity
+    and losses; the first listed among equals) is chosen."""
 
     argument: str
     values: dict[str, list[float | int | str]]
@@ -137,10 +139,11 @@ class Grid:
             empty = sorted(m for m, candidates in self.sweep.values.items() if not candidates)
             if empty:
                 raise ValueError(f"sweep lists no candidate values for {empty}")
-            if not any("tuning_size" in o for o in self.sweep.overrides):
+            if not any("validate_on=tuning" in o for o in self.sweep.overrides):
                 raise ValueError(
-                    "the sweep's overrides hold out no tuning split, so it would choose on the reported "
-                    "validation split; add e.g. --data.init_args.tuning_size=500 to sweep.overrides"
+                    "the sweep's overrides do not validate on the tuning split, so it would choose on the "
+                    "reported split; add --data.init_args.validate_on=tuning to sweep.overrides and hold "
+                    "out the split in every run (data.init_args.tuning_size)"
                 )
         missing = sorted({str(c) for run in self.runs() for c in run.configs if not c.is_file()})
         if missing:
@@ -208,7 +211,8 @@ class Run:
             *grid.method_overrides.get(self.method, []),
         ]
         if grid.sweep is not None and self.candidate is not None:
-            args += [*grid.sweep.overrides, f"--{grid.sweep.argument}={self.candidate}"]
+            overrides = [o.format(task=self.task) for o in grid.sweep.overrides]
+            args += [*overrides, f"--{grid.sweep.argument}={self.candidate}"]
         elif grid.sweep is not None and tuned is not None:
             args.append(f"--{grid.sweep.argument}={tuned}")
         return args

@@ -65,7 +65,11 @@ class ValidationPredictions(L.Callback):
             self._skip(f"validation loader {dataloader_idx} is not kept (only the first is)")
             return
         predictions = outputs.get("predictions") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(predictions, torch.Tensor) or not isinstance(batch, Mapping) or "labels" not in batch:
+        if (
+            not isinstance(predictions, torch.Tensor)
+            or not isinstance(batch, Mapping)
+            or "labels" not in batch
+        ):
             self._skip(
                 f"{type(pl_module).__name__}.validation_step returns no predictions tensor (or its batches "
                 "carry no 'labels'); return the batch's predictions, or a dict with 'predictions'"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import datasets
 from lightning.pytorch.utilities import rank_zero_info
@@ -36,9 +37,11 @@ class GLUEDataModule(TokenizedDataModule):
         train_fraction: then keep this seeded random fraction of them (few-shot subsets).
         validation_size: carve a validation split of this many training examples when the source
             has none (e.g. the QQP subset, which ships train lines only).
-        tuning_size: hold out this many of the remaining training examples (seeded by ``seed``, not by
-            the run's seed: every run of a sweep sees the same split) and validate on them instead of
-            the validation split, for hyper-parameter sweeps that never see the split that is reported.
+        tuning_size: hold out this many of the remaining training examples as a tuning split, drawn
+            with ``seed`` (not the run's seed: every run of a sweep holds out the same examples). Give it
+            to every run of a comparison, so that the sweep and the reported runs train on the same data.
+        validate_on: ``"tuning"`` validates on the tuning split instead of the validation split: a
+            hyper-parameter sweep then never sees the split that is reported.
         num_workers: DataLoader workers.
         seed: seed of the subset draw and of the per-epoch shuffle.
     """
@@ -56,6 +59,7 @@ class GLUEDataModule(TokenizedDataModule):
         train_fraction: float | None = None,
         validation_size: int | None = None,
         tuning_size: int | None = None,
+        validate_on: Literal["validation", "tuning"] = "validation",
         num_workers: int = 0,
         seed: int = 42,
     ) -> None:
@@ -69,6 +73,10 @@ class GLUEDataModule(TokenizedDataModule):
             raise ValueError(f"data.init_args.validation_size must be >= 1 example, got {validation_size}")
         if tuning_size is not None and tuning_size < 1:
             raise ValueError(f"data.init_args.tuning_size must be >= 1 example, got {tuning_size}")
+        if validate_on == "tuning" and tuning_size is None:
+            raise ValueError(
+                "data.init_args.validate_on='tuning' needs a tuning split: set data.init_args.tuning_size"
+            )
         self.save_hyperparameters()
         self.task = task
         self.num_labels = self.spec.num_labels
@@ -155,7 +163,9 @@ class GLUEDataModule(TokenizedDataModule):
         if hp.validation_size is not None and "validation" not in raw:
             train, raw["validation"] = self._hold_out(train, hp.validation_size, "validation_size")
         if hp.tuning_size is not None:
-            train, raw["validation"] = self._hold_out(train, hp.tuning_size, "tuning_size")
+            train, tuning = self._hold_out(train, hp.tuning_size, "tuning_size")
+            if hp.validate_on == "tuning":
+                raw["validation"] = tuning
         if hp.train_fraction is not None:
             keep = max(1, round(hp.train_fraction * len(train)))
             train = train.shuffle(seed=hp.seed).select(range(keep))
