@@ -59,6 +59,7 @@ def tiny_grid(tmp_path: Path, backbone: str, sweep: bool = False) -> Path:
         "logs": str(tmp_path / "logs"),
         "output": str(tmp_path / "reports"),
         "threads": 1,
+        "keep_checkpoints": not sweep,
     }
     if sweep:
         grid["sweep"] = {
@@ -127,6 +128,7 @@ def test_grid_runs_resumes_and_reports(
         raise AssertionError("a finished run was started again")
 
     monkeypatch.setattr(subprocess, "run", no_run)
+    assert not list((tmp_path / "logs").glob("*/*/checkpoints"))  # keep_checkpoints: false
     # On another machine the committed CSVs are the record: without the logs nothing runs again.
     shutil.rmtree(tmp_path / "logs")
     main(["--grid", str(grid_file)])
@@ -212,6 +214,7 @@ SHIPPED_GRIDS = {
     "glue_small": (CORE | RELATIVES, 3),
     "defaults": ({"lora", "full", "lorsa", "speclora"}, 3),
     "peft_relatives": (RELATIVES | {"lora"}, 1),
+    "cpu_glue": (CORE | {"adalora", "houlsby"}, 3),
 }
 
 

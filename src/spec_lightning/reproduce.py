@@ -19,7 +19,8 @@ first and last logged training steps and the machine's 1-minute load average whe
 run's threads: something else was running, and the times are not clean). Each run's validation
 predictions are copied to ``predictions/<run>-seed<seed>.npz`` beside the CSV. A run with a row is
 finished and is not run again, so a grid whose output folder is committed resumes on another machine
-(the TensorBoard logs stay behind; the figures that read them are left out there).
+(the TensorBoard logs stay behind; the figures that read them are left out there). With
+``keep_checkpoints: false`` a run's checkpoints are deleted once its row is written.
 :mod:`spec_lightning.analysis.report` turns the CSVs into ``report.md`` and figures::
 
     spec-lightning reproduce --grid configs/reproduce/glue_small.yaml
@@ -107,6 +108,7 @@ class Grid:
     logs: str = "logs/reproduce"
     output: str = "reports"
     threads: int = 2
+    keep_checkpoints: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:
@@ -316,6 +318,8 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
         rows[tuning] = [r for r in rows[tuning] if row_key(r) != run.key]
         rows[tuning].append(collect(run, logs, wall_s, cpu_s, tuned))
         write_rows(tables[tuning], rows[tuning])
+        if not grid.keep_checkpoints:  # a full fine-tuning checkpoint with Adam's moments is ~270 MB
+            shutil.rmtree(run.directory(logs) / "checkpoints", ignore_errors=True)
     return tables[False]
 
 
