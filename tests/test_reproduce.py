@@ -19,6 +19,7 @@ from spec_lightning.analysis.report import (
     paired_differences,
     paired_table,
     summary,
+    write_report,
 )
 from spec_lightning.analysis.statistics import paired_bootstrap, t_interval
 from spec_lightning.reproduce import Grid, Sweep, main, read_rows
@@ -353,3 +354,31 @@ def test_the_sweep_chooses_the_best_mean_over_its_seeds() -> None:
         for x in [r["val/accuracy"]]
     ]
     assert sweep.chosen(lm, "wikitext2", "lora") == "0.3"  # 0.60 is the lowest perplexity
+
+
+def test_readme_tables_are_regenerated_between_their_markers(tmp_path: Path) -> None:
+    rows = [
+        ("sst2", m, "", s, 0.8 + 0.01 * s + (0.02 if m == "lorsa" else 0.0))
+        for m in ("lora", "lorsa")
+        for s in (1, 2, 3)
+    ]
+    runs = pd.DataFrame(rows, columns=["task", "method", "variant", "seed", "val/accuracy"])
+    runs["trainable"], runs["total"], runs["wall_s"], runs["cpu_s"], runs["s_per_step"] = 1, 10, 1.0, 1.0, 1.0
+    runs["run_dir"] = str(tmp_path / "gone")
+    table = tmp_path / "g" / "results.csv"
+    table.parent.mkdir()
+    runs.to_csv(table, index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nbefore\n\n<!-- report:g -->\nold table\n<!-- /report:g -->\n\nafter\n")
+    write_report(table, "g", readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n<!-- report:g -->\n6 runs; generated from")
+    assert text.endswith("\n<!-- /report:g -->\n\nafter\n") and "old table" not in text
+    report = (table.parent / "report.md").read_text()
+    for line in ("| lorsa | 10.000 | 84.0 ± 1.0", "| lorsa | +2.0 [+2.0, +2.0] (t), 3 |"):
+        assert line in report and line in text
+    write_report(table, "g", readme)
+    assert readme.read_text() == text  # regenerating changes nothing
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one '<!-- report:g -->' line and, after it, one"):
+        write_report(table, "g", readme)

@@ -25,6 +25,7 @@ finished and is not run again, so a grid whose output folder is committed resume
 
     spec-lightning reproduce --grid configs/reproduce/glue_small.yaml
     spec-lightning reproduce --grid configs/reproduce/glue_small.yaml --report_only
+    spec-lightning reproduce --grid configs/reproduce/cpu_glue.yaml --report_only --readme README.md
 """
 
 from __future__ import annotations
@@ -331,6 +332,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--dry_run", action="store_true", help="print the commands of the runs still to do")
     parser.add_argument(
+        "--readme",
+        type=Path,
+        help="also put the report's tables in this file, between <!-- report:<grid name> --> and "
+        "<!-- /report:<grid name> -->",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         nargs="+",
@@ -344,4 +351,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.report_only:
         table = run_grid(grid, dry_run=args.dry_run)
     if not args.dry_run:
-        print(f"wrote {write_report(table, grid.name)}")
+        print(f"wrote {write_report(table, grid.name, args.readme)}")

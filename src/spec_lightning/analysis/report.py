@@ -373,14 +373,65 @@ def predictor_figures(runs: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
-def write_report(table: Path, title: str) -> Path:
-    """``report.md`` and the figures beside ``table``; returns the report's path."""
+def findings(runs: pd.DataFrame, stats: pd.DataFrame, out: Path) -> list[tuple[str, str, str]]:
+    """(heading, legend, table) of the comparison, the paired differences to lora, the tuning and the
+    variants: what ``report.md`` and the README show."""
+    sections = [
+        (
+            "Method comparison",
+            "mean ± sd over seeds [95 % t-interval of the mean] #rank among the methods that learned; "
+            '"did not learn": no seed scored above always answering the majority class.',
+            comparison_table(stats),
+        )
+    ]
+    differences = paired_differences(runs, predictions=out / "predictions")
+    if not differences.empty:
+        sections.append(
+            (
+                "Paired differences to lora",
+                "Per task: the method's metric minus lora's on the same seed, mean over the seeds both ran, "
+                "and its 95 % interval: a bootstrap over dev examples and seeds (10,000 resamples), or "
+                "Student's t over the seed pairs where marked (t) (no interval for one pair).",
+                paired_table(differences, "lora"),
+            )
+        )
+    if (out / "sweep.csv").is_file():
+        sweep = pd.read_csv(out / "sweep.csv", keep_default_na=False, na_values=[""]).astype({"tuned": str})
+        sections.append(
+            (
+                "Tuning",
+                "Each candidate on the tuning split held out of the training data (never the reported "
+                "split), mean over the sweep's seeds; the chosen value is what the runs above used.",
+                sweep_table(sweep),
+            )
+        )
+    if (stats["variant"] != "").any():
+        sections.append(("Variants", "Each variant beside its method's main runs.", variant_table(stats)))
+    return sections
+
+
+def update_readme(readme: Path, name: str, text: str) -> None:
+    """Replace what lies between the README's ``<!-- report:<name> -->`` and ``<!-- /report:<name> -->``
+    lines with ``text``."""
+    start, end = f"<!-- report:{name} -->", f"<!-- /report:{name} -->"
+    content = readme.read_text()
+    if content.count(start) != 1 or content.count(end) != 1 or content.index(start) > content.index(end):
+        raise ValueError(
+            f"{readme} needs one {start!r} line and, after it, one {end!r} line around the place of the "
+            f"{name} tables"
+        )
+    head, rest = content.split(start)
+    readme.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end)[1]}")
+
+
+def write_report(table: Path, title: str, readme: Path | None = None) -> Path:
+    """``report.md`` and the figures beside ``table``; with ``readme``, its ``report:<title>`` block gets
+    the comparison, paired-difference, tuning and variant tables. Returns the report's path."""
     runs = pd.read_csv(table, keep_default_na=False, na_values=[""])
     if runs.empty:
         raise ValueError(f"{table} has no runs; run the grid first")
     runs["variant"] = runs["variant"].fillna("").astype(str)
     out = table.parent
-    sweep = out / "sweep.csv"
     stats = summary(runs)
     comparison_figure(stats, out / "comparison.png")
     figures = ["comparison.png"]
@@ -388,37 +439,16 @@ def write_report(table: Path, title: str) -> Path:
         figures.append("fewshot.png")
     figures += [p.name for p in ablation_figures(runs, out) + predictor_figures(runs, out)]
     logs_here = sum(Path(d).is_dir() for d in runs["run_dir"])
+    found = findings(runs, stats, out)
     sections = [
         f"# {title}",
         f"{len(runs)} runs from `{table.name}`; metrics are the last validation, x100 except perplexity.",
-        "## Method comparison",
-        "mean ± sd over seeds [95 % t-interval of the mean] #rank among the methods that learned; "
-        '"did not learn": no seed scored above always answering the majority class.',
-        comparison_table(stats),
-    ]
-    differences = paired_differences(runs, predictions=out / "predictions")
-    if not differences.empty:
-        sections += [
-            "## Paired differences to lora",
-            "Per task: the method's metric minus lora's on the same seed, mean over the seeds both ran, "
-            "and its 95 % interval: a bootstrap over dev examples and seeds (10,000 resamples), or "
-            "Student's t over the seed pairs where marked (t) (no interval for one pair).",
-            paired_table(differences, "lora"),
-        ]
-    if sweep.is_file():
-        sections += [
-            "## Tuning",
-            "Each candidate on the tuning split held out of the training data (never the reported split); "
-            "the chosen value is what the runs above used.",
-            sweep_table(pd.read_csv(sweep, keep_default_na=False, na_values=[""]).astype({"tuned": str})),
-        ]
-    sections += [
+        *(part for heading, legend, body in found for part in (f"## {heading}", legend, body)),
         "## Cost",
         cost_table(stats),
+        "## Figures",
+        *(f"![{f}]({f})" for f in figures),
     ]
-    if (stats["variant"] != "").any():
-        sections += ["## Variants", variant_table(stats)]
-    sections += ["## Figures", *(f"![{f}]({f})" for f in figures)]
     if logs_here < len(runs):
         sections.append(
             f"{len(runs) - logs_here} of the {len(runs)} runs' TensorBoard logs are not on this machine: the "
@@ -426,4 +456,13 @@ def write_report(table: Path, title: str) -> Path:
         )
     report = out / "report.md"
     report.write_text("\n\n".join(sections) + "\n")
+    if readme is not None:
+        note = (
+            f"{len(runs)} runs; generated from `{table}` (`report.md` beside it has the costs and figures)."
+        )
+        blocks = [
+            note,
+            *(part for heading, legend, body in found for part in (f"**{heading}.** {legend}", body)),
+        ]
+        update_readme(readme, title, "\n\n".join(blocks))
     return report
