@@ -54,6 +54,28 @@ def test_language_modeling_sources_and_errors(tiny_gpt2_lm: str, tmp_path: Path)
     )
     data.setup()
     assert len(data.splits["train"]) == 35 and len(data.splits["validation"]) == 5
+    blocks = {tuple(b) for b in data.splits["train"]["input_ids"]}
+
+    def tuned(validate_on: str) -> LanguageModelingDataModule:
+        module = LanguageModelingDataModule(
+            tokenizer=tiny_gpt2_lm,
+            data_files={"train": str(tmp_path / "train.jsonl")},
+            text_column="body",
+            block_size=4,
+            validation_size=5,
+            train_limit=40,
+            tuning_size=7,
+            validate_on=validate_on,
+        )
+        module.setup()
+        return module
+
+    sweep, reported = tuned("tuning"), tuned("validation")
+    assert len(sweep.splits["validation"]) == 7 and len(sweep.splits["train"]) == 28
+    assert sweep.splits["train"]["input_ids"] == reported.splits["train"]["input_ids"]  # same training blocks
+    assert reported.splits["validation"]["input_ids"] == data.splits["validation"]["input_ids"]
+    held = [tuple(b) for b in sweep.splits["validation"]["input_ids"]]
+    assert set(held) <= blocks  # held out of the training blocks, not of the validation carve
     with pytest.raises(ValueError, match="no validation split"):
         LanguageModelingDataModule(
             tiny_gpt2_lm,

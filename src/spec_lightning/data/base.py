@@ -104,6 +104,37 @@ class TokenizedDataModule(L.LightningDataModule):
                 f"most {limit}"
             )
 
+    @staticmethod
+    def check_tuning(tuning_size: int | None, validate_on: str) -> None:
+        """Refuse an empty tuning split, or validating on one that is not held out."""
+        if tuning_size is not None and tuning_size < 1:
+            raise ValueError(f"data.init_args.tuning_size must be >= 1 example, got {tuning_size}")
+        if validate_on == "tuning" and tuning_size is None:
+            raise ValueError(
+                "data.init_args.validate_on='tuning' needs a tuning split: set data.init_args.tuning_size"
+            )
+
+    def hold_out(
+        self, train: datasets.Dataset, size: int, key: str
+    ) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """(the rest, ``size`` examples drawn with the data seed) of ``train``; ``key`` names the setting."""
+        if size >= len(train):
+            raise ValueError(
+                f"data.init_args.{key}={size} leaves no training example of the {len(train)}; hold out fewer"
+            )
+        parts = train.train_test_split(test_size=size, seed=self.seed)
+        return parts["train"], parts["test"]
+
+    def tuning(self, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+        """Hold ``tuning_size`` training examples out (every run of a comparison, so that all train on the
+        same examples); with ``validate_on="tuning"`` (a sweep) they replace the validation split."""
+        size = self.hparams.tuning_size
+        if size is None:
+            return splits
+        train, held = self.hold_out(splits["train"], size, "tuning_size")
+        validation = held if self.hparams.validate_on == "tuning" else splits["validation"]
+        return {**splits, "train": train, "validation": validation}
+
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.splits = self.build_splits()

@@ -71,12 +71,7 @@ class GLUEDataModule(TokenizedDataModule):
             raise ValueError(f"data.init_args.train_limit must be >= 1, got {train_limit}")
         if validation_size is not None and validation_size < 1:
             raise ValueError(f"data.init_args.validation_size must be >= 1 example, got {validation_size}")
-        if tuning_size is not None and tuning_size < 1:
-            raise ValueError(f"data.init_args.tuning_size must be >= 1 example, got {tuning_size}")
-        if validate_on == "tuning" and tuning_size is None:
-            raise ValueError(
-                "data.init_args.validate_on='tuning' needs a tuning split: set data.init_args.tuning_size"
-            )
+        self.check_tuning(tuning_size, validate_on)
         self.save_hyperparameters()
         self.task = task
         self.num_labels = self.spec.num_labels
@@ -149,7 +144,8 @@ class GLUEDataModule(TokenizedDataModule):
         return "validation" if split == self.spec.validation else split
 
     def _select(self, raw: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
-        """Rename the validation split, apply limit/fraction, carve validation if needed."""
+        """Rename the validation split, apply the limit, carve validation if needed, hold out the tuning
+        split, then draw the fraction."""
         hp = self.hparams
         if self.spec.validation in raw:
             raw["validation"] = raw.pop(self.spec.validation)
@@ -161,31 +157,16 @@ class GLUEDataModule(TokenizedDataModule):
         if hp.train_limit is not None:
             train = train.select(range(min(hp.train_limit, len(train))))
         if hp.validation_size is not None and "validation" not in raw:
-            train, raw["validation"] = self._hold_out(train, hp.validation_size, "validation_size")
-        if hp.tuning_size is not None:
-            train, tuning = self._hold_out(train, hp.tuning_size, "tuning_size")
-            if hp.validate_on == "tuning":
-                raw["validation"] = tuning
-        if hp.train_fraction is not None:
-            keep = max(1, round(hp.train_fraction * len(train)))
-            train = train.shuffle(seed=hp.seed).select(range(keep))
+            train, raw["validation"] = self.hold_out(train, hp.validation_size, "validation_size")
         if "validation" not in raw:
             raise ValueError(
                 f"GLUE {self.task}: no validation split in the source; set data.init_args.validation_size"
             )
-        raw["train"] = train
+        raw = self.tuning({**raw, "train": train})
+        if hp.train_fraction is not None:
+            keep = max(1, round(hp.train_fraction * len(raw["train"])))
+            raw["train"] = raw["train"].shuffle(seed=hp.seed).select(range(keep))
         return {k: v for k, v in raw.items() if k in ("train", "validation", "test")}
-
-    def _hold_out(
-        self, train: datasets.Dataset, size: int, key: str
-    ) -> tuple[datasets.Dataset, datasets.Dataset]:
-        """(the rest, ``size`` examples drawn with ``seed``) of ``train``."""
-        if size >= len(train):
-            raise ValueError(
-                f"data.init_args.{key}={size} leaves no training example of the {len(train)}; hold out fewer"
-            )
-        parts = train.train_test_split(test_size=size, seed=self.hparams.seed)
-        return parts["train"], parts["test"]
 
     def _tokenize(self, ds: datasets.Dataset) -> datasets.Dataset:
         fields = self.spec.text_fields

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 from transformers import default_data_collator
@@ -47,6 +47,9 @@ class LanguageModelingDataModule(TokenizedDataModule):
         batch_size: blocks per batch.
         train_limit: keep the first N training blocks.
         validation_size: carve this many training blocks off as validation when the source has none.
+        tuning_size: hold out this many of the remaining training blocks as a tuning split (drawn with
+            ``seed``; see :class:`~spec_lightning.GLUEDataModule`).
+        validate_on: ``"tuning"`` validates on the tuning split (hyper-parameter sweeps).
         num_workers: DataLoader workers.
         seed: seed of the validation carve and of the per-epoch shuffle.
     """
@@ -63,12 +66,15 @@ class LanguageModelingDataModule(TokenizedDataModule):
         batch_size: int = 8,
         train_limit: int | None = None,
         validation_size: int | None = None,
+        tuning_size: int | None = None,
+        validate_on: Literal["validation", "tuning"] = "validation",
         num_workers: int = 0,
         seed: int = 42,
     ) -> None:
         super().__init__(tokenizer, batch_size, num_workers, seed)
         if block_size < 2:
             raise ValueError(f"data.init_args.block_size must be >= 2 tokens, got {block_size}")
+        self.check_tuning(tuning_size, validate_on)
         self.save_hyperparameters()
         self.dataset_name = "the language-modelling data"
 
@@ -85,9 +91,10 @@ class LanguageModelingDataModule(TokenizedDataModule):
                     "the language-modelling source has no validation split; add data_files.validation or set "
                     "data.init_args.validation_size"
                 )
-            parts = blocks["train"].train_test_split(test_size=hp.validation_size, seed=hp.seed)
-            blocks["train"], blocks["validation"] = parts["train"], parts["test"]
-        return blocks
+            blocks["train"], blocks["validation"] = self.hold_out(
+                blocks["train"], hp.validation_size, "validation_size"
+            )
+        return self.tuning(blocks)
 
     def _load(self) -> dict[str, datasets.Dataset]:
         hp = self.hparams
