@@ -216,6 +216,7 @@ SHIPPED_GRIDS = {
     "defaults": ({"lora", "full", "lorsa", "speclora"}, 3),
     "peft_relatives": (RELATIVES | {"lora"}, 1),
     "cpu_glue": (CORE | {"adalora", "houlsby"}, 3),
+    "cpu_lm": ({"lora", "dora", "pissa", "lorsa", "speclora"}, 1),
 }
 
 
