@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spec_lightning.methods.lorsa.function import LoRSADelta
 from spec_lightning.methods.targets import weight_matrix
 from spec_lightning.spectral import TopKSVD, top_k_svd
 
@@ -36,7 +37,8 @@ class LoRSALinear(nn.Module):
         h = x [V_S | Q]                          (…, s + r),  a = h[:s],  b = h[s:]
         z = (a + b q) ⊙ (σ_S + Δσ)               = (x V_S') ⊙ (σ_S + Δσ)
         y = base(x) + [z − a ⊙ σ_S | z pᵀ] [U_S | P]ᵀ
-    two matmuls of width s + r for all components at once.
+    two matmuls of width s + r for all components at once, in one autograd function with a
+    hand-written backward (:class:`~spec_lightning.methods.lorsa.function.LoRSADelta`).
 
     The state keeps the selected factors U_S, σ_S, V_S (not a seed to recompute them): a randomized
     SVD is not bit-identical across devices and BLAS builds, and u_i' = u_i + P p_i depends on the
@@ -105,12 +107,11 @@ class LoRSALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        s = self.num_components
-        h = x.reshape(-1, x.shape[-1]).to(self.in_basis.dtype) @ self.in_basis  # (N, s + r)
-        a, b = h[:, :s], h[:, s:]
-        z = torch.addmm(a, b, self.q) * (self.sigma_s + self.delta_sigma)  # (N, s): (x V_S') ⊙ (σ_S + Δσ)
-        coeff = torch.cat([z - a * self.sigma_s, z @ self.p.T], 1)  # (N, s + r); exactly 0 at init
-        return out + (coeff @ self.out_basis.T).view(out.shape).to(out.dtype)
+        flat = x.reshape(-1, x.shape[-1]).to(self.in_basis.dtype)
+        delta = LoRSADelta.apply(
+            flat, self.in_basis, self.out_basis, self.sigma_s, self.delta_sigma, self.p, self.q
+        )  # exactly 0 at init
+        return out + delta.view(out.shape).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """W' − W = U_S' diag(σ_S + Δσ) V_S'ᵀ − U_S diag(σ_S) V_Sᵀ, (out, in)."""
