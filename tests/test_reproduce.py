@@ -65,9 +65,10 @@ def tiny_grid(tmp_path: Path, backbone: str, sweep: bool = False) -> Path:
     if sweep:
         grid["sweep"] = {
             "argument": "model.init_args.learning_rate",
-            "values": {"lora": [1e-5, 0.05]},
+            "values": {"lora": [0.01, 0.03]},
             "overrides": ["--data.init_args.validate_on=tuning"],
             "seeds": [1],
+            "extend": 1,
         }
         grid["overrides"].append("--data.init_args.tuning_size=16")
     path = tmp_path / "grid.yaml"
@@ -80,16 +81,20 @@ def test_grid_runs_resumes_and_reports(
 ) -> None:
     grid_file = tiny_grid(tmp_path, tiny_bert, sweep=True)
     grid = Grid.load(grid_file)
-    assert [r.name for r in grid.runs()] == ["lora-sst2-tune_1e-05", "lora-sst2-tune_0.05"] + [
+    assert [r.name for r in grid.runs()] == ["lora-sst2-tune_0.01", "lora-sst2-tune_0.03"] + [
         "lora-sst2"
     ] * 2 + ["lora-sst2-fewshot50"] * 2 + ["bitfit-sst2"] * 2
     main(["--grid", str(grid_file)])
     out = tmp_path / "reports" / "tiny"
     rows = pd.DataFrame(read_rows(out / "results.csv"))
     sweep = pd.DataFrame(read_rows(out / "sweep.csv"))
-    # The sweep validated on the 16 held-out training sentences; the chosen rate is its best (the first
-    # on a tie), and every LoRA run, the variant's too, trained with it.
-    assert list(sweep["tuned"]) == ["1e-05", "0.05"] and list(sweep["steps"].astype(int)) == [3, 3]
+    # The sweep validated on the 16 held-out training sentences (with one more candidate beyond the edge
+    # when an edge won alone); the chosen rate is its best (the first on a tie), and every LoRA run, the
+    # variant's too, trained with it.
+    scores = sweep["val/accuracy"].astype(float).to_numpy()
+    edge_won = list(scores[:2]).count(scores[:2].max()) == 1
+    assert list(sweep["tuned"])[:2] == ["0.01", "0.03"] and len(sweep) == 2 + edge_won
+    assert list(sweep["tuned"])[2:] in ([], ["0.09"], ["0.00333"]) and set(sweep["steps"].astype(int)) == {3}
     tuning = np.load(Path(sweep["run_dir"].iloc[0]) / "predictions.npz")["labels"]
     assert len(tuning) == 16
     chosen = sweep["tuned"].iloc[int(np.argmax(sweep["val/accuracy"].astype(float).to_numpy()))]
@@ -198,6 +203,19 @@ def test_grid_errors_name_the_problem(tmp_path: Path) -> None:
             },
             ValueError,
             r"sweep lists no candidate values for \['lora'\]",
+        ),
+        (
+            {
+                **base,
+                "sweep": {
+                    "argument": "a",
+                    "values": {"lora": ["adamw", "sgd"]},
+                    "overrides": ["--d.validate_on=tuning"],
+                    "extend": 1,
+                },
+            },
+            ValueError,
+            r"sweep.extend needs numeric candidates; \['lora'\] list others",
         ),
     ]
     for i, (grid, error, message) in enumerate(cases):
@@ -383,3 +401,37 @@ def test_readme_tables_are_regenerated_between_their_markers(tmp_path: Path) -> 
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs one '<!-- report:g -->' line and, after it, one"):
         write_report(table, "g", readme)
+
+
+def sweep_rows(scores: dict[str, float], task: str = "sst2") -> list[dict[str, str]]:
+    return [
+        {"task": task, "method": "lora", "tuned": v, "seed": "1", "val/accuracy": str(x)}
+        for v, x in scores.items()
+    ]
+
+
+def test_a_winner_at_the_edge_gets_candidates_beyond_it() -> None:
+    """Up the list (x the ratio of the top two), down it, at most ``extend`` times, not on a tie, and the
+    choice waits for the extensions."""
+    sweep = Sweep(argument="lr", values={"lora": [0.001, 0.003, 0.01]}, overrides=[], seeds=[1], extend=2)
+    rising = {"0.001": 0.6, "0.003": 0.7, "0.01": 0.8}
+    assert sweep.next_extension(sweep_rows(rising), "sst2", "lora") == "0.0333"
+    assert sweep.chosen(sweep_rows(rising), "sst2", "lora") is None
+    assert sweep.next_extension(sweep_rows({**rising, "0.0333": 0.9}), "sst2", "lora") == "0.111"
+    capped = {**rising, "0.0333": 0.9, "0.111": 0.95}  # the best is still at the edge: extend=2 is spent
+    assert sweep.next_extension(sweep_rows(capped), "sst2", "lora") is None
+    assert sweep.chosen(sweep_rows(capped), "sst2", "lora") == "0.111"
+    peaked = {**rising, "0.0333": 0.5}
+    assert sweep.next_extension(sweep_rows(peaked), "sst2", "lora") is None
+    assert sweep.chosen(sweep_rows(peaked), "sst2", "lora") == "0.01"
+    falling = {"0.001": 0.8, "0.003": 0.7, "0.01": 0.6}
+    assert sweep.next_extension(sweep_rows(falling), "sst2", "lora") == "0.000333"
+    tied = {"0.001": 0.5, "0.003": 0.5, "0.01": 0.5}
+    assert sweep.next_extension(sweep_rows(tied), "sst2", "lora") is None
+    assert sweep.chosen(sweep_rows(tied), "sst2", "lora") == "0.001"
+    assert (
+        sweep.next_extension(sweep_rows({"0.001": 0.6, "0.003": 0.7}), "sst2", "lora") is None
+    )  # unfinished
+    plain = Sweep(argument="lr", values={"lora": [0.001, 0.003, 0.01]}, overrides=[], seeds=[1])
+    assert plain.next_extension(sweep_rows(rising), "sst2", "lora") is None
+    assert plain.chosen(sweep_rows(rising), "sst2", "lora") == "0.01"

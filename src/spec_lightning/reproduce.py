@@ -72,25 +72,68 @@ class Sweep:
     tuning`` (the check refuses a sweep without it), which the grid's runs all hold out of their training
     data (``data.init_args.tuning_size``), so the sweep and the reported runs train on the same examples.
     The candidate with the best mean of the task's metric over the seeds (highest; lowest for perplexity
-    and losses; the first listed among equals) is chosen."""
+    and losses; the first listed among equals) is chosen. A short budget can favour the edge of the
+    list: with ``extend: N`` a winner at the edge gets up to N more candidates beyond it (numeric values,
+    spaced by the ratio of the outermost two), run before the choice is made."""
 
     argument: str
     values: dict[str, list[float | int | str]]
     overrides: list[str]
     seeds: list[int] = field(default_factory=lambda: [42])
+    extend: int = 0
+
+    def scores(self, rows: Sequence[dict[str, str]], task: str, method: str) -> dict[str, float] | None:
+        """Mean score over the seeds of every candidate of ``method`` on ``task`` that has run with all
+        of them: the listed ones in order, then the extensions in the order they were added; None until
+        every listed candidate has."""
+        mine = [r for r in rows if r["task"] == task and r["method"] == method]
+        listed = [str(v) for v in self.values[method]]
+        scores = {}
+        for value in listed + [v for v in dict.fromkeys(r["tuned"] for r in mine) if v not in listed]:
+            runs = [r for r in mine if r["tuned"] == value]
+            if not set(self.seeds) <= {int(r["seed"]) for r in runs}:
+                if value in listed:
+                    return None
+                continue
+            metric = primary_metric(task, [k for k in runs[0] if runs[0][k] != ""])
+            sign = -1.0 if lower_is_better(metric) else 1.0
+            scores[value] = sign * float(np.mean([float(r[metric]) for r in runs]))
+        return scores
+
+    def next_extension(self, rows: Sequence[dict[str, str]], task: str, method: str) -> str | None:
+        """A candidate beyond the edge: while the best so far is the largest (smallest) value tried and
+        fewer than ``extend`` extensions have run, the largest times (smallest divided by) the ratio of
+        the two outermost values; an extension still missing seeds is returned until it has them all.
+        None when nothing more is to run."""
+        mine = {r["tuned"] for r in rows if r["task"] == task and r["method"] == method}
+        scores = self.scores(rows, task, method)
+        if scores is None:
+            return None
+        pending = sorted(mine - set(scores) - {str(v) for v in self.values[method]})
+        if pending:
+            return pending[0]
+        extensions = len(scores) - len(self.values[method])
+        ordered = sorted(scores, key=float)
+        if extensions >= self.extend or len(ordered) < 2:
+            return None
+        best = max(scores, key=scores.__getitem__)
+        if list(scores.values()).count(scores[best]) > 1:  # a tie (e.g. all at the majority class)
+            return None
+        if best == ordered[-1]:
+            value = float(ordered[-1]) ** 2 / float(ordered[-2])
+        elif best == ordered[0]:
+            value = float(ordered[0]) ** 2 / float(ordered[1])
+        else:
+            return None
+        return str(float(f"{value:.3g}"))
 
     def chosen(self, rows: Sequence[dict[str, str]], task: str, method: str) -> str | None:
-        """The best candidate of ``method`` on ``task`` from the sweep's rows; None until all have run."""
-        mine = [r for r in rows if r["task"] == task and r["method"] == method]
-        scores = []
-        for value in self.values[method]:
-            runs = [r for r in mine if r["tuned"] == str(value)]
-            if not set(self.seeds) <= {int(r["seed"]) for r in runs}:
-                return None
-            metric = primary_metric(task, [k for k in runs[0] if runs[0][k] != ""])
-            scores.append(np.mean([float(r[metric]) for r in runs]))
-        best = int(np.argmin(scores) if lower_is_better(metric) else np.argmax(scores))
-        return str(self.values[method][best])
+        """The best candidate of ``method`` on ``task`` (the first of equals); None while a listed
+        candidate or an extension is still to run."""
+        scores = self.scores(rows, task, method)
+        if scores is None or self.next_extension(rows, task, method) is not None:
+            return None
+        return max(scores, key=scores.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -142,6 +185,11 @@ class Grid:
             empty = sorted(m for m, candidates in self.sweep.values.items() if not candidates)
             if empty:
                 raise ValueError(f"sweep lists no candidate values for {empty}")
+            words = sorted(
+                m for m, c in self.sweep.values.items() if not all(isinstance(v, int | float) for v in c)
+            )
+            if self.sweep.extend and words:
+                raise ValueError(f"sweep.extend needs numeric candidates; {words} list others")
             if not any("validate_on=tuning" in o for o in self.sweep.overrides):
                 raise ValueError(
                     "the sweep's overrides do not validate on the tuning split, so it would choose on the "
@@ -158,9 +206,8 @@ class Grid:
         out = []
         for task in self.tasks:
             for method, candidates in (self.sweep.values if self.sweep else {}).items():
-                base = [Path(c.format(task=task)) for c in [*self.base_configs, *self.methods[method]]]
                 for value in candidates:
-                    out += [Run(task, method, f"tune_{value}", s, base, str(value)) for s in self.sweep.seeds]
+                    out += self.tuning_runs(task, method, str(value))
             for method, configs in self.methods.items():
                 base = [Path(c.format(task=task)) for c in [*self.base_configs, *configs]]
                 settings = [("", [], self.seeds)] + [
@@ -172,6 +219,12 @@ class Grid:
                     for seed in seeds:
                         out.append(Run(task, method, variant, seed, base + overlays))
         return out
+
+    def tuning_runs(self, task: str, method: str, value: str) -> list[Run]:
+        """The sweep's runs of one candidate ``value`` of ``method`` on ``task``, one per sweep seed."""
+        assert self.sweep is not None
+        base = [Path(c.format(task=task)) for c in [*self.base_configs, *self.methods[method]]]
+        return [Run(task, method, f"tune_{value}", seed, base, value) for seed in self.sweep.seeds]
 
 
 @dataclass(frozen=True)
@@ -290,25 +343,22 @@ def row_key(row: dict[str, object]) -> tuple[str, str, str, int]:
 
 def run_grid(grid: Grid, dry_run: bool = False) -> Path:
     """Run every run without a row, appending its row to ``<output>/<name>/results.csv`` (tuning runs:
-    ``sweep.csv``) and copying its predictions; returns ``results.csv``."""
+    ``sweep.csv``) and copying its predictions; returns ``results.csv``. Before the first run of a
+    tuned method on a task, the sweep's extensions for it run."""
     logs, out = Path(grid.logs), Path(grid.output) / grid.name
     tables = {False: out / "results.csv", True: out / "sweep.csv"}
     rows = {tuning: read_rows(path) for tuning, path in tables.items()}
     env = {**os.environ, "OMP_NUM_THREADS": str(grid.threads)}
-    for run in grid.runs():
+
+    def finished(run: Run) -> bool:
+        return run.key in {row_key(r) for r in rows[run.candidate is not None]}
+
+    def execute(run: Run, tuned: str | None = None) -> None:
         tuning = run.candidate is not None
-        if run.key in {row_key(r) for r in rows[tuning]}:
-            continue
-        tuned = None
-        if grid.sweep is not None and not tuning and run.method in grid.sweep.values:
-            tuned = grid.sweep.chosen(rows[True], run.task, run.method)
-            if tuned is None and not dry_run:
-                raise RuntimeError(f"{run.name}: the sweep of {run.method} on {run.task} has not finished")
-            tuned = tuned or "<the sweep's choice>"
         command = run.command(grid, tuned)
         print(" ".join(command[2:]), flush=True)
         if dry_run:
-            continue
+            return
         start, cpu = time.perf_counter(), children_cpu_seconds()
         subprocess.run(command, check=True, env=env)
         wall_s, cpu_s = time.perf_counter() - start, children_cpu_seconds() - cpu
@@ -321,6 +371,21 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
         write_rows(tables[tuning], rows[tuning])
         if not grid.keep_checkpoints:  # a full fine-tuning checkpoint with Adam's moments is ~270 MB
             shutil.rmtree(run.directory(logs) / "checkpoints", ignore_errors=True)
+
+    for run in grid.runs():
+        if finished(run):
+            continue
+        tuned = None
+        if grid.sweep is not None and run.candidate is None and run.method in grid.sweep.values:
+            while not dry_run and (extra := grid.sweep.next_extension(rows[True], run.task, run.method)):
+                for extension in grid.tuning_runs(run.task, run.method, extra):
+                    if not finished(extension):
+                        execute(extension)
+            tuned = grid.sweep.chosen(rows[True], run.task, run.method)
+            if tuned is None and not dry_run:
+                raise RuntimeError(f"{run.name}: the sweep of {run.method} on {run.task} has not finished")
+            tuned = tuned or "<the sweep's choice>"
+        execute(run, tuned)
     return tables[False]
 
 
