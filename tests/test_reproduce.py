@@ -84,7 +84,11 @@ def test_grid_runs_resumes_and_reports(
     assert [r.name for r in grid.runs()] == ["lora-sst2-tune_0.01", "lora-sst2-tune_0.03"] + [
         "lora-sst2"
     ] * 2 + ["lora-sst2-fewshot50"] * 2 + ["bitfit-sst2"] * 2
+    stale = tmp_path / "logs" / "lora-sst2" / "seed1" / "events.out.tfevents.0.interrupted"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")  # an attempt killed before its row was written
     main(["--grid", str(grid_file)])
+    assert not stale.exists()
     out = tmp_path / "reports" / "tiny"
     rows = pd.DataFrame(read_rows(out / "results.csv"))
     sweep = pd.DataFrame(read_rows(out / "sweep.csv"))

@@ -359,6 +359,9 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
         print(" ".join(command[2:]), flush=True)
         if dry_run:
             return
+        if run.directory(logs).exists():  # an interrupted attempt: its event files would mix with this run's
+            print(f"removing {run.directory(logs)}, left by an unfinished attempt", flush=True)
+            shutil.rmtree(run.directory(logs))
         start, cpu = time.perf_counter(), children_cpu_seconds()
         subprocess.run(command, check=True, env=env)
         wall_s, cpu_s = time.perf_counter() - start, children_cpu_seconds() - cpu
