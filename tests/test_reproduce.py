@@ -266,8 +266,12 @@ def test_cost_table_gives_the_trainable_range_where_seeds_differ() -> None:
         }
     )
     table = cost_table(summary(runs))
-    assert "| rte | mftc |  | 770–602,882 | 20 | 40 | 1.000 | – | 2 |" in table
-    assert "| rte | lora |  | 74,498 | 6 | 10 | 0.300 | – | 2 |" in table
+    assert "| rte | mftc |  | 770–602,882 | 20 | 40 | 1.000 | – | – | 2 |" in table
+    assert "| rte | lora |  | 74,498 | 6 | 10 | 0.300 | – | – | 2 |" in table
+    full = runs[runs["method"] == "lora"].assign(method="full", s_per_step=[2.0, 2.0], load_1m=[1.0, 3.5])
+    table = cost_table(summary(pd.concat([runs, full])))
+    assert "| rte | mftc |  | 770–602,882 | 20 | 40 | 1.000 | 0.50 | – | 2 |" in table
+    assert "| rte | full |  | 74,498 | 6 | 10 | 2.000 | 1.00 | 3.5 | 2 |" in table
 
 
 def test_paired_differences_to_lora_match_scipys_paired_t_interval() -> None:
@@ -354,6 +358,25 @@ def test_paired_differences_bootstrap_over_the_saved_predictions(tmp_path: Path)
     assert table.loc["dora", "interval"] == "t"
     assert table.loc["dora", "low"] == pytest.approx(t_interval(dora)[0], abs=1e-12)
     assert "(t), 3" in paired_table(paired_differences(runs, predictions=tmp_path), "lora")
+    # A variant pairs with the baseline's runs of the same variant, from their own predictions.
+    for method in ("lora", "lorsa"):
+        for seed in (1, 2, 3):
+            saved = np.load(tmp_path / f"{method}-sst2-seed{seed}.npz")
+            predictions = saved["predictions"] if method == "lora" else saved["labels"]  # lorsa: all right
+            np.savez(tmp_path / f"{method}-sst2-few-seed{seed}.npz", predictions=predictions, labels=labels)
+            accuracy = float((predictions == labels).mean())
+            runs.loc[len(runs)] = ["sst2", method, "few", seed, accuracy]
+    few = (
+        paired_differences(runs, predictions=tmp_path).set_index(["variant", "method"]).loc[("few", "lorsa")]
+    )
+    lora_wrong = 1 - np.array(
+        [(np.load(tmp_path / f"lora-sst2-seed{s}.npz")["predictions"] == labels) for s in (1, 2, 3)]
+    )
+    assert few["interval"] == "bootstrap" and few["difference"] == pytest.approx(lora_wrong.mean(), abs=1e-12)
+    assert (few["low"], few["high"]) == paired_bootstrap(lora_wrong.astype(float))
+    assert "| sst2 − lora [95 % CI], pairs | sst2/few − lora [95 % CI], pairs |" in paired_table(
+        paired_differences(runs, predictions=tmp_path), "lora"
+    )
 
 
 def test_the_sweep_chooses_the_best_mean_over_its_seeds() -> None:

@@ -151,9 +151,14 @@ def comparison_table(stats: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def correct(folder: Path, method: str, task: str, seed: int) -> np.ndarray | None:
-    """1(ŷ = y) per dev example of a main run, from ``predictions/<method>-<task>-seed<seed>.npz``."""
-    path = folder / f"{method}-{task}-seed{seed}.npz"
+def run_name(method: str, task: str, variant: str) -> str:
+    """As the runner names a run: ``<method>-<task>[-<variant>]``."""
+    return "-".join(p for p in (method, task, variant) if p)
+
+
+def correct(folder: Path, name: str, seed: int) -> np.ndarray | None:
+    """1(ŷ = y) per dev example of a run, from ``predictions/<run name>-seed<seed>.npz``."""
+    path = folder / f"{name}-seed{seed}.npz"
     if not path.is_file():
         return None
     with np.load(path) as saved:
@@ -161,13 +166,14 @@ def correct(folder: Path, method: str, task: str, seed: int) -> np.ndarray | Non
 
 
 def example_differences(
-    folder: Path, method: str, baseline: str, task: str, seeds: list[int]
+    folder: Path, method: str, baseline: str, task: str, variant: str, seeds: list[int]
 ) -> np.ndarray | None:
     """seeds x examples: 1(method right) − 1(baseline right); None unless every run's predictions are
     there, over the same examples."""
     rows = []
     for seed in seeds:
-        ours, theirs = correct(folder, method, task, seed), correct(folder, baseline, task, seed)
+        ours = correct(folder, run_name(method, task, variant), seed)
+        theirs = correct(folder, run_name(baseline, task, variant), seed)
         if ours is None or theirs is None or len(ours) != len(theirs):
             return None
         rows.append(ours - theirs)
@@ -177,15 +183,15 @@ def example_differences(
 def paired_differences(
     runs: pd.DataFrame, baseline: str = "lora", predictions: Path | None = None
 ) -> pd.DataFrame:
-    """Per task and method (main runs): d_s = metric(method, s) − metric(baseline, s) over the seeds s
-    both ran, their mean d̄ and n, and a 95 % interval: for accuracy with every pair's predictions in
-    ``predictions``, the paired bootstrap over dev examples and seeds
+    """Per task, variant and method: d_s = metric(method, s) − metric(baseline, s) over the seeds s both
+    ran (the baseline's runs of the same variant: few-shot shares compare at the same share), their
+    mean d̄ and n, and a 95 % interval: for accuracy with every pair's predictions in ``predictions``,
+    the paired bootstrap over dev examples and seeds
     (:func:`~spec_lightning.analysis.statistics.paired_bootstrap`); else Student's t over the pairs,
     d̄ ± t_{0.975, n−1} · sd(d) / √n (NaN for n < 2). Pairing on seeds removes what the seed does to
     both (data order, initialisation)."""
-    main = runs[runs["variant"] == ""]
     records = []
-    for task, group in main.groupby("task", sort=False):
+    for (task, variant), group in runs.groupby(["task", "variant"], sort=False):
         metric = primary_metric(str(task), group.columns[group.notna().any()])
         values = group.pivot_table(index="seed", columns="method", values=metric, aggfunc="first")
         if baseline not in values.columns:
@@ -198,12 +204,15 @@ def paired_differences(
             low, high, kind = *t_interval(differences), "t"
             examples = None
             if predictions is not None and metric == "val/accuracy" and n:
-                examples = example_differences(predictions, method, baseline, str(task), list(pairs.index))
+                examples = example_differences(
+                    predictions, method, baseline, str(task), str(variant), list(pairs.index)
+                )
             if examples is not None:
                 (low, high), kind = paired_bootstrap(examples), "bootstrap"
             records.append(
                 {
                     "task": task,
+                    "variant": variant,
                     "method": method,
                     "metric": metric.removeprefix("val/"),
                     "difference": mean,
@@ -217,8 +226,15 @@ def paired_differences(
 
 
 def paired_table(differences: pd.DataFrame, baseline: str) -> str:
-    """Methods x tasks: the mean paired difference to ``baseline`` [95 % interval] (x100 except
-    perplexity), the seed pairs, and "t" where the interval is Student's over seeds, not the bootstrap."""
+    """Methods x tasks (and task/variant): the mean paired difference to ``baseline`` [95 % interval]
+    (x100 except perplexity), the seed pairs, and "t" where the interval is Student's over seeds, not
+    the bootstrap."""
+    differences = differences.assign(
+        task=[
+            t if not v else f"{t}/{v}"
+            for t, v in zip(differences["task"], differences["variant"], strict=True)
+        ]
+    )
     tasks = list(dict.fromkeys(differences["task"]))
     lines = [
         "| method | " + " | ".join(f"{t} − {baseline} [95 % CI], pairs" for t in tasks) + " |",
@@ -256,19 +272,23 @@ def parameter_count(low: int, high: int) -> str:
 
 
 def cost_table(stats: pd.DataFrame) -> str:
-    """Per cell: trainable parameters, mean wall and CPU seconds, seconds per step, and the highest
-    1-minute load average at the end of its runs (above the runs' threads: the times are not clean)."""
+    """Per cell: trainable parameters, mean wall and CPU seconds, seconds per step and its ratio to full
+    fine-tuning's on the same task and variant, and the highest 1-minute load average at the end of its
+    runs (above the runs' threads: the times are not clean)."""
     lines = [
-        "| task | method | variant | trainable | wall (s) | CPU (s) | s / step | load | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | method | variant | trainable | wall (s) | CPU (s) | s / step | x full | load | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    full = stats[stats["method"] == "full"].set_index(["task", "variant"])["s_per_step"]
     for _, r in stats.iterrows():
         pace = "–" if np.isnan(r["s_per_step"]) else f"{r['s_per_step']:.3f}"  # NaN: under two logged steps
+        ratio = r["s_per_step"] / full.get((r["task"], r["variant"]), np.nan)
         load = "–" if np.isnan(r["load_1m"]) else f"{r['load_1m']:.1f}"
         lines.append(
             f"| {r['task']} | {r['method']} | {r['variant']} "
             f"| {parameter_count(r['trainable_min'], r['trainable_max'])} | {r['wall_s']:.0f} "
-            f"| {r['cpu_s']:.0f} | {pace} | {load} | {r['seeds']} |"
+            f"| {r['cpu_s']:.0f} | {pace} | {'–' if np.isnan(ratio) else f'{ratio:.2f}'} | {load} "
+            f"| {r['seeds']} |"
         )
     return "\n".join(lines)
 
@@ -389,7 +409,8 @@ def findings(runs: pd.DataFrame, stats: pd.DataFrame, out: Path) -> list[tuple[s
         sections.append(
             (
                 "Paired differences to lora",
-                "Per task: the method's metric minus lora's on the same seed, mean over the seeds both ran, "
+                "Per task (and variant, against lora's runs of the same variant): the method's metric minus "
+                "lora's on the same seed, mean over the seeds both ran, "
                 "and its 95 % interval: a bootstrap over dev examples and seeds (10,000 resamples), or "
                 "Student's t over the seed pairs where marked (t) (no interval for one pair).",
                 paired_table(differences, "lora"),
