@@ -177,6 +177,7 @@ def test_grid_errors_name_the_problem(tmp_path: Path) -> None:
             FileNotFoundError,
             "configs/nope/sst2.yaml",
         ),
+        ({**base, "baselines": ["lora", "full"]}, ValueError, r"baselines names methods \['full'\]"),
         (
             {**base, "method_overrides": {"dora": []}},
             ValueError,
@@ -412,14 +413,16 @@ def test_readme_tables_are_regenerated_between_their_markers(tmp_path: Path) -> 
     runs.to_csv(table, index=False)
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nbefore\n\n<!-- report:g -->\nold table\n<!-- /report:g -->\n\nafter\n")
-    write_report(table, "g", readme)
+    write_report(table, "g", readme, baselines=["lora", "lorsa"])
     text = readme.read_text()
+    assert "**Paired differences to lora.**" in text and "**Paired differences to lorsa.**" in text
+    assert "| lora | -2.0 [-2.0, -2.0] (t), 3 |" in text
     assert text.startswith("# Title\n\nbefore\n\n<!-- report:g -->\n6 runs; generated from")
     assert text.endswith("\n<!-- /report:g -->\n\nafter\n") and "old table" not in text
     report = (table.parent / "report.md").read_text()
     for line in ("| lorsa | 10.000 | 84.0 ± 1.0", "| lorsa | +2.0 [+2.0, +2.0] (t), 3 |"):
         assert line in report and line in text
-    write_report(table, "g", readme)
+    write_report(table, "g", readme, baselines=["lora", "lorsa"])
     assert readme.read_text() == text  # regenerating changes nothing
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs one '<!-- report:g -->' line and, after it, one"):

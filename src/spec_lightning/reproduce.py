@@ -4,7 +4,8 @@ the report.
 A grid file names the configs of every run (``base_configs``) and, per method, those added
 after them (``{task}`` is filled in with the task), the tasks, the seeds, the arguments added to
 every run (``overrides``, e.g. a smaller training set) or to one method's runs
-(``method_overrides``), and optional ``variants``: extra runs of some methods on some tasks with
+(``method_overrides``), the ``baselines`` the report pairs every method with (``[lora]`` by default),
+and optional ``variants``: extra runs of some methods on some tasks with
 overlay configs (few-shot subsets, ablations), and an optional ``sweep``: candidate values of one
 argument per method (e.g. the learning rate), each run on a tuning split held out of the training
 data, never on the reported split; per method and task the best candidate is passed to the method's
@@ -153,6 +154,7 @@ class Grid:
     output: str = "reports"
     threads: int = 2
     keep_checkpoints: bool = True
+    baselines: list[str] = field(default_factory=lambda: ["lora"])
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:
@@ -178,6 +180,9 @@ class Grid:
         unknown = sorted(set(self.method_overrides) - set(self.methods))
         if unknown:
             raise ValueError(f"method_overrides names methods {unknown} the grid does not define")
+        unknown = sorted(set(self.baselines) - set(self.methods))
+        if unknown:
+            raise ValueError(f"baselines names methods {unknown} the grid does not define")
         if self.sweep is not None:
             unknown = sorted(set(self.sweep.values) - set(self.methods))
             if unknown:
@@ -419,4 +424,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.report_only:
         table = run_grid(grid, dry_run=args.dry_run)
     if not args.dry_run:
-        print(f"wrote {write_report(table, grid.name, args.readme)}")
+        print(f"wrote {write_report(table, grid.name, args.readme, grid.baselines)}")

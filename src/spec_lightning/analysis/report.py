@@ -4,10 +4,10 @@
   t-interval and the rank among the methods that learned; a cell whose runs all scored at or below
   the majority class (``majority`` in the CSV) says "did not learn" and is not ranked; with the
   trainable-parameter percentage (the GLUE table);
-- paired differences to a baseline method (peft LoRA): per task, each method's metric minus the
-  baseline's on the same seed, the mean difference and its 95 % interval: a bootstrap over dev
-  examples and seeds where every pair's predictions are in ``predictions/`` beside the CSV (accuracy),
-  else Student's t over the seed pairs;
+- paired differences to each baseline method (peft LoRA unless the grid names others): per task and
+  variant, each method's metric minus the baseline's on the same seed, the mean difference and its
+  95 % interval: a bootstrap over dev examples and seeds where every pair's predictions are in
+  ``predictions/`` beside the CSV (accuracy), else Student's t over the seed pairs;
 - the tuning: the value a sweep chose per method and task, and every candidate's tuning score
   (``sweep.csv`` beside the CSV);
 - the cost table: wall and CPU seconds of the whole run (CPU seconds stand in for energy: no power
@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -393,9 +393,11 @@ def predictor_figures(runs: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
-def findings(runs: pd.DataFrame, stats: pd.DataFrame, out: Path) -> list[tuple[str, str, str]]:
-    """(heading, legend, table) of the comparison, the paired differences to lora, the tuning and the
-    variants: what ``report.md`` and the README show."""
+def findings(
+    runs: pd.DataFrame, stats: pd.DataFrame, out: Path, baselines: Sequence[str] = ("lora",)
+) -> list[tuple[str, str, str]]:
+    """(heading, legend, table) of the comparison, the paired differences to each baseline, the tuning and
+    the variants: what ``report.md`` and the README show."""
     sections = [
         (
             "Method comparison",
@@ -404,16 +406,18 @@ def findings(runs: pd.DataFrame, stats: pd.DataFrame, out: Path) -> list[tuple[s
             comparison_table(stats),
         )
     ]
-    differences = paired_differences(runs, predictions=out / "predictions")
-    if not differences.empty:
+    for baseline in baselines:
+        differences = paired_differences(runs, baseline, predictions=out / "predictions")
+        if differences.empty:
+            continue
         sections.append(
             (
-                "Paired differences to lora",
-                "Per task (and variant, against lora's runs of the same variant): the method's metric minus "
-                "lora's on the same seed, mean over the seeds both ran, "
-                "and its 95 % interval: a bootstrap over dev examples and seeds (10,000 resamples), or "
-                "Student's t over the seed pairs where marked (t) (no interval for one pair).",
-                paired_table(differences, "lora"),
+                f"Paired differences to {baseline}",
+                f"Per task (and variant, against {baseline}'s runs of the same variant): the method's "
+                f"metric minus {baseline}'s on the same seed, mean over the seeds both ran, and its 95 % "
+                "interval: a bootstrap over dev examples and seeds (10,000 resamples), or Student's t over "
+                "the seed pairs where marked (t) (no interval for one pair).",
+                paired_table(differences, baseline),
             )
         )
     if (out / "sweep.csv").is_file():
@@ -445,9 +449,12 @@ def update_readme(readme: Path, name: str, text: str) -> None:
     readme.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end)[1]}")
 
 
-def write_report(table: Path, title: str, readme: Path | None = None) -> Path:
-    """``report.md`` and the figures beside ``table``; with ``readme``, its ``report:<title>`` block gets
-    the comparison, paired-difference, tuning and variant tables. Returns the report's path."""
+def write_report(
+    table: Path, title: str, readme: Path | None = None, baselines: Sequence[str] = ("lora",)
+) -> Path:
+    """``report.md`` and the figures beside ``table``, with paired differences to each of ``baselines``;
+    with ``readme``, its ``report:<title>`` block gets the comparison, paired-difference, tuning and
+    variant tables. Returns the report's path."""
     runs = pd.read_csv(table, keep_default_na=False, na_values=[""])
     if runs.empty:
         raise ValueError(f"{table} has no runs; run the grid first")
@@ -460,7 +467,7 @@ def write_report(table: Path, title: str, readme: Path | None = None) -> Path:
         figures.append("fewshot.png")
     figures += [p.name for p in ablation_figures(runs, out) + predictor_figures(runs, out)]
     logs_here = sum(Path(d).is_dir() for d in runs["run_dir"])
-    found = findings(runs, stats, out)
+    found = findings(runs, stats, out, baselines)
     sections = [
         f"# {title}",
         f"{len(runs)} runs from `{table.name}`; metrics are the last validation, x100 except perplexity.",
