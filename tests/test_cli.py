@@ -277,6 +277,37 @@ def test_every_grid_run_parses(capsys: pytest.CaptureFixture[str], run: Run) -> 
         assert f"class_path: spec_lightning.{callback[run.method]}" in out
 
 
+def first_of_each_kind(grid: Grid) -> list[tuple[Grid, Run]]:
+    """Seed 42's runs of a tuned grid, one tuning run (the first candidate) per method and task."""
+    kept: dict[tuple[str, str, str], Run] = {}
+    for run in grid.runs():
+        kind = "tune" if run.candidate is not None else run.variant
+        if run.seed == 42:
+            kept.setdefault((run.task, run.method, kind), run)
+    return [(grid, r) for r in kept.values()]
+
+
+@pytest.mark.parametrize(
+    ("grid", "run"),
+    [
+        pair
+        for g in ("cpu_glue", "cpu_lm")
+        for pair in first_of_each_kind(Grid.load(CONFIGS / "reproduce" / f"{g}.yaml"))
+    ],
+    ids=lambda x: x.name if isinstance(x, Run) else x.name,
+)
+def test_every_tuned_grid_command_parses(capsys: pytest.CaptureFixture[str], grid: Grid, run: Run) -> None:
+    """The runner's whole command line: configs, overrides, the predictions callback, the tuning split."""
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(run.command(grid, tuned="0.002")[3:] + ["--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: spec_lightning.ValidationPredictions" in out and "tuning_size: " in out
+    validate_on = "tuning" if run.candidate is not None else "validation"
+    assert f"validate_on: {validate_on}" in out
+    assert float(out.split("learning_rate: ")[1].split()[0]) == float(run.candidate or 0.002)
+
+
 def test_decoder_configs_run_on_the_tiny_lm(tiny_gpt2_lm: str, tmp_path: Path) -> None:
     """The three decoder configs as they are, with the tiny GPT-2 and data made here."""
     from tests.test_lm_data import write_alpaca, write_mmlu, write_text
