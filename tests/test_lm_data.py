@@ -44,19 +44,8 @@ def test_blocks_are_the_token_stream_cut_in_order(tiny_gpt2_lm: str, tmp_path: P
 def test_language_modeling_sources_and_errors(tiny_gpt2_lm: str, tmp_path: Path) -> None:
     rows = [{"body": " ".join(WORDS[i % 5 :])} for i in range(30)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    data = LanguageModelingDataModule(
-        tokenizer=tiny_gpt2_lm,
-        data_files={"train": str(tmp_path / "train.jsonl")},
-        text_column="body",
-        block_size=4,
-        validation_size=5,
-        train_limit=40,
-    )
-    data.setup()
-    assert len(data.splits["train"]) == 35 and len(data.splits["validation"]) == 5
-    blocks = {tuple(b) for b in data.splits["train"]["input_ids"]}
 
-    def tuned(validate_on: str) -> LanguageModelingDataModule:
+    def blocks_of(**tuning: object) -> LanguageModelingDataModule:
         module = LanguageModelingDataModule(
             tokenizer=tiny_gpt2_lm,
             data_files={"train": str(tmp_path / "train.jsonl")},
@@ -64,13 +53,15 @@ def test_language_modeling_sources_and_errors(tiny_gpt2_lm: str, tmp_path: Path)
             block_size=4,
             validation_size=5,
             train_limit=40,
-            tuning_size=7,
-            validate_on=validate_on,
+            **tuning,
         )
         module.setup()
         return module
 
-    sweep, reported = tuned("tuning"), tuned("validation")
+    data = blocks_of()
+    assert len(data.splits["train"]) == 35 and len(data.splits["validation"]) == 5
+    blocks = {tuple(b) for b in data.splits["train"]["input_ids"]}
+    sweep, reported = blocks_of(tuning_size=7, validate_on="tuning"), blocks_of(tuning_size=7)
     assert len(sweep.splits["validation"]) == 7 and len(sweep.splits["train"]) == 28
     assert sweep.splits["train"]["input_ids"] == reported.splits["train"]["input_ids"]  # same training blocks
     assert reported.splits["validation"]["input_ids"] == data.splits["validation"]["input_ids"]
