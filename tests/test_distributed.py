@@ -141,6 +141,22 @@ def test_methods_that_need_whole_tensors_refuse_fsdp2(setup, method: str) -> Non
         module.configure_model()
 
 
+def test_fsdp1_is_told_by_class_not_by_name() -> None:
+    """A strategy of the user's named with "FSDP" that is FSDP2 (ModelParallelStrategy) is not refused."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from spec_lightning.callbacks.strategy import is_fsdp1
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        pass
+
+    class MyFSDP1(FSDPStrategy):
+        pass
+
+    assert is_fsdp1(FSDPStrategy()) and is_fsdp1(MyFSDP1())
+    assert not is_fsdp1(FSDP2Strategy()) and not is_fsdp1(None)
+
+
 @pytest.mark.parametrize("method", ["lora", "graph_spectral_full"])
 def test_adapters_and_regularisers_refuse_fsdp1(setup, method: str) -> None:
     """FSDP1's flat parameters hide the names that an adapter's state and GraphSpectral's nodes use;

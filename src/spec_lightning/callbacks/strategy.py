@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -35,10 +36,16 @@ class KeyedCallback(L.Callback):
         return type(self).__qualname__
 
 
+def is_fsdp1(strategy: object) -> bool:
+    """Lightning's ``FSDPStrategy`` (FSDP1, flat parameters) or a subclass; FSDP2 is
+    ``ModelParallelStrategy``, whatever a subclass of it is called."""
+    return isinstance(strategy, FSDPStrategy)
+
+
 def refuse_fsdp1(trainer: L.Trainer, callback: str) -> None:
     """Refuse FSDP1 (``FSDPStrategy``): it flattens each wrapped block's parameters into one buffer, so
     a callback cannot find a parameter's gradient or rows under its own name."""
-    if "FSDP" in type(trainer.strategy).__name__:
+    if is_fsdp1(trainer.strategy):
         raise MisconfigurationException(
             f"{callback} under FSDPStrategy (FSDP1): FSDP1 flattens each wrapped block's parameters into one "
             "buffer, so parameters cannot be read under their own names. Use FSDP2 (ModelParallelStrategy, "

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from spec_lightning.calibration import apply_arguments
+from spec_lightning.callbacks.strategy import is_fsdp1
 from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.methods.base import describe
@@ -141,7 +142,7 @@ class FineTuningModule(L.LightningModule, ABC):
             )
         strategy = self._trainer.strategy if self._trainer is not None else None
         regularised = type(self.method).regularization is not FineTuningMethod.regularization
-        if "FSDP" in type(strategy).__name__ and (self.method.parameter_efficient or regularised):
+        if is_fsdp1(strategy) and (self.method.parameter_efficient or regularised):
             raise MisconfigurationException(
                 f"{name} under FSDPStrategy (FSDP1): FSDP1 flattens each wrapped block's parameters into one "
                 "buffer, so the adapter (or the tensors a regulariser reads) cannot be found under their own "
