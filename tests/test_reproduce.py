@@ -424,6 +424,8 @@ def test_readme_tables_are_regenerated_between_their_markers(tmp_path: Path) -> 
         assert line in report and line in text
     write_report(table, "g", readme, baselines=["lora", "lorsa"])
     assert readme.read_text() == text  # regenerating changes nothing
+    with pytest.raises(FileNotFoundError, match="results.csv does not exist: no reported run has finished"):
+        write_report(tmp_path / "nothing" / "results.csv", "g")
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs one '<!-- report:g -->' line and, after it, one"):
         write_report(table, "g", readme)

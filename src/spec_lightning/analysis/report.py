@@ -455,6 +455,8 @@ def write_report(
     """``report.md`` and the figures beside ``table``, with paired differences to each of ``baselines``;
     with ``readme``, its ``report:<title>`` block gets the comparison, paired-difference, tuning and
     variant tables. Returns the report's path."""
+    if not table.is_file():
+        raise FileNotFoundError(f"{table} does not exist: no reported run has finished; run the grid first")
     runs = pd.read_csv(table, keep_default_na=False, na_values=[""])
     if runs.empty:
         raise ValueError(f"{table} has no runs; run the grid first")
