@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -390,3 +391,61 @@ def test_sixteen_bit_precision_is_refused_with_the_fix() -> None:
     )
     with pytest.raises(MisconfigurationException, match="precision='16-mixed'.*Use precision: bf16-mixed"):
         ModuleSearch(4, always_train=["head"]).setup(scaled, ProbedStack(), "fit")  # type: ignore[arg-type]
+
+
+class Batches(L.Callback):
+    """The training batches, in the order the steps see them."""
+
+    def __init__(self) -> None:
+        self.batches: list[Any] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any
+    ) -> None:
+        self.batches.append(batch)
+
+
+def test_resume_inside_the_held_back_window_probes_on_the_held_back_batches(tmp_path: Path) -> None:
+    """A checkpoint taken while ModuleSearch holds batches back (steps 0-3 for a search at step 4) keeps
+    them, as plain tensors: the resumed run searches on those and the ones it sees next (it used to
+    stop, holding too few)."""
+
+    def callbacks() -> tuple[DynamicSpectralClustering, ModuleSearch]:
+        return clustering(), ModuleSearch(
+            4, always_train=["head"], probe_steps=2, probe_batches=2, predictor_samples=0
+        )
+
+    dsca1, search1 = callbacks()
+    seen1 = Batches()
+    first = trainer(tmp_path, [dsca1, search1, seen1], 2)
+    first.fit(ProbedStack())
+    ckpt = tmp_path / "two.ckpt"
+    first.save_checkpoint(ckpt)
+    held = torch.load(ckpt, weights_only=True)["callbacks"][search1.state_key]["held_back"]
+    assert len(held) == 2
+
+    dsca2, search2 = callbacks()
+    seen2 = Batches()
+    trainer(tmp_path, [dsca2, search2, seen2], 8).fit(ProbedStack(), ckpt_path=ckpt)
+    assert search2.selected is not None and search2.report
+    expected = [*seen1.batches, *seen2.batches[:2]]
+    assert len(search2._held_back) == 4
+    for got, want in zip(search2._held_back, expected, strict=True):
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_held_back_tokenizer_batches_are_saved_as_plain_dicts() -> None:
+    """A tokenizer's BatchEncoding is not loadable with weights_only=True; the state holds a dict."""
+    from transformers import BatchEncoding
+
+    search = ModuleSearch(4, probe_steps=1, probe_batches=2)
+    batch = BatchEncoding({"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([0])})
+    search._held_back = [batch, (torch.ones(2), [torch.zeros(1)])]
+    buffer = io.BytesIO()
+    torch.save(search.state_dict(), buffer)
+    buffer.seek(0)
+    restored = ModuleSearch(4, probe_steps=1, probe_batches=2)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    first, second = restored._held_back
+    assert type(first) is dict and torch.equal(first["input_ids"], batch["input_ids"])
+    assert torch.equal(second[0], torch.ones(2)) and torch.equal(second[1][0], torch.zeros(1))

@@ -19,6 +19,7 @@ from spec_lightning.analysis.report import (
     paired_differences,
     paired_table,
     summary,
+    sweep_table,
     write_report,
 )
 from spec_lightning.analysis.statistics import paired_bootstrap, t_interval
@@ -374,6 +375,26 @@ def test_paired_differences_bootstrap_over_the_saved_predictions(tmp_path: Path)
     assert "| sst2 − lora [95 % CI], pairs | sst2/few − lora [95 % CI], pairs |" in paired_table(
         paired_differences(runs, predictions=tmp_path), "lora"
     )
+
+
+def test_the_tuning_table_marks_the_value_the_runs_used() -> None:
+    """Bold is the rate the reported runs were given (read from results.csv, not chosen again from the
+    scores); a method whose runs have not started is pending; scores are means over seeds, x100."""
+    sweep = pd.DataFrame(
+        {
+            "task": ["sst2"] * 5,
+            "method": ["lora", "lora", "lora", "bitfit", "bitfit"],
+            "tuned": ["0.1", "0.1", "0.2", "0.1", "0.2"],
+            "seed": [1, 2, 1, 1, 1],
+            "val/accuracy": [0.7, 0.8, 0.9, 0.6, 0.5],
+        }
+    )
+    runs = pd.DataFrame(
+        {"task": ["sst2"], "method": ["lora"], "variant": [""], "tuned": [0.1], "val/accuracy": [0.8]}
+    )
+    table = sweep_table(sweep, runs)
+    assert "| sst2 | lora | **0.1: 75.0**, 0.2: 90.0 | 0.1 |" in table
+    assert "| sst2 | bitfit | 0.1: 60.0, 0.2: 50.0 | pending |" in table
 
 
 def test_the_sweep_chooses_the_best_mean_over_its_seeds() -> None:

@@ -47,7 +47,7 @@ import numpy as np
 import yaml
 
 from spec_lightning.analysis.curves import read_scalars, seconds_per_step
-from spec_lightning.analysis.report import lower_is_better, primary_metric, write_report
+from spec_lightning.analysis.report import lower_is_better, primary_metric, run_name, write_report
 from spec_lightning.checkpoints import load_checkpoint
 
 #: Added to every run's callbacks: the report's bootstrap needs each example's prediction.
@@ -106,10 +106,14 @@ class Sweep:
         fewer than ``extend`` extensions have run, the largest times (smallest divided by) the ratio of
         the two outermost values; an extension still missing seeds is returned until it has them all.
         None when nothing more is to run."""
-        mine = {r["tuned"] for r in rows if r["task"] == task and r["method"] == method}
         scores = self.scores(rows, task, method)
-        if scores is None:
-            return None
+        return None if scores is None else self._extension(rows, task, method, scores)
+
+    def _extension(
+        self, rows: Sequence[dict[str, str]], task: str, method: str, scores: dict[str, float]
+    ) -> str | None:
+        """:meth:`next_extension` given the candidates' ``scores``."""
+        mine = {r["tuned"] for r in rows if r["task"] == task and r["method"] == method}
         pending = sorted(mine - set(scores) - {str(v) for v in self.values[method]})
         if pending:
             return pending[0]
@@ -132,7 +136,7 @@ class Sweep:
         """The best candidate of ``method`` on ``task`` (the first of equals); None while a listed
         candidate or an extension is still to run."""
         scores = self.scores(rows, task, method)
-        if scores is None or self.next_extension(rows, task, method) is not None:
+        if scores is None or self._extension(rows, task, method, scores) is not None:
             return None
         return max(scores, key=scores.__getitem__)
 
@@ -249,7 +253,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return "-".join(p for p in (self.method, self.task, self.variant) if p)
+        return run_name(self.method, self.task, self.variant)
 
     @property
     def version(self) -> str:

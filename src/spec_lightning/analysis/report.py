@@ -251,19 +251,25 @@ def paired_table(differences: pd.DataFrame, baseline: str) -> str:
     return "\n".join(lines)
 
 
-def sweep_table(sweep: pd.DataFrame) -> str:
+def sweep_table(sweep: pd.DataFrame, runs: pd.DataFrame) -> str:
     """Per task and method: each candidate's tuning score (mean over the sweep's seeds, x100 except
-    perplexity), the chosen one in bold."""
+    perplexity) and the value the method's reported ``runs`` on the task used, in bold ("pending" before
+    the first of them has run)."""
+    main = runs[runs["variant"] == ""] if "tuned" in runs else runs.iloc[:0]
+    used = {
+        key: sorted(set(group["tuned"].dropna().astype(str)) - {""})
+        for key, group in main.groupby(["task", "method"], sort=False)
+    }
     lines = ["| task | method | candidates (tuning split) | chosen |", "|---|---|---|---|"]
     for (task, method), group in sweep.groupby(["task", "method"], sort=False):
         metric = primary_metric(str(task), group.columns[group.notna().any()])
         scores = group.groupby("tuned", sort=False)[metric].mean()
-        best = scores.idxmin() if lower_is_better(metric) else scores.idxmax()
+        chosen = used.get((task, method), [])
         scale = 1.0 if lower_is_better(metric) else 100.0
         listed = ", ".join(
-            f"**{v}: {scale * x:.1f}**" if v == best else f"{v}: {scale * x:.1f}" for v, x in scores.items()
+            f"**{v}: {scale * x:.1f}**" if v in chosen else f"{v}: {scale * x:.1f}" for v, x in scores.items()
         )
-        lines.append(f"| {task} | {method} | {listed} | {best} |")
+        lines.append(f"| {task} | {method} | {listed} | {', '.join(chosen) or 'pending'} |")
     return "\n".join(lines)
 
 
@@ -426,8 +432,9 @@ def findings(
             (
                 "Tuning",
                 "Each candidate on the tuning split held out of the training data (never the reported "
-                "split), mean over the sweep's seeds; the chosen value is what the runs above used.",
-                sweep_table(sweep),
+                "split), mean over the sweep's seeds; in bold the value the runs above used (the best "
+                "candidate, the first of equals), pending until they run.",
+                sweep_table(sweep, runs),
             )
         )
     if (stats["variant"] != "").any():

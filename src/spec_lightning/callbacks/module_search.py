@@ -408,6 +408,8 @@ class ModuleSearch(KeyedCallback):
                 f"ModuleSearch held back {len(self._held_back)} batches but needs probe_steps + "
                 f"probe_batches = {self.probe_steps + self.probe_batches}; search later or probe less"
             )
+        # Batches restored from a checkpoint are on the CPU; the ones held back in this run stay put.
+        self._held_back = [trainer.strategy.batch_to_device(batch) for batch in self._held_back]
         candidates = self.candidates()
         optimizer = trainer.optimizers[0]
         baseline = self._probe(trainer, pl_module, optimizer, np.array([], dtype=np.int64))
@@ -552,13 +554,33 @@ class ModuleSearch(KeyedCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         # The frozen slices are not saved: they hold their values at the search, which the restored
-        # weights carry, so on_fit_start takes them from there again.
-        return {"selected": self.selected, "report": self.report}
+        # weights carry, so on_fit_start takes them from there again. The batches held back for the
+        # probes are, as plain tensors on the CPU (a checkpoint loads with weights_only=True): a run
+        # stopped inside the window resumes with them, not with too few to search.
+        return {
+            "selected": self.selected,
+            "report": self.report,
+            "held_back": [_plain(batch) for batch in self._held_back] if self.selected is None else [],
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.selected = state_dict["selected"]
         self.report = state_dict["report"]
+        self._held_back = list(state_dict.get("held_back", []))
+
+
+def _plain(batch: Any) -> Any:
+    """``batch`` as lists, tuples, dicts and CPU tensors (a tokenizer's BatchEncoding becomes a dict)."""
+    if torch.is_tensor(batch):
+        return batch.detach().cpu()
+    if isinstance(batch, Mapping):
+        return {k: _plain(v) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_plain(v) for v in batch]
+    if isinstance(batch, tuple):
+        return tuple(_plain(v) for v in batch)
+    return batch
 
 
 def _local(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
