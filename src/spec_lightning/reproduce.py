@@ -5,6 +5,7 @@ A grid file names the configs of every run (``base_configs``) and, per method, t
 after them (``{task}`` is filled in with the task), the tasks, the seeds, the arguments added to
 every run (``overrides``, e.g. a smaller training set) or to one method's runs
 (``method_overrides``), the ``baselines`` the report pairs every method with (``[lora]`` by default),
+the papers' ``claims`` it tests (method, baselines it should beat, in which variants),
 and optional ``variants``: extra runs of some methods on some tasks with
 overlay configs (few-shot subsets, ablations), and an optional ``sweep``: candidate values of one
 argument per method (e.g. the learning rate), each run on a tuning split held out of the training
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from spec_lightning.analysis.claims import Claim
 from spec_lightning.analysis.curves import read_scalars, seconds_per_step
 from spec_lightning.analysis.report import lower_is_better, primary_metric, run_name, write_report
 from spec_lightning.checkpoints import load_checkpoint
@@ -159,6 +161,7 @@ class Grid:
     threads: int = 2
     keep_checkpoints: bool = True
     baselines: list[str] = field(default_factory=lambda: ["lora"])
+    claims: list[Claim] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:
@@ -171,7 +174,8 @@ class Grid:
         methods = {m: [c] if isinstance(c, str) else list(c) for m, c in raw.pop("methods").items()}
         variants = {name: Variant(**v) for name, v in raw.pop("variants", {}).items()}
         sweep = Sweep(**raw.pop("sweep")) if "sweep" in raw else None
-        grid = cls(methods=methods, variants=variants, sweep=sweep, **raw)
+        claims = [Claim(**c) for c in raw.pop("claims", [])]
+        grid = cls(methods=methods, variants=variants, sweep=sweep, claims=claims, **raw)
         grid.check()
         return grid
 
@@ -187,6 +191,16 @@ class Grid:
         unknown = sorted(set(self.baselines) - set(self.methods))
         if unknown:
             raise ValueError(f"baselines names methods {unknown} the grid does not define")
+        for claim in self.claims:
+            unknown = sorted({claim.method, *claim.against} - set(self.methods))
+            if unknown:
+                raise ValueError(f"claim {claim.claim!r} names methods {unknown} the grid does not define")
+            unknown = sorted(set(claim.variants) - {"", *self.variants})
+            if unknown:
+                raise ValueError(
+                    f'claim {claim.claim!r} names variants {unknown} the grid does not define ("" is the '
+                    "main runs)"
+                )
         if self.sweep is not None:
             unknown = sorted(set(self.sweep.values) - set(self.methods))
             if unknown:
@@ -428,4 +442,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.report_only:
         table = run_grid(grid, dry_run=args.dry_run)
     if not args.dry_run:
-        print(f"wrote {write_report(table, grid.name, args.readme, grid.baselines)}")
+        print(f"wrote {write_report(table, grid.name, args.readme, grid.baselines, grid.claims)}")

@@ -8,6 +8,8 @@
   variant, each method's metric minus the baseline's on the same seed, the mean difference and its
   95 % interval: a bootstrap over dev examples and seeds where every pair's predictions are in
   ``predictions/`` beside the CSV (accuracy), else Student's t over the seed pairs;
+- the claims: per paper claim (:class:`~spec_lightning.analysis.claims.Claim`), the paired difference
+  of its method to each baseline it names, with the interval and the verdict read off it;
 - the tuning: the value a sweep chose per method and task, and every candidate's tuning score
   (``sweep.csv`` beside the CSV);
 - the cost table: wall and CPU seconds of the whole run (CPU seconds stand in for energy: no power
@@ -33,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from spec_lightning.analysis.claims import MIN_PAIRS, Claim, claims_table  # noqa: E402
 from spec_lightning.analysis.curves import curves_figure, read_scalars  # noqa: E402
 from spec_lightning.analysis.modules import predictor_figure  # noqa: E402
 from spec_lightning.analysis.statistics import did_not_learn, paired_bootstrap, t_interval  # noqa: E402
@@ -400,10 +403,14 @@ def predictor_figures(runs: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def findings(
-    runs: pd.DataFrame, stats: pd.DataFrame, out: Path, baselines: Sequence[str] = ("lora",)
+    runs: pd.DataFrame,
+    stats: pd.DataFrame,
+    out: Path,
+    baselines: Sequence[str] = ("lora",),
+    claims: Sequence[Claim] = (),
 ) -> list[tuple[str, str, str]]:
-    """(heading, legend, table) of the comparison, the paired differences to each baseline, the tuning and
-    the variants: what ``report.md`` and the README show."""
+    """(heading, legend, table) of the comparison, the claims' verdicts, the paired differences to each
+    baseline, the tuning and the variants: what ``report.md`` and the README show."""
     sections = [
         (
             "Method comparison",
@@ -412,8 +419,21 @@ def findings(
             comparison_table(stats),
         )
     ]
+    wanted = dict.fromkeys([*baselines, *(b for claim in claims for b in claim.against)])
+    paired = {b: paired_differences(runs, b, predictions=out / "predictions") for b in wanted}
+    if claims:
+        sections.append(
+            (
+                "Claims",
+                "Each paper's claim against its baselines in the same harness: the method's metric minus "
+                "the baseline's on the same seed, mean over the seed pairs, with its 95 % interval (as "
+                f"in the paired differences below). It holds where the interval excludes 0 on the "
+                f"method's side; under {MIN_PAIRS} seed pairs the verdict waits.",
+                claims_table(list(claims), paired, stats),
+            )
+        )
     for baseline in baselines:
-        differences = paired_differences(runs, baseline, predictions=out / "predictions")
+        differences = paired[baseline]
         if differences.empty:
             continue
         sections.append(
@@ -457,11 +477,15 @@ def update_readme(readme: Path, name: str, text: str) -> None:
 
 
 def write_report(
-    table: Path, title: str, readme: Path | None = None, baselines: Sequence[str] = ("lora",)
+    table: Path,
+    title: str,
+    readme: Path | None = None,
+    baselines: Sequence[str] = ("lora",),
+    claims: Sequence[Claim] = (),
 ) -> Path:
-    """``report.md`` and the figures beside ``table``, with paired differences to each of ``baselines``;
-    with ``readme``, its ``report:<title>`` block gets the comparison, paired-difference, tuning and
-    variant tables. Returns the report's path."""
+    """``report.md`` and the figures beside ``table``, with the ``claims``' verdicts and paired
+    differences to each of ``baselines``; with ``readme``, its ``report:<title>`` block gets the
+    comparison, claims, paired-difference, tuning and variant tables. Returns the report's path."""
     if not table.is_file():
         raise FileNotFoundError(f"{table} does not exist: no reported run has finished; run the grid first")
     runs = pd.read_csv(table, keep_default_na=False, na_values=[""])
@@ -476,7 +500,7 @@ def write_report(
         figures.append("fewshot.png")
     figures += [p.name for p in ablation_figures(runs, out) + predictor_figures(runs, out)]
     logs_here = sum(Path(d).is_dir() for d in runs["run_dir"])
-    found = findings(runs, stats, out, baselines)
+    found = findings(runs, stats, out, baselines, claims)
     sections = [
         f"# {title}",
         f"{len(runs)} runs from `{table.name}`; metrics are the last validation, x100 except perplexity.",
