@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from spec_lightning.methods import SpecLoRA
 from spec_lightning.methods.speclora import SpecLoRALinear
+from spec_lightning.methods.speclora.function import SpecLoRADelta
 from spec_lightning.spectral import top_k_svd
 
 
@@ -28,6 +29,61 @@ def test_forward_equals_the_explicit_adapted_weight() -> None:
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ w_new.T + base.bias, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.effective_weight(), w_new, atol=1e-5, rtol=1e-5)
+
+
+def delta_inputs(shared: bool) -> list[torch.Tensor]:
+    """x, x_d (x itself when ``shared``), V_k, U_k, σ_k, m, A, B in float64, the trained ones with
+    gradients (n=6 in, m=5 out, k=3, r=2)."""
+    g = torch.Generator().manual_seed(1)
+    x, x_d, v, u, sigma, mask, a, b = (
+        torch.randn(shape, generator=g, dtype=torch.float64)
+        for shape in [(4, 6), (4, 6), (6, 3), (5, 3), (3,), (3,), (2, 6), (5, 2)]
+    )
+    return [
+        x.requires_grad_(),
+        x if shared else x_d.requires_grad_(),
+        v,
+        u,
+        sigma,
+        *(t.requires_grad_() for t in (mask, a, b)),
+    ]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_hand_written_backward_passes_gradcheck(shared: bool) -> None:
+    """SpecLoRADelta's backward against finite differences (float64) for x, x_d, m, A and B; with x_d = x
+    (no dropout) the two input gradients come out added, as one."""
+    x, x_d, *rest = delta_inputs(shared)
+    if shared:
+        assert torch.autograd.gradcheck(lambda x, *r: SpecLoRADelta.apply(x, x, *r, 0.7), [x, *rest])
+    else:
+        assert torch.autograd.gradcheck(lambda *t: SpecLoRADelta.apply(*t, 0.7), [x, x_d, *rest])
+
+
+def test_gradients_with_dropout_equal_those_of_the_composed_maths() -> None:
+    """The layer in training (dropout 0.5) against y = base(x) + ((x V_k) ⊙ (m ⊙ σ_k)) U_kᵀ + s x_d Aᵀ Bᵀ
+    composed of torch operations with the same dropout mask: outputs and the gradients of x, m, A, B."""
+    torch.manual_seed(0)
+    base = nn.Linear(20, 36)
+    layer = SpecLoRALinear(base, top_k_svd(base.weight.detach(), 6), r=3, alpha=6, dropout=0.5).train()
+    with torch.no_grad():
+        layer.mask.copy_(torch.randn(6))
+        layer.lora_B.copy_(torch.randn(36, 3))
+    x = torch.randn(4, 5, 20, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    y.square().sum().backward()
+    ours = [x.grad, layer.mask.grad, layer.lora_A.grad, layer.lora_B.grad]
+    x_ref = x.detach().clone().requires_grad_()
+    mask, a, b = (t.detach().clone().requires_grad_() for t in (layer.mask, layer.lora_A, layer.lora_B))
+    torch.manual_seed(7)
+    x_d = nn.functional.dropout(x_ref, 0.5, training=True)
+    spectral = ((x_ref @ layer.v_k) * (mask * layer.sigma_k)) @ layer.u_k.T
+    reference = base(x_ref) + spectral + 2.0 * (x_d @ a.T) @ b.T
+    torch.testing.assert_close(y, reference, atol=1e-5, rtol=1e-5)
+    reference.square().sum().backward()
+    for got, want in zip(ours, [x_ref.grad, mask.grad, a.grad, b.grad], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_with_zero_mask_it_is_peft_lora(tiny_bert: str) -> None:

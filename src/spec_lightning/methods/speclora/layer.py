@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from spec_lightning.methods.speclora.function import SpecLoRADelta
 from spec_lightning.methods.targets import weight_matrix
 from spec_lightning.spectral import TopKSVD
 
@@ -17,7 +18,8 @@ class SpecLoRALinear(nn.Module):
     The spectral mask m ∈ R^k (init 0) rescales the top-k singular directions of the frozen W; the
     forward pass applies it with Hadamard products on the k-dimensional projection,
         y = base(x) + ((x V_k) ⊙ (m ⊙ σ_k)) U_kᵀ + (α/r) · dropout(x) Aᵀ Bᵀ,
-    never forming an m x n update. A is Kaiming-uniform and B zero at init (peft's LoRA init), so
+    never forming an m x n update, both paths in one autograd function (:class:`SpecLoRADelta`). A is
+    Kaiming-uniform and B zero at init (peft's LoRA init), so
     W' = W at init exactly.
 
     U_k, σ_k, V_k are persistent buffers and part of the adapter state: a randomized SVD is not
@@ -55,9 +57,17 @@ class SpecLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         x = x.reshape(-1, x.shape[-1]).to(self.v_k.dtype)
-        spectral = ((x @ self.v_k) * (self.mask * self.sigma_k)) @ self.u_k.T  # (N, k) -> (N, m)
-        lora = self.dropout(x) @ self.lora_A.T  # (N, r)
-        delta = torch.addmm(spectral, lora, self.lora_B.T, alpha=self.scaling)
+        delta = SpecLoRADelta.apply(
+            x,
+            self.dropout(x),
+            self.v_k,
+            self.u_k,
+            self.sigma_k,
+            self.mask,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+        )
         return out + delta.view(out.shape).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""SpecLoRA's adapter path as one autograd function: both low-rank paths through one output matmul and a
+hand-written backward that skips what autograd would compute and drop (the gradients of the frozen bases)
+and adds the two input gradients in one matmul when the LoRA path sees the input itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class SpecLoRADelta(torch.autograd.Function):
+    """y_Δ = [h₁ ⊙ w | s h₂] [U_k | B]ᵀ with h₁ = x V_k, h₂ = x_d Aᵀ, w = m ⊙ σ_k, s = α/r:
+    ((x V_k) ⊙ (m ⊙ σ_k)) U_kᵀ + s x_d Aᵀ Bᵀ, x_d the LoRA path's (dropped-out) input.
+
+    Backward, with G = ∂L/∂y_Δ (N x m) and C = [C₁ | C₂] = G [U_k | B] (N x (k + r)):
+        ∂m = σ_k ⊙ Σ_N C₁ ⊙ h₁,  ∂x = (C₁ ⊙ w) V_kᵀ,  ∂x_d = s C₂ A,
+        ∂A = s C₂ᵀ x_d,  ∂B = Gᵀ (s h₂);
+    when x_d is x (no dropout, or evaluation) ∂x is both terms in one addmm. U_k, σ_k, V_k are buffers:
+    no gradient. Under autocast the backward runs with the forward's autocast state (as
+    ``torch.amp.custom_bwd`` does, for the device of ``x``), so its matmuls take the same dtypes.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        x_lora: torch.Tensor,
+        v_k: torch.Tensor,
+        u_k: torch.Tensor,
+        sigma_k: torch.Tensor,
+        mask: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        w = mask * sigma_k
+        h1 = x @ v_k  # (N, k)
+        coeff = torch.cat([h1 * w, (x_lora @ lora_a.T) * scaling], 1)  # (N, k + r); [:, k:] is s h₂
+        out_basis = torch.cat([u_k, lora_b], 1)  # (m, k + r)
+        ctx.shared = x_lora is x
+        ctx.save_for_backward(
+            x, None if ctx.shared else x_lora, v_k, sigma_k, w, lora_a, h1, coeff, out_basis
+        )
+        ctx.scaling = scaling
+        ctx.device_type = x.device.type
+        ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
+        ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)
+        return coeff @ out_basis.T
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
+            return SpecLoRADelta._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, x_lora, v_k, sigma_k, w, lora_a, h1, coeff, out_basis = ctx.saved_tensors
+        x_lora = x if ctx.shared else x_lora
+        k = w.numel()
+        needs_x, needs_x_lora, _, _, _, needs_mask, needs_a, needs_b, _ = ctx.needs_input_grad
+        c = grad @ out_basis  # (N, k + r)
+        c1, c2s = c[:, :k], c[:, k:] * ctx.scaling
+        grad_mask = (c1 * h1).sum(0) * sigma_k if needs_mask else None
+        grad_a = c2s.T @ x_lora if needs_a else None
+        grad_b = grad.T @ coeff[:, k:] if needs_b else None
+        grad_x = grad_x_lora = None
+        if ctx.shared and (needs_x or needs_x_lora):
+            grad_x = torch.addmm((c1 * w) @ v_k.T, c2s, lora_a)
+        else:
+            grad_x = (c1 * w) @ v_k.T if needs_x else None
+            grad_x_lora = c2s @ lora_a if needs_x_lora else None
+        return grad_x, grad_x_lora, None, None, None, grad_mask, grad_a, grad_b, None
