@@ -36,17 +36,15 @@ class SpecLoRADelta(torch.autograd.Function):
     ) -> torch.Tensor:
         w = mask * sigma_k
         h1 = x @ v_k  # (N, k)
-        coeff = torch.cat([h1 * w, (x_lora @ lora_a.T) * scaling], 1)  # (N, k + r); [:, k:] is s h₂
+        h2s = (x_lora @ lora_a.T) * scaling  # (N, r): s h₂
         out_basis = torch.cat([u_k, lora_b], 1)  # (m, k + r)
         ctx.shared = x_lora is x
-        ctx.save_for_backward(
-            x, None if ctx.shared else x_lora, v_k, sigma_k, w, lora_a, h1, coeff, out_basis
-        )
+        ctx.save_for_backward(x, None if ctx.shared else x_lora, v_k, sigma_k, w, lora_a, h1, h2s, out_basis)
         ctx.scaling = scaling
         ctx.device_type = x.device.type
         ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
         ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)
-        return coeff @ out_basis.T
+        return torch.cat([h1 * w, h2s], 1) @ out_basis.T  # the (N, k + r) coefficients are not kept
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -55,7 +53,7 @@ class SpecLoRADelta(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, x_lora, v_k, sigma_k, w, lora_a, h1, coeff, out_basis = ctx.saved_tensors
+        x, x_lora, v_k, sigma_k, w, lora_a, h1, h2s, out_basis = ctx.saved_tensors
         x_lora = x if ctx.shared else x_lora
         k = w.numel()
         needs_x, needs_x_lora, _, _, _, needs_mask, needs_a, needs_b, _ = ctx.needs_input_grad
@@ -63,7 +61,7 @@ class SpecLoRADelta(torch.autograd.Function):
         c1, c2s = c[:, :k], c[:, k:] * ctx.scaling
         grad_mask = (c1 * h1).sum(0) * sigma_k if needs_mask else None
         grad_a = c2s.T @ x_lora if needs_a else None
-        grad_b = grad.T @ coeff[:, k:] if needs_b else None
+        grad_b = grad.T @ h2s if needs_b else None
         grad_x = grad_x_lora = None
         if ctx.shared and (needs_x or needs_x_lora):
             grad_x = torch.addmm((c1 * w) @ v_k.T, c2s, lora_a)
