@@ -86,6 +86,27 @@ def test_gradients_with_dropout_equal_those_of_the_composed_maths() -> None:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+def test_under_bf16_autocast_the_gradients_keep_their_dtype_and_values() -> None:
+    """The fused backward replays the forward's autocast: bf16 matmuls, float32 gradients within bf16
+    rounding of the exact ones."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40)
+    layer = SpecLoRALinear(base, top_k_svd(base.weight.detach(), 6), r=3, alpha=6, dropout=0.0)
+    with torch.no_grad():
+        layer.mask.copy_(torch.randn(6))
+        layer.lora_B.copy_(torch.randn(40, 3))
+    x = torch.randn(16, 24, requires_grad=True)
+    trained = [x, layer.mask, layer.lora_A, layer.lora_B]
+    exact = torch.autograd.grad(layer(x).square().sum(), trained)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    approximate = torch.autograd.grad(y.float().square().sum(), trained)
+    for a, b in zip(approximate, exact, strict=True):
+        assert a.dtype == torch.float32
+        assert float((a - b).norm() / b.norm()) < 2e-2
+
+
 def test_with_zero_mask_it_is_peft_lora(tiny_bert: str) -> None:
     """Same A and B as peft's LoRA layer: equal logits while m = 0, different once m moves."""
     torch.manual_seed(0)
