@@ -257,6 +257,21 @@ METHODS: dict[str, Callable[[list[str], list[str]], FineTuningMethod]] = {
 }
 
 
+def assert_bf16_autocast_gradients(
+    layer: torch.nn.Module, x: torch.Tensor, trained: list[torch.Tensor]
+) -> None:
+    """Under CPU bf16 autocast ``layer``'s output is bf16 and the gradients of ``trained`` stay float32,
+    within bf16 rounding (2 % relative norm) of the float32 ones."""
+    exact = torch.autograd.grad(layer(x).square().sum(), trained)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    approximate = torch.autograd.grad(y.float().square().sum(), trained)
+    for a, b in zip(approximate, exact, strict=True):
+        assert a.dtype == torch.float32
+        assert float((a - b).norm() / b.norm()) < 2e-2
+
+
 def quiet_trainer(root: Path, steps: int, callbacks: list[L.Callback], **kwargs: object) -> L.Trainer:
     """A CPU Trainer for ``steps`` optimiser steps (-1: by epochs) that logs, checkpoints and prints
     nothing unless ``kwargs`` say otherwise, rooted under ``root``."""

@@ -15,6 +15,7 @@ from spec_lightning.methods.lorsa.layer import projections
 from spec_lightning.methods.lorsa.method import lorsa_layers
 from spec_lightning.methods.targets import weight_matrix
 from spec_lightning.spectral import top_k_svd
+from tests.conftest import assert_bf16_autocast_gradients
 
 
 def randomised(layer: LoRSALinear, seed: int = 0) -> LoRSALinear:
@@ -101,15 +102,7 @@ def test_under_bf16_autocast_the_gradients_keep_their_dtype_and_values() -> None
         LoRSALinear(base, top_k_svd(base.weight.detach(), 12, 0), torch.arange(4), rank=3, seed=0)
     )
     x = torch.randn(16, 24, requires_grad=True)
-    trained = [x, layer.delta_sigma, layer.p, layer.q]
-    exact = torch.autograd.grad(layer(x).square().sum(), trained)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.bfloat16
-    approximate = torch.autograd.grad(y.float().square().sum(), trained)
-    for a, b in zip(approximate, exact, strict=True):
-        assert a.dtype == torch.float32
-        assert float((a - b).norm() / b.norm()) < 2e-2
+    assert_bf16_autocast_gradients(layer, x, [x, layer.delta_sigma, layer.p, layer.q])
 
 
 def test_identity_at_init_is_exact() -> None:

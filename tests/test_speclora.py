@@ -14,15 +14,24 @@ from spec_lightning.methods import SpecLoRA
 from spec_lightning.methods.speclora import SpecLoRALinear
 from spec_lightning.methods.speclora.function import SpecLoRADelta
 from spec_lightning.spectral import top_k_svd
+from tests.conftest import assert_bf16_autocast_gradients
+
+
+def randomised_layer(n: int, m: int, dropout: float) -> SpecLoRALinear:
+    """SpecLoRA (k=6, r=3, α=6: s = 2) on a seeded n -> m Linear, with a random mask and B (both are
+    zero at init, which would hide their terms)."""
+    torch.manual_seed(0)
+    base = nn.Linear(n, m)
+    layer = SpecLoRALinear(base, top_k_svd(base.weight.detach(), 6), r=3, alpha=6, dropout=dropout)
+    with torch.no_grad():
+        layer.mask.copy_(torch.randn(6))
+        layer.lora_B.copy_(torch.randn(m, 3))
+    return layer
 
 
 def test_forward_equals_the_explicit_adapted_weight() -> None:
-    torch.manual_seed(0)
-    base = nn.Linear(20, 36)
-    layer = SpecLoRALinear(base, top_k_svd(base.weight.detach(), 6), r=3, alpha=6, dropout=0.0)
-    with torch.no_grad():
-        layer.mask.copy_(torch.randn(6))
-        layer.lora_B.copy_(torch.randn(36, 3))
+    layer = randomised_layer(20, 36, dropout=0.0)
+    base = layer.base
     u, s, v = layer.u_k, layer.sigma_k, layer.v_k  # the randomized top-6 SVD (tested in test_spectral_svd)
     w_new = base.weight + (u * (layer.mask * s)) @ v.T + 2.0 * layer.lora_B @ layer.lora_A
     x = torch.randn(4, 5, 20)
@@ -63,12 +72,8 @@ def test_hand_written_backward_passes_gradcheck(shared: bool) -> None:
 def test_gradients_with_dropout_equal_those_of_the_composed_maths() -> None:
     """The layer in training (dropout 0.5) against y = base(x) + ((x V_k) ⊙ (m ⊙ σ_k)) U_kᵀ + s x_d Aᵀ Bᵀ
     composed of torch operations with the same dropout mask: outputs and the gradients of x, m, A, B."""
-    torch.manual_seed(0)
-    base = nn.Linear(20, 36)
-    layer = SpecLoRALinear(base, top_k_svd(base.weight.detach(), 6), r=3, alpha=6, dropout=0.5).train()
-    with torch.no_grad():
-        layer.mask.copy_(torch.randn(6))
-        layer.lora_B.copy_(torch.randn(36, 3))
+    layer = randomised_layer(20, 36, dropout=0.5).train()
+    base = layer.base
     x = torch.randn(4, 5, 20, requires_grad=True)
     torch.manual_seed(7)
     y = layer(x)
@@ -89,22 +94,9 @@ def test_gradients_with_dropout_equal_those_of_the_composed_maths() -> None:
 def test_under_bf16_autocast_the_gradients_keep_their_dtype_and_values() -> None:
     """The fused backward replays the forward's autocast: bf16 matmuls, float32 gradients within bf16
     rounding of the exact ones."""
-    torch.manual_seed(0)
-    base = nn.Linear(24, 40)
-    layer = SpecLoRALinear(base, top_k_svd(base.weight.detach(), 6), r=3, alpha=6, dropout=0.0)
-    with torch.no_grad():
-        layer.mask.copy_(torch.randn(6))
-        layer.lora_B.copy_(torch.randn(40, 3))
+    layer = randomised_layer(24, 40, dropout=0.0)
     x = torch.randn(16, 24, requires_grad=True)
-    trained = [x, layer.mask, layer.lora_A, layer.lora_B]
-    exact = torch.autograd.grad(layer(x).square().sum(), trained)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.bfloat16
-    approximate = torch.autograd.grad(y.float().square().sum(), trained)
-    for a, b in zip(approximate, exact, strict=True):
-        assert a.dtype == torch.float32
-        assert float((a - b).norm() / b.norm()) < 2e-2
+    assert_bf16_autocast_gradients(layer, x, [x, layer.mask, layer.lora_A, layer.lora_B])
 
 
 def test_with_zero_mask_it_is_peft_lora(tiny_bert: str) -> None:
