@@ -38,7 +38,12 @@ import pandas as pd  # noqa: E402
 from spec_lightning.analysis.claims import MIN_PAIRS, Claim, claims_table  # noqa: E402
 from spec_lightning.analysis.curves import curves_figure, read_scalars  # noqa: E402
 from spec_lightning.analysis.modules import predictor_figure  # noqa: E402
-from spec_lightning.analysis.statistics import did_not_learn, paired_bootstrap, t_interval  # noqa: E402
+from spec_lightning.analysis.statistics import (  # noqa: E402
+    did_not_learn,
+    lower_is_better,
+    paired_bootstrap,
+    t_interval,
+)
 
 #: The metric reported per task where it is not accuracy; perplexity for language modelling.
 PRIMARY = {"cola": "val/matthews", "stsb": "val/pearson"}
@@ -52,10 +57,6 @@ def primary_metric(task: str, columns: Iterable[str]) -> str:
         if metric in columns:
             return metric
     raise KeyError(f"no metric for task {task!r} among the columns {sorted(columns)}")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.removeprefix("val/") in ("perplexity", "loss")
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:

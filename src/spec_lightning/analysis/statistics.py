@@ -44,3 +44,8 @@ def paired_bootstrap(
 def did_not_learn(scores: np.ndarray, majority: float) -> bool:
     """Every run scored at or below always answering the most frequent label."""
     return bool(np.all(np.asarray(scores) <= majority + 1e-9))
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (``val/`` prefix or not) is better: perplexity and losses."""
+    return metric.removeprefix("val/") in ("perplexity", "loss")
