@@ -57,6 +57,7 @@ TARGETS: dict[str, list[str]] = {
     ],
     "methods/lorsa/function.py": ["tests/test_lorsa.py"],
     "methods/speclora/function.py": ["tests/test_speclora.py"],
+    "methods/fused.py": ["tests/test_fused.py", "tests/test_lorsa.py", "tests/test_speclora.py"],
     "methods/houlsby/layer.py": ["tests/test_houlsby.py", "tests/test_method_contract.py", "-k", "houlsby"],
     "methods/mftc/search.py": ["tests/test_search.py"],
     "methods/graph_spectral/method.py": ["tests/test_graph_spectral.py"],

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from spec_lightning.analysis.statistics import did_not_learn, paired_bootstrap, t_interval
+from spec_lightning.analysis.statistics import (
+    did_not_learn,
+    display_scale,
+    lower_is_better,
+    paired_bootstrap,
+    t_interval,
+)
 
 
 def test_t_interval_is_scipys_one_sample_interval() -> None:
@@ -66,3 +72,19 @@ def test_a_constant_difference_has_no_spread() -> None:
 def test_did_not_learn_means_no_run_above_the_majority_class() -> None:
     assert did_not_learn(np.array([0.509, 0.509, 0.4]), majority=0.509)
     assert not did_not_learn(np.array([0.509, 0.52, 0.4]), majority=0.509)
+
+
+@pytest.mark.parametrize(
+    ("metric", "lower", "scale"),
+    [
+        ("val/accuracy", False, 100.0),
+        ("f1", False, 100.0),
+        ("val/matthews", False, 100.0),
+        ("val/perplexity", True, 1.0),
+        ("perplexity", True, 1.0),
+        ("val/loss", True, 1.0),
+    ],
+)
+def test_direction_and_display_scale_of_each_metric(metric: str, lower: bool, scale: float) -> None:
+    assert lower_is_better(metric) is lower
+    assert display_scale(metric) == scale

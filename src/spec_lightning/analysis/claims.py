@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from spec_lightning.analysis.statistics import lower_is_better
+from spec_lightning.analysis.statistics import display_scale, lower_is_better
 
 #: The seed pairs a verdict waits for (the issue's "≥ 3 seeds"); fewer is "pending".
 MIN_PAIRS = 3
@@ -74,7 +74,7 @@ def claims_table(claims: list[Claim], differences: Mapping[str, pd.DataFrame], s
             mine = table[(table["method"] == claim.method) & table["variant"].isin(claim.variants)]
             for r in mine.to_dict("records"):
                 lower = lower_is_better(r["metric"])
-                scale = 1.0 if r["metric"] == "perplexity" else 100.0
+                scale = display_scale(r["metric"])
                 where = r["task"] if not r["variant"] else f"{r['task']}/{r['variant']}"
                 ok = learned.get((r["task"], claim.method, r["variant"]), True)
                 theirs = learned.get((r["task"], baseline, r["variant"]), True)

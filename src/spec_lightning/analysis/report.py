@@ -40,6 +40,7 @@ from spec_lightning.analysis.curves import curves_figure, read_scalars  # noqa: 
 from spec_lightning.analysis.modules import predictor_figure  # noqa: E402
 from spec_lightning.analysis.statistics import (  # noqa: E402
     did_not_learn,
+    display_scale,
     lower_is_better,
     paired_bootstrap,
     t_interval,
@@ -120,17 +121,13 @@ def comparison_cell(r: pd.Series, scale: float) -> str:
     return cell(r["mean"], r["sd"], scale) + interval + f" #{int(r['rank'])}"
 
 
-def display_scale(row: pd.Series) -> float:
-    """x100 for scores in [0, 1]; perplexity as it is."""
-    return 1.0 if row["metric"] == "perplexity" else 100.0
-
-
 def task_cells(group: pd.DataFrame, tasks: list[str], render: Callable[[pd.Series, float], str]) -> list[str]:
     """One table cell per task from ``group``'s row for it (empty where there is none): ``render(row,
     display scale)``."""
     by_task = group.set_index("task")
     return [
-        "" if t not in by_task.index else render(by_task.loc[t], display_scale(by_task.loc[t])) for t in tasks
+        "" if t not in by_task.index else render(by_task.loc[t], display_scale(by_task.loc[t]["metric"]))
+        for t in tasks
     ]
 
 
@@ -147,7 +144,7 @@ def comparison_table(stats: pd.DataFrame) -> str:
     lines = [header + " | mean |", "|---" * (len(tasks) + 3) + "|"]
     for method, group in main.groupby("method", sort=False):
         cells = task_cells(group, tasks, comparison_cell)
-        mean = np.mean([display_scale(r) * r["mean"] for _, r in group.iterrows()])
+        mean = np.mean([display_scale(r["metric"]) * r["mean"] for _, r in group.iterrows()])
         overall = f"{mean:.1f}" if group["learned"].all() else "–"
         lines.append(
             f"| {method} | {group['trainable_pct'].mean():.3f} | " + " | ".join(cells) + f" | {overall} |"
@@ -308,7 +305,7 @@ def variant_table(stats: pd.DataFrame) -> str:
     lines = ["| task | method | variant | metric | mean ± sd | main run |", "|---|---|---|---|---|---|"]
     main = stats[stats["variant"] == ""].set_index(["task", "method"])
     for _, r in stats[stats["variant"] != ""].iterrows():
-        scale = display_scale(r)
+        scale = display_scale(r["metric"])
         reference = main.loc[(r["task"], r["method"])] if (r["task"], r["method"]) in main.index else None
         base = "" if reference is None else cell(reference["mean"], reference["sd"], scale)
         lines.append(

@@ -49,3 +49,9 @@ def did_not_learn(scores: np.ndarray, majority: float) -> bool:
 def lower_is_better(metric: str) -> bool:
     """Whether a smaller value of ``metric`` (``val/`` prefix or not) is better: perplexity and losses."""
     return metric.removeprefix("val/") in ("perplexity", "loss")
+
+
+def display_scale(metric: str) -> float:
+    """How a metric is shown: x100 for scores in [0, 1] (accuracy, F1, correlations), as it is for
+    perplexity and losses."""
+    return 1.0 if lower_is_better(metric) else 100.0

@@ -8,16 +8,17 @@ from typing import Any
 
 import torch
 
+from spec_lightning.methods.fused import AutocastReplayFunction
 
-class LoRSADelta(torch.autograd.Function):
+
+class LoRSADelta(AutocastReplayFunction):
     """y_Δ = [z − a ⊙ σ | z pᵀ] [U_S | P]ᵀ with h = x [V_S | Q] = [a | b], t = a + b q, z = t ⊙ (σ + Δσ).
 
     Backward, with G = ∂L/∂y_Δ (N x m) and C = [C₁ | C₂] = G [U_S | P] (N x (s + r)):
         ∂z = C₁ + C₂ p,  ∂p = C₂ᵀ z,  ∂Δσ = Σ_N ∂z ⊙ t,  ∂t = ∂z ⊙ (σ + Δσ),
         ∂a = ∂t − C₁ ⊙ σ,  ∂b = ∂t qᵀ,  ∂q = bᵀ ∂t,  ∂x = [∂a | ∂b] [V_S | Q]ᵀ.
-    The bases and σ are buffers: no gradient. Under autocast the backward runs with the forward's
-    autocast state (as ``torch.amp.custom_bwd`` does, for the device of ``x``), so its matmuls take the
-    same dtypes.
+    The bases and σ are buffers: no gradient. The backward replays the forward's autocast state
+    (:class:`~spec_lightning.methods.fused.AutocastReplayFunction`).
     """
 
     @staticmethod
@@ -39,15 +40,8 @@ class LoRSADelta(torch.autograd.Function):
         z = t * scale
         coeff = torch.cat([z - a * sigma, z @ p.T], 1)  # (N, s + r)
         ctx.save_for_backward(x, in_basis, out_basis, sigma, scale, p, q, b, t, z)
-        ctx.device_type = x.device.type
-        ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
-        ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)
+        AutocastReplayFunction.save_autocast(ctx, x)
         return coeff @ out_basis.T
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
-            return LoRSADelta._backward(ctx, grad)
 
     @staticmethod
     def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

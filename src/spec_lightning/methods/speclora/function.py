@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from spec_lightning.methods.fused import AutocastReplayFunction
 
-class SpecLoRADelta(torch.autograd.Function):
+
+class SpecLoRADelta(AutocastReplayFunction):
     """y_Δ = [h₁ ⊙ w | s h₂] [U_k | B]ᵀ with h₁ = x V_k, h₂ = x_d Aᵀ, w = m ⊙ σ_k, s = α/r:
     ((x V_k) ⊙ (m ⊙ σ_k)) U_kᵀ + s x_d Aᵀ Bᵀ, x_d the LoRA path's (dropped-out) input.
 
@@ -17,8 +19,8 @@ class SpecLoRADelta(torch.autograd.Function):
         ∂m = σ_k ⊙ Σ_N C₁ ⊙ h₁,  ∂x = (C₁ ⊙ w) V_kᵀ,  ∂x_d = s C₂ A,
         ∂A = s C₂ᵀ x_d,  ∂B = Gᵀ (s h₂);
     when x_d is x (no dropout, or evaluation) ∂x is both terms in one addmm. U_k, σ_k, V_k are buffers:
-    no gradient. Under autocast the backward runs with the forward's autocast state (as
-    ``torch.amp.custom_bwd`` does, for the device of ``x``), so its matmuls take the same dtypes.
+    no gradient. The backward replays the forward's autocast state
+    (:class:`~spec_lightning.methods.fused.AutocastReplayFunction`).
     """
 
     @staticmethod
@@ -41,15 +43,8 @@ class SpecLoRADelta(torch.autograd.Function):
         ctx.shared = x_lora is x
         ctx.save_for_backward(x, None if ctx.shared else x_lora, v_k, sigma_k, w, lora_a, h1, h2s, out_basis)
         ctx.scaling = scaling
-        ctx.device_type = x.device.type
-        ctx.autocast = torch.is_autocast_enabled(ctx.device_type)
-        ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)
+        AutocastReplayFunction.save_autocast(ctx, x)
         return torch.cat([h1 * w, h2s], 1) @ out_basis.T  # the (N, k + r) coefficients are not kept
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
-            return SpecLoRADelta._backward(ctx, grad)
 
     @staticmethod
     def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
