@@ -23,7 +23,7 @@ from spec_lightning.analysis.report import (
     write_report,
 )
 from spec_lightning.analysis.statistics import paired_bootstrap, t_interval
-from spec_lightning.reproduce import Grid, Sweep, main, read_rows
+from spec_lightning.reproduce import Grid, Run, Sweep, main, read_rows
 from tests.conftest import write_sst2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -484,3 +484,78 @@ def test_a_winner_at_the_edge_gets_candidates_beyond_it() -> None:
     plain = Sweep(argument="lr", values={"lora": [0.001, 0.003, 0.01]}, overrides=[], seeds=[1])
     assert plain.next_extension(sweep_rows(rising), "sst2", "lora") is None
     assert plain.chosen(sweep_rows(rising), "sst2", "lora") == "0.01"
+
+
+def test_a_run_whose_configs_or_tuned_value_changed_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows record a digest of each run's configs and arguments: editing an overlay reruns exactly its
+    runs, a comment changes nothing, a new sweep winner reruns the tuned method's runs (and drops no
+    current tuning row), and rows written before the digest are kept as they are."""
+    grid_file = tiny_grid(tmp_path, "unused", sweep=True)
+    raw = yaml.safe_load(grid_file.read_text())
+    raw["sweep"]["extend"] = 0
+    grid_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    started: list[str] = []
+    accuracy = {"0.01": 0.9, "0.03": 0.8}  # each candidate's tuning score
+
+    def fake_run(command: list[str], **kwargs: object) -> None:
+        name = next(a.split("=", 1)[1] for a in command if a.startswith("--trainer.logger.init_args.name="))
+        version = next(a.split("=", 1)[1] for a in command if a.startswith("--trainer.logger.init_args.ver"))
+        started.append(f"{name}/{version}")
+
+    def fake_collect(
+        run: Run, logs: Path, wall_s: float, cpu_s: float, tuned: str | None
+    ) -> dict[str, object]:
+        score = accuracy[run.candidate] if run.candidate else 0.7
+        row = {"task": run.task, "method": run.method, "variant": run.variant, "seed": run.seed}
+        return row | {"tuned": run.candidate or tuned or "", "val/accuracy": score}
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr("spec_lightning.reproduce.collect", fake_collect)
+    monkeypatch.setattr("spec_lightning.reproduce.write_report", lambda *args, **kwargs: None)
+
+    def resume() -> list[str]:
+        started.clear()
+        main(["--grid", str(grid_file)])
+        return sorted(started)
+
+    everything = resume()
+    assert len(everything) == 8 and resume() == []
+    half = tmp_path / "half.yaml"
+    half.write_text("# a comment and another layout\ndata: {init_args: {train_fraction: 0.5}}\n")
+    raw["logs"] = str(tmp_path / "elsewhere")  # nor does where the logs go change what a run trains
+    grid_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert resume() == []
+    half.write_text(yaml.safe_dump({"data": {"init_args": {"train_fraction": 0.75}}}))
+    assert resume() == ["lora-sst2-fewshot50/seed1", "lora-sst2-fewshot50/seed2"]
+    assert "lora-sst2-fewshot50 seed1: its row was made with other configs" in capsys.readouterr().out
+    out = tmp_path / "reports" / "tiny"
+    lora = [r for r in read_rows(out / "results.csv") if r["method"] == "lora"]
+    assert {r["tuned"] for r in lora} == {"0.01"} and len(read_rows(out / "results.csv")) == 6
+    # Another candidate list: the new candidate runs, wins, and every LoRA run runs again with it.
+    raw["sweep"]["values"]["lora"] = [0.01, 0.03, 0.1]
+    grid_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    accuracy["0.1"] = 0.95
+    assert resume() == sorted(
+        ["lora-sst2-tune_0.1/seed1"] + [f"lora-sst2{v}/seed{s}" for v in ("", "-fewshot50") for s in (1, 2)]
+    )
+    assert {r["tuned"] for r in read_rows(out / "results.csv") if r["method"] == "lora"} == {"0.1"}
+    assert len(read_rows(out / "sweep.csv")) == 3
+    # A method override changes the tuning runs' arguments: their rows are dropped and they run again.
+    raw["method_overrides"]["lora"] = ["--model.init_args.method.init_args.r=4"]
+    grid_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert [s for s in resume() if "tune" in s] == [
+        f"lora-sst2-tune_{v}/seed1" for v in ("0.01", "0.03", "0.1")
+    ]
+    # Rows from before the digest was recorded (no config column) are taken as they are.
+    for table in ("results.csv", "sweep.csv"):
+        pd.DataFrame(read_rows(out / table)).drop(columns="config").to_csv(out / table, index=False)
+    raw["method_overrides"]["lora"] = ["--model.init_args.method.init_args.r=8"]
+    grid_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert resume() == []
+    # ... but a row's tuned value is still checked against the sweep's choice.
+    sweep = pd.DataFrame(read_rows(out / "sweep.csv"))
+    sweep.loc[sweep["tuned"] == "0.01", "val/accuracy"] = "0.99"
+    sweep.to_csv(out / "sweep.csv", index=False)
+    assert resume() == sorted(f"lora-sst2{v}/seed{s}" for v in ("", "-fewshot50") for s in (1, 2))

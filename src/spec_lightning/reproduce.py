@@ -21,7 +21,12 @@ first and last logged training steps and the machine's 1-minute load average whe
 run's threads: something else was running, and the times are not clean). Each run's validation
 predictions are copied to ``predictions/<run>-seed<seed>.npz`` beside the CSV. A run with a row is
 finished and is not run again, so a grid whose output folder is committed resumes on another machine
-(the TensorBoard logs stay behind; the figures that read them are left out there). With
+(the TensorBoard logs stay behind; the figures that read them are left out there), unless what the run
+trains changed since: each row records its run's ``config``, a digest of the contents of its config files
+and its arguments (see :meth:`Run.fingerprint`), and a run whose row has another digest (or, for a tuned
+method, another tuned value) runs again and replaces it; a tuning row out of date is dropped when the
+grid starts, so the sweep chooses from current runs only. Rows written before the digest was recorded are
+taken as they are. With
 ``keep_checkpoints: false`` a run's checkpoints are deleted once its row is written.
 :mod:`spec_lightning.analysis.report` turns the CSVs into ``report.md`` and figures::
 
@@ -34,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import os
 import resource
 import shutil
@@ -54,6 +61,8 @@ from spec_lightning.checkpoints import load_checkpoint
 
 #: Added to every run's callbacks: the report's bootstrap needs each example's prediction.
 PREDICTIONS_CALLBACK = "--trainer.callbacks+=spec_lightning.ValidationPredictions"
+#: A tuned method's value in a dry run before its sweep has finished.
+PENDING = "<the sweep's choice>"
 
 
 @dataclass(frozen=True)
@@ -276,6 +285,15 @@ class Run:
     def directory(self, logs: Path) -> Path:
         return logs / self.name / self.version
 
+    def fingerprint(self, grid: Grid, tuned: str | None = None) -> str:
+        """A digest of what the run trains: the contents of its config files, parsed (so comments and
+        layout do not count), and its command-line arguments but the folder its logs go to."""
+        flags = self.command(grid, tuned)[4 + 2 * len(self.configs) :]
+        flags = [f for f in flags if not f.startswith("--trainer.logger.init_args.save_dir=")]
+        configs = [yaml.safe_load(c.read_text()) for c in self.configs]
+        text = json.dumps({"configs": configs, "arguments": flags}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def command(self, grid: Grid, tuned: str | None = None) -> list[str]:
         """The run's command line; ``tuned``: the sweep's choice for a run that is not itself tuning."""
         args = [sys.executable, "-m", "spec_lightning", "fit"]
@@ -364,6 +382,23 @@ def row_key(row: dict[str, object]) -> tuple[str, str, str, int]:
     return str(row["task"]), str(row["method"]), str(row["variant"]), int(str(row["seed"]))
 
 
+def outdated_tuning_row(grid: Grid, row: dict[str, str]) -> bool:
+    """Whether a sweep row records another digest than its run's now (printed); rows of runs the grid no
+    longer has, and rows without a digest, are kept."""
+    if grid.sweep is None or row["task"] not in grid.tasks or row["method"] not in grid.sweep.values:
+        return False
+    runs = [
+        r for r in grid.tuning_runs(row["task"], row["method"], row["tuned"]) if r.seed == int(row["seed"])
+    ]
+    if not runs or row.get("config", "") in ("", runs[0].fingerprint(grid)):
+        return False
+    print(
+        f"{runs[0].name} {runs[0].version}: its row was made with other configs or arguments; dropped",
+        flush=True,
+    )
+    return True
+
+
 def run_grid(grid: Grid, dry_run: bool = False) -> Path:
     """Run every run without a row, appending its row to ``<output>/<name>/results.csv`` (tuning runs:
     ``sweep.csv``) and copying its predictions; returns ``results.csv``. Before the first run of a
@@ -371,10 +406,25 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
     logs, out = Path(grid.logs), Path(grid.output) / grid.name
     tables = {False: out / "results.csv", True: out / "sweep.csv"}
     rows = {tuning: read_rows(path) for tuning, path in tables.items()}
+    rows[True] = [r for r in rows[True] if not outdated_tuning_row(grid, r)]
     env = {**os.environ, "OMP_NUM_THREADS": str(grid.threads)}
 
-    def finished(run: Run) -> bool:
-        return run.key in {row_key(r) for r in rows[run.candidate is not None]}
+    def finished(run: Run, tuned: str | None = None) -> bool:
+        """Whether ``run`` has a row that is still current (tuning rows were checked when the grid
+        started); a run that is not is announced. ``tuned``: the sweep's choice for a tuned method's run,
+        :data:`PENDING` in a dry run before the sweep has finished."""
+        row = next((r for r in rows[run.candidate is not None] if row_key(r) == run.key), None)
+        if row is None or run.candidate is not None or tuned == PENDING:
+            return row is not None
+        made = row.get("config", "")
+        if row.get("tuned", "") == (tuned or "") and made in ("", run.fingerprint(grid, tuned)):
+            return True
+        print(
+            f"{run.name} {run.version}: its row was made with other configs, arguments or tuned value; "
+            "it runs again",
+            flush=True,
+        )
+        return False
 
     def execute(run: Run, tuned: str | None = None) -> None:
         tuning = run.candidate is not None
@@ -393,14 +443,14 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
             (out / "predictions").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(predictions, out / "predictions" / f"{run.name}-{run.version}.npz")
         rows[tuning] = [r for r in rows[tuning] if row_key(r) != run.key]
-        rows[tuning].append(collect(run, logs, wall_s, cpu_s, tuned))
+        rows[tuning].append(
+            collect(run, logs, wall_s, cpu_s, tuned) | {"config": run.fingerprint(grid, tuned)}
+        )
         write_rows(tables[tuning], rows[tuning])
         if not grid.keep_checkpoints:  # a full fine-tuning checkpoint with Adam's moments is ~270 MB
             shutil.rmtree(run.directory(logs) / "checkpoints", ignore_errors=True)
 
     for run in grid.runs():
-        if finished(run):
-            continue
         tuned = None
         if grid.sweep is not None and run.candidate is None and run.method in grid.sweep.values:
             while not dry_run and (extra := grid.sweep.next_extension(rows[True], run.task, run.method)):
@@ -410,8 +460,9 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
             tuned = grid.sweep.chosen(rows[True], run.task, run.method)
             if tuned is None and not dry_run:
                 raise RuntimeError(f"{run.name}: the sweep of {run.method} on {run.task} has not finished")
-            tuned = tuned or "<the sweep's choice>"
-        execute(run, tuned)
+            tuned = tuned or PENDING
+        if not finished(run, tuned):
+            execute(run, tuned)
     return tables[False]
 
 
