@@ -287,20 +287,24 @@ class Run:
 
     def fingerprint(self, grid: Grid, tuned: str | None = None) -> str:
         """A digest of what the run trains: the contents of its config files, parsed (so comments and
-        layout do not count), and its command-line arguments but the folder its logs go to."""
-        flags = self.command(grid, tuned)[4 + 2 * len(self.configs) :]
-        flags = [f for f in flags if not f.startswith("--trainer.logger.init_args.save_dir=")]
+        layout do not count), and its :meth:`arguments`."""
         configs = [yaml.safe_load(c.read_text()) for c in self.configs]
-        text = json.dumps({"configs": configs, "arguments": flags}, sort_keys=True, default=str)
+        text = json.dumps(
+            {"configs": configs, "arguments": self.arguments(grid, tuned)}, sort_keys=True, default=str
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def command(self, grid: Grid, tuned: str | None = None) -> list[str]:
-        """The run's command line; ``tuned``: the sweep's choice for a run that is not itself tuning."""
-        args = [sys.executable, "-m", "spec_lightning", "fit"]
-        args += [a for c in self.configs for a in ("--config", str(c))]
-        args += [
+        """The run's command line: its configs, the folder its logs go to, then its :meth:`arguments`."""
+        configs = [a for c in self.configs for a in ("--config", str(c))]
+        logs = f"--trainer.logger.init_args.save_dir={grid.logs}"
+        return [sys.executable, "-m", "spec_lightning", "fit", *configs, logs, *self.arguments(grid, tuned)]
+
+    def arguments(self, grid: Grid, tuned: str | None = None) -> list[str]:
+        """The run's arguments after its configs, but its logs folder; ``tuned``: the sweep's choice for a
+        run that is not itself tuning."""
+        args = [
             f"--seed_everything={self.seed}",
-            f"--trainer.logger.init_args.save_dir={grid.logs}",
             f"--trainer.logger.init_args.name={self.name}",
             f"--trainer.logger.init_args.version={self.version}",
             PREDICTIONS_CALLBACK,
@@ -382,6 +386,11 @@ def row_key(row: dict[str, object]) -> tuple[str, str, str, int]:
     return str(row["task"]), str(row["method"]), str(row["variant"]), int(str(row["seed"]))
 
 
+def made_by(row: dict[str, str], run: Run, grid: Grid, tuned: str | None = None) -> bool:
+    """Whether ``row`` records ``run``'s digest as it is now, or none (a row written before digests)."""
+    return row.get("config", "") in ("", run.fingerprint(grid, tuned))
+
+
 def outdated_tuning_row(grid: Grid, row: dict[str, str]) -> bool:
     """Whether a sweep row records another digest than its run's now (printed); rows of runs the grid no
     longer has, and rows without a digest, are kept."""
@@ -390,7 +399,7 @@ def outdated_tuning_row(grid: Grid, row: dict[str, str]) -> bool:
     runs = [
         r for r in grid.tuning_runs(row["task"], row["method"], row["tuned"]) if r.seed == int(row["seed"])
     ]
-    if not runs or row.get("config", "") in ("", runs[0].fingerprint(grid)):
+    if not runs or made_by(row, runs[0], grid):
         return False
     print(
         f"{runs[0].name} {runs[0].version}: its row was made with other configs or arguments; dropped",
@@ -416,8 +425,7 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
         row = next((r for r in rows[run.candidate is not None] if row_key(r) == run.key), None)
         if row is None or run.candidate is not None or tuned == PENDING:
             return row is not None
-        made = row.get("config", "")
-        if row.get("tuned", "") == (tuned or "") and made in ("", run.fingerprint(grid, tuned)):
+        if row.get("tuned", "") == (tuned or "") and made_by(row, run, grid, tuned):
             return True
         print(
             f"{run.name} {run.version}: its row was made with other configs, arguments or tuned value; "
