@@ -42,7 +42,8 @@ class PreemptionCheckpoint(L.Callback):
             )
             return
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        # the full state (optimiser, loops, callbacks): resuming needs all of it
+        trainer.save_checkpoint(path, weights_only=False)
         rank_zero_info(
             f"{type(exception).__name__}: saved a resumable checkpoint at step {trainer.global_step} to "
             f"{path}; continue with --ckpt_path last"
