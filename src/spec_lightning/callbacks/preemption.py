@@ -42,7 +42,8 @@ class PreemptionCheckpoint(L.Callback):
             )
             return
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-        # the full state (optimiser, loops, callbacks): resuming needs all of it
+        # what is written, not how it is read: the full state (optimiser, loops, callbacks) that resuming
+        # needs, tensors and plain values only: Lightning reads it back with torch.load's weights_only=True
         trainer.save_checkpoint(path, weights_only=False)
         rank_zero_info(
             f"{type(exception).__name__}: saved a resumable checkpoint at step {trainer.global_step} to "
