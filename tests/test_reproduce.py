@@ -331,6 +331,29 @@ def test_cells_at_the_majority_class_are_marked_and_not_ranked() -> None:
     )
 
 
+def test_trainable_share_is_shown_per_task_where_it_differs() -> None:
+    """A selection that depends on the task (MFTC's) is shown per task, in the columns' order, with its
+    mean over seeds; a share the same on every task is shown once; a task not run reads "–"."""
+    rows = []
+    for seed, mftc_sst2 in ((1, 20), (2, 30)):
+        rows += [
+            ("sst2", "lora", seed, 0.8, 10, 1000),
+            ("qqp", "lora", seed, 0.8, 10, 1000),
+            ("sst2", "mftc", seed, 0.8, mftc_sst2, 1000),
+            ("qqp", "mftc", seed, 0.8, 120, 1000),
+            ("qqp", "bitfit", seed, 0.8, 3, 1000),
+        ]
+    runs = pd.DataFrame(rows, columns=["task", "method", "seed", "val/accuracy", "trainable", "total"])
+    runs["variant"], runs["majority"] = "", 0.5
+    runs["wall_s"] = runs["cpu_s"] = runs["s_per_step"] = 1.0
+    lines = {
+        line.split(" | ")[0].removeprefix("| "): line for line in comparison_table(summary(runs)).splitlines()
+    }
+    assert lines["lora"].startswith("| lora | 1.000 | ")
+    assert lines["mftc"].startswith("| mftc | 2.500 / 12.000 | ")
+    assert lines["bitfit"].startswith("| bitfit | 0.300 | ")
+
+
 def test_paired_differences_bootstrap_over_the_saved_predictions(tmp_path: Path) -> None:
     """With every pair's predictions saved, the interval is the bootstrap of those examples; a method
     missing one seed's file falls back to the t-interval over seeds."""

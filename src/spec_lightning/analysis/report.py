@@ -133,8 +133,8 @@ def task_cells(group: pd.DataFrame, tasks: list[str], render: Callable[[pd.Serie
 
 def comparison_table(stats: pd.DataFrame) -> str:
     """Methods x tasks: the task metric (x100 for scores in [0, 1]) mean ± sd [95 % interval] and rank,
-    "did not learn" where no run beat the majority class; trainable %; the mean over tasks (none where
-    a cell did not learn)."""
+    "did not learn" where no run beat the majority class; trainable % (:func:`trainable_shares`); the
+    mean over tasks (none where a cell did not learn)."""
     main = stats[stats["variant"] == ""].copy()
     main["rank"] = ranks(main)
     tasks = list(dict.fromkeys(main["task"]))
@@ -147,9 +147,19 @@ def comparison_table(stats: pd.DataFrame) -> str:
         mean = np.mean([display_scale(r["metric"]) * r["mean"] for _, r in group.iterrows()])
         overall = f"{mean:.1f}" if group["learned"].all() else "–"
         lines.append(
-            f"| {method} | {group['trainable_pct'].mean():.3f} | " + " | ".join(cells) + f" | {overall} |"
+            f"| {method} | {trainable_shares(group, tasks)} | " + " | ".join(cells) + f" | {overall} |"
         )
     return "\n".join(lines)
+
+
+def trainable_shares(group: pd.DataFrame, tasks: list[str]) -> str:
+    """A method's trainable share in %: one value where it is the same on every task it ran, else one per
+    task in the table's task order ("–" where it did not run), so a selection that depends on the task
+    (MFTC's search) is not averaged away."""
+    by_task = group.set_index("task")["trainable_pct"]
+    shares = [f"{by_task[t]:.3f}" if t in by_task.index else "–" for t in tasks]
+    ran = {s for s in shares if s != "–"}
+    return ran.pop() if len(ran) == 1 else " / ".join(shares)
 
 
 def run_name(method: str, task: str, variant: str) -> str:
@@ -413,7 +423,8 @@ def findings(
         (
             "Method comparison",
             "mean ± sd over seeds [95 % t-interval of the mean] #rank among the methods that learned; "
-            '"did not learn": no seed scored above always answering the majority class.',
+            '"did not learn": no seed scored above always answering the majority class; trainable %: '
+            "one value per task, in the columns' order, where they differ.",
             comparison_table(stats),
         )
     ]
