@@ -13,10 +13,10 @@ import pytest
 import scipy.stats
 import yaml
 
+from spec_lightning.analysis.paired import paired_differences
 from spec_lightning.analysis.report import (
     comparison_table,
     cost_table,
-    paired_differences,
     paired_table,
     summary,
     sweep_table,

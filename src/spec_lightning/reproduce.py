@@ -56,7 +56,9 @@ import yaml
 
 from spec_lightning.analysis.claims import Claim
 from spec_lightning.analysis.curves import read_scalars, seconds_per_step
-from spec_lightning.analysis.report import lower_is_better, primary_metric, run_name, write_report
+from spec_lightning.analysis.paired import run_name
+from spec_lightning.analysis.report import write_report
+from spec_lightning.analysis.statistics import lower_is_better, primary_metric
 from spec_lightning.checkpoints import load_checkpoint
 
 #: Added to every run's callbacks: the report's bootstrap needs each example's prediction.

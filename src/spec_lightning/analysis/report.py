@@ -24,40 +24,27 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from spec_lightning.analysis.claims import MIN_PAIRS, Claim, claims_table  # noqa: E402
-from spec_lightning.analysis.curves import curves_figure, read_scalars  # noqa: E402
-from spec_lightning.analysis.modules import predictor_figure  # noqa: E402
-from spec_lightning.analysis.statistics import (  # noqa: E402
+from spec_lightning.analysis.claims import MIN_PAIRS, Claim, claims_table
+from spec_lightning.analysis.paired import paired_differences
+from spec_lightning.analysis.report_figures import (
+    ablation_figures,
+    comparison_figure,
+    fewshot_figure,
+    predictor_figures,
+)
+from spec_lightning.analysis.statistics import (
     did_not_learn,
     display_scale,
     lower_is_better,
-    paired_bootstrap,
+    primary_metric,
     t_interval,
 )
-
-#: The metric reported per task where it is not accuracy; perplexity for language modelling.
-PRIMARY = {"cola": "val/matthews", "stsb": "val/pearson"}
-ABLATIONS = ("task_only", "spectral_only")
-
-
-def primary_metric(task: str, columns: Iterable[str]) -> str:
-    """The task's reported metric among ``columns`` (``val/*`` names)."""
-    columns = list(columns)
-    for metric in (PRIMARY.get(task), "val/accuracy", "val/perplexity"):
-        if metric in columns:
-            return metric
-    raise KeyError(f"no metric for task {task!r} among the columns {sorted(columns)}")
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
@@ -162,80 +149,6 @@ def trainable_shares(group: pd.DataFrame, tasks: list[str]) -> str:
     return ran.pop() if len(ran) == 1 else " / ".join(shares)
 
 
-def run_name(method: str, task: str, variant: str) -> str:
-    """As the runner names a run: ``<method>-<task>[-<variant>]``."""
-    return "-".join(p for p in (method, task, variant) if p)
-
-
-def correct(folder: Path, name: str, seed: int) -> np.ndarray | None:
-    """1(ŷ = y) per dev example of a run, from ``predictions/<run name>-seed<seed>.npz``."""
-    path = folder / f"{name}-seed{seed}.npz"
-    if not path.is_file():
-        return None
-    with np.load(path) as saved:
-        return (saved["predictions"] == saved["labels"]).astype(float)
-
-
-def example_differences(
-    folder: Path, method: str, baseline: str, task: str, variant: str, seeds: list[int]
-) -> np.ndarray | None:
-    """seeds x examples: 1(method right) − 1(baseline right); None unless every run's predictions are
-    there, over the same examples."""
-    rows = []
-    for seed in seeds:
-        ours = correct(folder, run_name(method, task, variant), seed)
-        theirs = correct(folder, run_name(baseline, task, variant), seed)
-        if ours is None or theirs is None or len(ours) != len(theirs):
-            return None
-        rows.append(ours - theirs)
-    return np.stack(rows) if rows and len({len(r) for r in rows}) == 1 else None
-
-
-def paired_differences(
-    runs: pd.DataFrame, baseline: str = "lora", predictions: Path | None = None
-) -> pd.DataFrame:
-    """Per task, variant and method: d_s = metric(method, s) − metric(baseline, s) over the seeds s both
-    ran (the baseline's runs of the same variant: few-shot shares compare at the same share), their
-    mean d̄ and n, and a 95 % interval: for accuracy with every pair's predictions in ``predictions``,
-    the paired bootstrap over dev examples and seeds
-    (:func:`~spec_lightning.analysis.statistics.paired_bootstrap`); else Student's t over the pairs,
-    d̄ ± t_{0.975, n−1} · sd(d) / √n (NaN for n < 2). Pairing on seeds removes what the seed does to
-    both (data order, initialisation)."""
-    records = []
-    for (task, variant), group in runs.groupby(["task", "variant"], sort=False):
-        metric = primary_metric(str(task), group.columns[group.notna().any()])
-        values = group.pivot_table(index="seed", columns="method", values=metric, aggfunc="first")
-        if baseline not in values.columns:
-            continue
-        for method in (m for m in dict.fromkeys(group["method"]) if m != baseline):
-            pairs = values[[method, baseline]].dropna().astype(float)
-            differences = (pairs[method] - pairs[baseline]).to_numpy()
-            n = len(differences)
-            mean = float(differences.mean()) if n else float("nan")
-            low, high, kind = *t_interval(differences), "t"
-            examples = None
-            if predictions is not None and metric == "val/accuracy" and n:
-                examples = example_differences(
-                    predictions, method, baseline, str(task), str(variant), list(pairs.index)
-                )
-            if examples is not None:
-                (low, high), kind = paired_bootstrap(examples), "bootstrap"
-            records.append(
-                {
-                    "task": task,
-                    "variant": variant,
-                    "method": method,
-                    "metric": metric.removeprefix("val/"),
-                    "difference": mean,
-                    "low": low,
-                    "high": high,
-                    "pairs": n,
-                    "interval": kind,
-                }
-            )
-    return pd.DataFrame(records)
-
-
 def paired_table(differences: pd.DataFrame, baseline: str) -> str:
     """Methods x tasks (and task/variant): the mean paired difference to ``baseline`` [95 % interval]
     (x100 except perplexity), the seed pairs, and "t" where the interval is Student's over seeds, not
@@ -323,91 +236,6 @@ def variant_table(stats: pd.DataFrame) -> str:
             f"| {cell(r['mean'], r['sd'], scale)} | {base} |"
         )
     return "\n".join(lines)
-
-
-def comparison_figure(stats: pd.DataFrame, path: Path) -> None:
-    main = stats[stats["variant"] == ""]
-    tasks, methods = list(dict.fromkeys(main["task"])), list(dict.fromkeys(main["method"]))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * len(methods) / 3), 4))
-    width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        rows = main[main["method"] == method].set_index("task").reindex(tasks)
-        ax.bar(
-            np.arange(len(tasks)) + i * width, rows["mean"], width, yerr=rows["sd"].fillna(0), label=method
-        )
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
-    ax.set_ylabel("dev metric (mean over seeds, ± sd)")
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def fewshot_figure(stats: pd.DataFrame, path: Path) -> bool:
-    few = stats[stats["variant"].str.fullmatch(r"fewshot\d+")]
-    if few.empty:
-        return False
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for (task, method), group in few.groupby(["task", "method"], sort=False):
-        points = [
-            (int(v.removeprefix("fewshot")), m, s)
-            for v, m, s in zip(group["variant"], group["mean"], group["sd"], strict=True)
-        ]
-        full = stats[(stats["task"] == task) & (stats["method"] == method) & (stats["variant"] == "")]
-        points += [(100, full["mean"].iloc[0], full["sd"].iloc[0])] if not full.empty else []
-        x, y, e = zip(*sorted(points), strict=True)
-        ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=f"{method} ({task})")
-    ax.set_xlabel("training data (%)")
-    ax.set_ylabel("dev metric")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def first_seed_dirs(runs: pd.DataFrame, method: str, variant: str) -> dict[str, Path]:
-    """Per task, the log folder of the first seed's run, where it is on this machine."""
-    chosen = runs[(runs["method"] == method) & (runs["variant"] == variant)].sort_values("seed")
-    folders = {task: Path(group["run_dir"].iloc[0]) for task, group in chosen.groupby("task", sort=False)}
-    return {task: folder for task, folder in folders.items() if folder.is_dir()}
-
-
-def ablation_figures(runs: pd.DataFrame, out: Path) -> list[Path]:
-    """Task-loss curves of graph_spectral's ablation variants against its joint objective (first seed)."""
-    written = []
-    joint = first_seed_dirs(runs, "graph_spectral", "")
-    for task, joint_dir in joint.items():
-        curves = {"joint": read_scalars(joint_dir)["train/task_loss"]}
-        for variant in ABLATIONS:
-            directory = first_seed_dirs(runs, "graph_spectral", variant).get(task)
-            if directory is not None:
-                curves[variant] = read_scalars(directory)["train/task_loss"]
-        if len(curves) > 1:
-            fig = curves_figure(curves, "train/task_loss")
-            written.append(out / f"ablation_{task}.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
-    return written
-
-
-def predictor_figures(runs: pd.DataFrame, out: Path) -> list[Path]:
-    written = []
-    for task, directory in first_seed_dirs(runs, "mftc", "").items():
-        report_file = directory / "module_search.json"
-        if not report_file.is_file():
-            continue
-        predictor = json.loads(report_file.read_text()).get("predictor")
-        if predictor:
-            fig = predictor_figure(
-                np.array(predictor["predicted"]),
-                np.array(predictor["measured"]),
-                f"MFTC on {task}: R² {predictor['r2']:.3f}, Spearman {predictor['spearman']:.2f}",
-            )
-            written.append(out / f"mftc_predictor_{task}.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
-    return written
 
 
 def findings(

@@ -1,10 +1,15 @@
 """Intervals for the reproduction report: over seeds (Student's t) and over dev examples and seeds (a
-paired bootstrap), and whether a cell learned at all."""
+paired bootstrap), whether a cell learned at all, and which metric a task reports."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from scipy import stats
+
+#: The metric reported per task where it is not accuracy; perplexity for language modelling.
+PRIMARY = {"cola": "val/matthews", "stsb": "val/pearson"}
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -55,3 +60,12 @@ def display_scale(metric: str) -> float:
     """How a metric is shown: x100 for scores in [0, 1] (accuracy, F1, correlations), as it is for
     perplexity and losses."""
     return 1.0 if lower_is_better(metric) else 100.0
+
+
+def primary_metric(task: str, columns: Iterable[str]) -> str:
+    """The task's reported metric among ``columns`` (``val/*`` names)."""
+    columns = list(columns)
+    for metric in (PRIMARY.get(task), "val/accuracy", "val/perplexity"):
+        if metric in columns:
+            return metric
+    raise KeyError(f"no metric for task {task!r} among the columns {sorted(columns)}")
