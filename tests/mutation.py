@@ -63,6 +63,7 @@ TARGETS: dict[str, list[str]] = {
     "methods/graph_spectral/method.py": ["tests/test_graph_spectral.py"],
     "callbacks/spectral_gradient_filter.py": ["tests/test_spectral_gradient_filter.py"],
     "callbacks/module_search.py": ["tests/test_mftc_callbacks.py"],
+    "callbacks/probe.py": ["tests/test_mftc_callbacks.py"],
 }
 #: Mutants that cannot change a result, judged by reading them: (file, source line, change) -> why.
 #: They are run and reported, but not counted.

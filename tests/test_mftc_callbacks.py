@@ -326,7 +326,7 @@ class StubProbes:
         self.calls: list[tuple[int, ...]] = []
 
     def __call__(self, trainer: Any, pl_module: Any, optimizer: Any, blocks: np.ndarray) -> Any:
-        from spec_lightning.callbacks.module_search import Probe
+        from spec_lightning.callbacks.probe import Probe
 
         key = tuple(int(b) for b in blocks)
         self.calls.append(key)

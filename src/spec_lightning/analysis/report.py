@@ -121,7 +121,8 @@ def task_cells(group: pd.DataFrame, tasks: list[str], render: Callable[[pd.Serie
 def comparison_table(stats: pd.DataFrame) -> str:
     """Methods x tasks: the task metric (x100 for scores in [0, 1]) mean ± sd [95 % interval] and rank,
     "did not learn" where no run beat the majority class; trainable % (:func:`trainable_shares`); the
-    mean over tasks (none where a cell did not learn)."""
+    mean over the table's tasks, only for a method that learned on every one of them (a mean over fewer
+    tasks would not compare across rows)."""
     main = stats[stats["variant"] == ""].copy()
     main["rank"] = ranks(main)
     tasks = list(dict.fromkeys(main["task"]))
@@ -131,8 +132,9 @@ def comparison_table(stats: pd.DataFrame) -> str:
     lines = [header + " | mean |", "|---" * (len(tasks) + 3) + "|"]
     for method, group in main.groupby("method", sort=False):
         cells = task_cells(group, tasks, comparison_cell)
+        complete = group["learned"].all() and set(group["task"]) == set(tasks)
         mean = np.mean([display_scale(r["metric"]) * r["mean"] for _, r in group.iterrows()])
-        overall = f"{mean:.1f}" if group["learned"].all() else "–"
+        overall = f"{mean:.1f}" if complete else "–"
         lines.append(
             f"| {method} | {trainable_shares(group, tasks)} | " + " | ".join(cells) + f" | {overall} |"
         )
@@ -252,7 +254,8 @@ def findings(
             "Method comparison",
             "mean ± sd over seeds [95 % t-interval of the mean] #rank among the methods that learned; "
             '"did not learn": no seed scored above always answering the majority class; trainable %: '
-            "one value per task, in the columns' order, where they differ.",
+            "one value per task, in the columns' order, where they differ; mean: over the tasks, for "
+            "the methods that learned on all of them.",
             comparison_table(stats),
         )
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -12,19 +11,18 @@ from typing import Any, Protocol, runtime_checkable
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
-from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from spec_lightning.analysis.modules import predictor_figure
 from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
+from spec_lightning.callbacks.probe import Probe, local_grads, local_rows_of, plain, probe
 from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp1
-from spec_lightning.distributed import local_rows, reshard, rows_like
+from spec_lightning.distributed import local_rows, rows_like
+from spec_lightning.methods.mftc.export import export_slices
 from spec_lightning.methods.mftc.search import SearchProblem, best_selection, predictor_quality
 from spec_lightning.naming import matches
 from spec_lightning.spectral.blocks import (
@@ -32,11 +30,7 @@ from spec_lightning.spectral.blocks import (
     frozen_values,
     mask_gradients,
     restore_frozen,
-    save_slices,
 )
-
-#: The file :meth:`ModuleSearch.export` writes.
-SLICES_FILE = "mftc_slices.safetensors"
 
 
 @runtime_checkable
@@ -57,14 +51,6 @@ class Candidate:
     module: int
     blocks: list[int]
     parameters: int
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Per-batch accuracy and loss on the probe batches after a few steps training one set of blocks."""
-
-    accuracy: np.ndarray
-    loss: np.ndarray
 
 
 def blocks_of(candidates: list[Candidate], chosen: np.ndarray) -> np.ndarray:
@@ -308,7 +294,7 @@ class ModuleSearch(KeyedCallback):
         stop requiring gradients where the strategy allows it."""
         params = dict(pl_module.named_parameters())
         self._masks = self._device_masks(pl_module, blocks)
-        self._frozen_values = frozen_values(_local(params), self._masks)
+        self._frozen_values = frozen_values(local_rows_of(params), self._masks)
         unused = [
             n for n, p in params.items() if p.requires_grad and n not in self._head and n not in self._masks
         ]
@@ -329,10 +315,10 @@ class ModuleSearch(KeyedCallback):
         for name, p in params.items():
             if p.grad is not None and name not in self._head and name not in self._masks:
                 p.grad = None  # the optimiser skips it altogether
-        mask_gradients(_local_grads(params), self._masks)
+        mask_gradients(local_grads(params), self._masks)
 
     def _restore_frozen(self, pl_module: L.LightningModule) -> None:
-        restore_frozen(_local(dict(pl_module.named_parameters())), self._masks, self._frozen_values)
+        restore_frozen(local_rows_of(dict(pl_module.named_parameters())), self._masks, self._frozen_values)
 
     def trained_parameters(self) -> dict[str, torch.Tensor | None]:
         """Parameter name -> boolean mask of its trained slices, whole-parameter shaped on the CPU
@@ -362,27 +348,7 @@ class ModuleSearch(KeyedCallback):
             raise MisconfigurationException(
                 "ModuleSearch.export: nothing to export before the search has run"
             )
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        trained = self.trained_parameters()
-        params = dict(pl_module.named_parameters())
-        if module is not None:
-            prefix = next((f"{n}." for n, m in pl_module.named_modules() if m is module and n), None)
-            if prefix is None:
-                raise ValueError("ModuleSearch.export: module is not a submodule of pl_module")
-            outside = [n for n in trained if not n.startswith(prefix)]
-            if outside:
-                raise ValueError(
-                    f"ModuleSearch.export: {outside[:3]} were trained but lie outside module "
-                    f"({prefix[:-1]}); export from a module that holds them all"
-                )
-            params = {n.removeprefix(prefix): p for n, p in params.items() if n.startswith(prefix)}
-            trained = {n.removeprefix(prefix): mask for n, mask in trained.items()}
-        whole = {n: params[n].full_tensor() if isinstance(params[n], DTensor) else params[n] for n in trained}
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            save_slices(whole, trained, directory / SLICES_FILE)
-            (directory / "module_search.json").write_text(json.dumps(self.report, indent=1))
-        return directory / SLICES_FILE
+        return export_slices(pl_module, self.trained_parameters(), self.report, directory, module)
 
     # ---- the search --------------------------------------------------------------------------
     def candidates(self) -> list[Candidate]:
@@ -505,50 +471,17 @@ class ModuleSearch(KeyedCallback):
         optimizer: torch.optim.Optimizer,
         blocks: np.ndarray,
     ) -> Probe:
-        """Train the head and ``blocks`` for ``probe_steps`` steps, evaluate, and put everything back."""
-        params = dict(pl_module.named_parameters())
-        masks = self._device_masks(pl_module, blocks)
-        touched = [*self._head, *masks]
-        saved_values = {n: params[n].detach().clone() for n in touched}
-        frozen = frozen_values(_local(params), masks)
-        saved_optimizer = copy.deepcopy(optimizer.state_dict())
-        saved_flags = {n: p.requires_grad for n, p in params.items()}
-        train, evaluate = self._held_back[: self.probe_steps], self._held_back[self.probe_steps :]
-        accuracy, loss = [], []
-        with isolate_rng():
-            for name, p in params.items():  # backward reaches the probed parameters only
-                p.requires_grad_(name in touched)
-            try:
-                pl_module.train()
-                for batch in train:
-                    optimizer.zero_grad()
-                    with trainer.precision_plugin.forward_context():
-                        batch_loss, _ = self._probe_step(pl_module, batch)
-                    batch_loss.backward()
-                    mask_gradients(_local_grads(params), masks)
-                    optimizer.step()
-                    restore_frozen(_local(params), masks, frozen)
-                pl_module.eval()
-                with torch.no_grad(), trainer.precision_plugin.forward_context():
-                    for batch in evaluate:
-                        batch_loss, batch_accuracy = self._probe_step(pl_module, batch)
-                        loss.append(float(batch_loss))
-                        accuracy.append(float(batch_accuracy))
-            finally:
-                # FSDP2 keeps its root gathered after the evaluation (no backward): the next forward
-                # would read the probe's weights, not the shards restored below
-                reshard(pl_module)
-                optimizer.zero_grad()
-                with torch.no_grad():
-                    for name, value in saved_values.items():
-                        params[name].copy_(value)
-                optimizer.load_state_dict(saved_optimizer)
-                for name, p in params.items():
-                    p.requires_grad_(saved_flags[name])
-                pl_module.train()
-        result = torch.tensor([accuracy, loss], dtype=torch.float64)
-        result = trainer.strategy.reduce(result.to(pl_module.device), reduce_op="mean").cpu()
-        return Probe(result[0].numpy(), result[1].numpy())
+        """Train the head and ``blocks`` on the probe-training batches, score them on the held-out ones,
+        and put everything back (:func:`~spec_lightning.callbacks.probe.probe`)."""
+        return probe(
+            trainer,
+            pl_module,
+            optimizer,
+            self._device_masks(pl_module, blocks),
+            self._head,
+            (self._held_back[: self.probe_steps], self._held_back[self.probe_steps :]),
+            self._probe_step,
+        )
 
     # ---- state -------------------------------------------------------------------------------
     @override
@@ -560,7 +493,7 @@ class ModuleSearch(KeyedCallback):
         return {
             "selected": self.selected,
             "report": self.report,
-            "held_back": [_plain(batch) for batch in self._held_back] if self.selected is None else [],
+            "held_back": [plain(batch) for batch in self._held_back] if self.selected is None else [],
         }
 
     @override
@@ -568,29 +501,3 @@ class ModuleSearch(KeyedCallback):
         self.selected = state_dict["selected"]
         self.report = state_dict["report"]
         self._held_back = list(state_dict.get("held_back", []))
-
-
-def _plain(batch: Any) -> Any:
-    """``batch`` as lists, tuples, dicts and CPU tensors (a tokenizer's BatchEncoding becomes a dict)."""
-    if torch.is_tensor(batch):
-        return batch.detach().cpu()
-    if isinstance(batch, Mapping):
-        return {k: _plain(v) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [_plain(v) for v in batch]
-    if isinstance(batch, tuple):
-        return tuple(_plain(v) for v in batch)
-    return batch
-
-
-def _local(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each parameter's rows on this rank (the whole tensor off FSDP2); writing into them writes the
-    parameter."""
-    with torch.no_grad():
-        return {n: local_rows(p)[0] for n, p in params.items()}
-
-
-def _local_grads(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """Each gradient's rows on this rank (the whole gradient off FSDP2; None where there is none)."""
-    with torch.no_grad():
-        return {n: None if p.grad is None else local_rows(p.grad)[0] for n, p in params.items()}
