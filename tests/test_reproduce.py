@@ -23,7 +23,9 @@ from spec_lightning.analysis.report import (
     write_report,
 )
 from spec_lightning.analysis.statistics import paired_bootstrap, t_interval
-from spec_lightning.reproduce import Grid, Run, Sweep, main, read_rows
+from spec_lightning.records import read_rows
+from spec_lightning.reproduce import Grid, Run, main
+from spec_lightning.sweep import Sweep
 from tests.conftest import write_sst2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

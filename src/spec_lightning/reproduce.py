@@ -38,11 +38,9 @@ taken as they are. With
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -51,15 +49,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from spec_lightning.analysis.claims import Claim
-from spec_lightning.analysis.curves import read_scalars, seconds_per_step
 from spec_lightning.analysis.paired import run_name
 from spec_lightning.analysis.report import write_report
-from spec_lightning.analysis.statistics import lower_is_better, primary_metric
-from spec_lightning.checkpoints import load_checkpoint
+from spec_lightning.records import children_cpu_seconds, collect, read_rows, write_rows
+from spec_lightning.sweep import Sweep
 
 #: Added to every run's callbacks: the report's bootstrap needs each example's prediction.
 PREDICTIONS_CALLBACK = "--trainer.callbacks+=spec_lightning.ValidationPredictions"
@@ -76,82 +72,6 @@ class Variant:
     methods: list[str]
     tasks: list[str]
     seeds: list[int] | None = None
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """Tuning: for each method in ``values``, every candidate value of ``argument`` (a CLI key such as
-    ``model.init_args.learning_rate``) runs with ``seeds`` and ``overrides`` added after the grid's
-    (``{task}`` is filled in). These must validate on the tuning split, ``--data.init_args.validate_on=
-    tuning`` (the check refuses a sweep without it), which the grid's runs all hold out of their training
-    data (``data.init_args.tuning_size``), so the sweep and the reported runs train on the same examples.
-    The candidate with the best mean of the task's metric over the seeds (highest; lowest for perplexity
-    and losses; the first listed among equals) is chosen. A short budget can favour the edge of the
-    list: with ``extend: N`` a winner at the edge gets up to N more candidates beyond it (numeric values,
-    spaced by the ratio of the outermost two), run before the choice is made."""
-
-    argument: str
-    values: dict[str, list[float | int | str]]
-    overrides: list[str]
-    seeds: list[int] = field(default_factory=lambda: [42])
-    extend: int = 0
-
-    def scores(self, rows: Sequence[dict[str, str]], task: str, method: str) -> dict[str, float] | None:
-        """Mean score over the seeds of every candidate of ``method`` on ``task`` that has run with all
-        of them: the listed ones in order, then the extensions in the order they were added; None until
-        every listed candidate has."""
-        mine = [r for r in rows if r["task"] == task and r["method"] == method]
-        listed = [str(v) for v in self.values[method]]
-        scores = {}
-        for value in listed + [v for v in dict.fromkeys(r["tuned"] for r in mine) if v not in listed]:
-            runs = [r for r in mine if r["tuned"] == value]
-            if not set(self.seeds) <= {int(r["seed"]) for r in runs}:
-                if value in listed:
-                    return None
-                continue
-            metric = primary_metric(task, [k for k in runs[0] if runs[0][k] != ""])
-            sign = -1.0 if lower_is_better(metric) else 1.0
-            scores[value] = sign * float(np.mean([float(r[metric]) for r in runs]))
-        return scores
-
-    def next_extension(self, rows: Sequence[dict[str, str]], task: str, method: str) -> str | None:
-        """A candidate beyond the edge: while the best so far is the largest (smallest) value tried and
-        fewer than ``extend`` extensions have run, the largest times (smallest divided by) the ratio of
-        the two outermost values; an extension still missing seeds is returned until it has them all.
-        None when nothing more is to run."""
-        scores = self.scores(rows, task, method)
-        return None if scores is None else self._extension(rows, task, method, scores)
-
-    def _extension(
-        self, rows: Sequence[dict[str, str]], task: str, method: str, scores: dict[str, float]
-    ) -> str | None:
-        """:meth:`next_extension` given the candidates' ``scores``."""
-        mine = {r["tuned"] for r in rows if r["task"] == task and r["method"] == method}
-        pending = sorted(mine - set(scores) - {str(v) for v in self.values[method]})
-        if pending:
-            return pending[0]
-        extensions = len(scores) - len(self.values[method])
-        ordered = sorted(scores, key=float)
-        if extensions >= self.extend or len(ordered) < 2:
-            return None
-        best = max(scores, key=scores.__getitem__)
-        if list(scores.values()).count(scores[best]) > 1:  # a tie (e.g. all at the majority class)
-            return None
-        if best == ordered[-1]:
-            value = float(ordered[-1]) ** 2 / float(ordered[-2])
-        elif best == ordered[0]:
-            value = float(ordered[0]) ** 2 / float(ordered[1])
-        else:
-            return None
-        return str(float(f"{value:.3g}"))
-
-    def chosen(self, rows: Sequence[dict[str, str]], task: str, method: str) -> str | None:
-        """The best candidate of ``method`` on ``task`` (the first of equals); None while a listed
-        candidate or an extension is still to run."""
-        scores = self.scores(rows, task, method)
-        if scores is None or self._extension(rows, task, method, scores) is not None:
-            return None
-        return max(scores, key=scores.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -319,69 +239,6 @@ class Run:
         elif grid.sweep is not None and tuned is not None:
             args.append(f"--{grid.sweep.argument}={tuned}")
         return args
-
-
-def majority_share(labels: np.ndarray) -> float:
-    """The share of the most frequent label: the accuracy of always answering it."""
-    return float(np.unique(labels, return_counts=True)[1].max() / len(labels))
-
-
-def collect(run: Run, logs: Path, wall_s: float, cpu_s: float, tuned: str | None) -> dict[str, object]:
-    """The CSV row of a finished run, from its TensorBoard scalars and predictions; ``cpu_s`` is the CPU
-    time (user + system) of its process, the energy proxy on a machine without a power meter."""
-    scalars = read_scalars(run.directory(logs))
-    checkpoint = load_checkpoint(run.directory(logs) / "checkpoints" / "last.ckpt")
-    steps = int(checkpoint["global_step"])
-    row: dict[str, object] = {
-        "task": run.task,
-        "method": run.method,
-        "variant": run.variant,
-        "seed": run.seed,
-        "tuned": run.candidate if run.candidate is not None else (tuned or ""),
-        "trainable": int(scalars["params/trainable"][0][1]),
-        "total": int(scalars["params/total"][0][1]),
-        "steps": steps,
-        "wall_s": round(wall_s, 1),
-        "cpu_s": round(cpu_s, 1),
-        "s_per_step": round(seconds_per_step(run.directory(logs)), 4),
-        "load_1m": round(os.getloadavg()[0], 2),
-        "run_dir": str(run.directory(logs)),
-    }
-    predictions = run.directory(logs) / "predictions.npz"
-    if predictions.is_file():
-        with np.load(predictions) as saved:
-            labels = saved["labels"]
-        if np.issubdtype(labels.dtype, np.integer):
-            row["majority"] = round(majority_share(labels), 6)
-    if "module_search/trainable_parameters" in scalars:  # MFTC trains the selection after its search
-        row["trainable"] = int(scalars["module_search/trainable_parameters"][-1][1])
-    row |= {tag: round(points[-1][1], 6) for tag, points in sorted(scalars.items()) if tag.startswith("val/")}
-    return row
-
-
-def children_cpu_seconds() -> float:
-    """User + system CPU seconds of the finished child processes so far."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows: Sequence[dict[str, object]]) -> None:
-    """All rows, with the union of their columns (metrics differ between tasks); written atomically."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".csv.tmp")
-    with staging.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    staging.replace(path)
 
 
 def row_key(row: dict[str, object]) -> tuple[str, str, str, int]:
