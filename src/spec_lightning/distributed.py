@@ -7,7 +7,7 @@ Everything here is a no-op in a single process (or on a plain tensor), so caller
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -127,6 +127,19 @@ def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     rows, ranks = tensor.shape[0], tensor.device_mesh.size()
     start = min(tensor.device_mesh.get_local_rank() * -(-rows // ranks), rows)
     return tensor.to_local(), start
+
+
+def local_rows_of(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each parameter's rows on this rank (the whole tensor off FSDP2); writing into them writes the
+    parameter."""
+    with torch.no_grad():
+        return {n: local_rows(p)[0] for n, p in params.items()}
+
+
+def local_grads(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """Each gradient's rows on this rank (the whole gradient off FSDP2; None where there is none)."""
+    with torch.no_grad():
+        return {n: None if p.grad is None else local_rows(p.grad)[0] for n, p in params.items()}
 
 
 def rows_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from typing_extensions import override
 
 from spec_lightning.analysis.modules import predictor_figure
 from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
-from spec_lightning.callbacks.probe import Probe, local_grads, local_rows_of, plain, probe
+from spec_lightning.callbacks.probe import Probe, probe
 from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp1
-from spec_lightning.distributed import local_rows, rows_like
+from spec_lightning.distributed import local_grads, local_rows, local_rows_of, rows_like
 from spec_lightning.methods.mftc.export import export_slices
 from spec_lightning.methods.mftc.search import SearchProblem, best_selection, predictor_quality
 from spec_lightning.naming import matches
@@ -493,7 +493,7 @@ class ModuleSearch(KeyedCallback):
         return {
             "selected": self.selected,
             "report": self.report,
-            "held_back": [plain(batch) for batch in self._held_back] if self.selected is None else [],
+            "held_back": [_plain(batch) for batch in self._held_back] if self.selected is None else [],
         }
 
     @override
@@ -501,3 +501,16 @@ class ModuleSearch(KeyedCallback):
         self.selected = state_dict["selected"]
         self.report = state_dict["report"]
         self._held_back = list(state_dict.get("held_back", []))
+
+
+def _plain(batch: Any) -> Any:
+    """``batch`` as lists, tuples, dicts and CPU tensors (a tokenizer's BatchEncoding becomes a dict)."""
+    if torch.is_tensor(batch):
+        return batch.detach().cpu()
+    if isinstance(batch, Mapping):
+        return {k: _plain(v) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_plain(v) for v in batch]
+    if isinstance(batch, tuple):
+        return tuple(_plain(v) for v in batch)
+    return batch

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 
-from spec_lightning.distributed import local_rows, reshard
+from spec_lightning.distributed import local_grads, local_rows_of, reshard
 from spec_lightning.spectral.blocks import frozen_values, mask_gradients, restore_frozen
 
 #: ``step(pl_module, batch) -> (mean loss, score)``: one probe batch's loss (differentiable) and score.
@@ -84,29 +84,3 @@ def probe(
     result = torch.tensor([accuracy, loss], dtype=torch.float64)
     result = trainer.strategy.reduce(result.to(pl_module.device), reduce_op="mean").cpu()
     return Probe(result[0].numpy(), result[1].numpy())
-
-
-def plain(batch: Any) -> Any:
-    """``batch`` as lists, tuples, dicts and CPU tensors (a tokenizer's BatchEncoding becomes a dict)."""
-    if torch.is_tensor(batch):
-        return batch.detach().cpu()
-    if isinstance(batch, Mapping):
-        return {k: plain(v) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [plain(v) for v in batch]
-    if isinstance(batch, tuple):
-        return tuple(plain(v) for v in batch)
-    return batch
-
-
-def local_rows_of(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each parameter's rows on this rank (the whole tensor off FSDP2); writing into them writes the
-    parameter."""
-    with torch.no_grad():
-        return {n: local_rows(p)[0] for n, p in params.items()}
-
-
-def local_grads(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """Each gradient's rows on this rank (the whole gradient off FSDP2; None where there is none)."""
-    with torch.no_grad():
-        return {n: None if p.grad is None else local_rows(p.grad)[0] for n, p in params.items()}
