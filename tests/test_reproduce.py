@@ -325,12 +325,29 @@ def test_cells_at_the_majority_class_are_marked_and_not_ranked() -> None:
     runs["majority"] = runs["task"].map({"sst2": 0.509, "mrpc": 0.684})
     table = comparison_table(summary(runs))
     lines = {line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines()[2:]}
-    assert "| did not learn (48.9; majority 50.9) | 75.0 ± 0.0 [75.0, 75.0] #1 | – |" in lines["bitfit"]
-    assert "| 85.0 ± 0.0 [85.0, 85.0] #1 | 68.6 ± 0.3 [67.7, 69.5] #3 | 76.8 |" in lines["full"]
+    # Seeds that all gave one value are one run's value: no sd, no zero-width interval.
+    assert "| did not learn (48.9; majority 50.9) | 75.0, same with all 3 seeds #1 | – |" in lines["bitfit"]
+    assert "| 85.0, same with all 3 seeds #1 | 68.6 ± 0.3 [67.7, 69.5] #3 | 76.8 |" in lines["full"]
     low, high = scipy.stats.ttest_1samp([0.81, 0.82, 0.83], 0).confidence_interval(0.95)
     assert (
-        f"| 82.0 ± 1.0 [{100 * low:.1f}, {100 * high:.1f}] #2 | 70.0 ± 0.0 [70.0, 70.0] #2 |" in lines["lora"]
+        f"| 82.0 ± 1.0 [{100 * low:.1f}, {100 * high:.1f}] #2 | 70.0, same with all 3 seeds #2 |"
+        in lines["lora"]
     )
+
+
+def test_a_single_seed_is_shown_without_spread() -> None:
+    """One seed has no sd and no interval, and is not "the same with all seeds"."""
+    runs = pd.DataFrame(
+        [("sst2", "lora", 1, 0.8), ("sst2", "lora", 2, 0.82), ("sst2", "dora", 1, 0.83)],
+        columns=["task", "method", "seed", "val/accuracy"],
+    )
+    runs["variant"], runs["trainable"], runs["total"], runs["majority"] = "", 10, 100, 0.5
+    runs["wall_s"] = runs["cpu_s"] = runs["s_per_step"] = 1.0
+    lines = {
+        line.split(" | ")[0].removeprefix("| "): line for line in comparison_table(summary(runs)).splitlines()
+    }
+    assert "| 83.0 #1 |" in lines["dora"]
+    assert "| 81.0 ± 1.4 [" in lines["lora"] and "#2 |" in lines["lora"]
 
 
 def test_trainable_share_is_shown_per_task_where_it_differs() -> None:

@@ -50,7 +50,7 @@ def paired_differences(
     the paired bootstrap over dev examples and seeds
     (:func:`~spec_lightning.analysis.statistics.paired_bootstrap`); else Student's t over the pairs,
     d̄ ± t_{0.975, n−1} · sd(d) / √n (NaN for n < 2). Pairing on seeds removes what the seed does to
-    both (data order, initialisation)."""
+    both (initialisation, dropout)."""
     records = []
     for (task, variant), group in runs.groupby(["task", "variant"], sort=False):
         metric = primary_metric(str(task), group.columns[group.notna().any()])

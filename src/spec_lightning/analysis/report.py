@@ -72,6 +72,7 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
                 "majority": majority,
                 "tuned": ", ".join(tuned),
                 "seeds": len(values),
+                "alike": len(values) > 1 and values.nunique() == 1,
                 "trainable_min": int(group["trainable"].min()),
                 "trainable_max": int(group["trainable"].max()),
                 "trainable_pct": 100 * float((group["trainable"] / group["total"]).mean()),
@@ -101,9 +102,13 @@ def ranks(main: pd.DataFrame) -> pd.Series:
 
 
 def comparison_cell(r: pd.Series, scale: float) -> str:
-    """mean ± sd [95 % t-interval] #rank, or "did not learn" with the mean and the majority share."""
+    """mean ± sd [95 % t-interval] #rank; the value alone where every seed gave it (one run's value: a
+    zero-width interval would claim a precision the seeds did not measure); or "did not learn" with the
+    mean and the majority share."""
     if not r["learned"]:
         return f"did not learn ({scale * r['mean']:.1f}; majority {scale * r['majority']:.1f})"
+    if r["alike"]:
+        return f"{scale * r['mean']:.1f}, same with all {int(r['seeds'])} seeds #{int(r['rank'])}"
     interval = "" if np.isnan(r["low"]) else f" [{scale * r['low']:.1f}, {scale * r['high']:.1f}]"
     return cell(r["mean"], r["sd"], scale) + interval + f" #{int(r['rank'])}"
 
@@ -253,7 +258,9 @@ def findings(
         (
             "Method comparison",
             "mean ± sd over seeds [95 % t-interval of the mean] #rank among the methods that learned; "
-            '"did not learn": no seed scored above always answering the majority class; trainable %: '
+            '"did not learn": no seed scored above always answering the majority class; "same with all '
+            'N seeds": every seed gave the same value (nothing a seed sets, initialisation or dropout, '
+            "reaches the run; data order and splits follow the data seed), one run's value; trainable %: "
             "one value per task, in the columns' order, where they differ; mean: over the tasks, for "
             "the methods that learned on all of them.",
             comparison_table(stats),

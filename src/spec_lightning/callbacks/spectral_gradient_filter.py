@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from spec_lightning.callbacks.strategy import KeyedCallback, refuse_fsdp1, sharding_mesh_of
-from spec_lightning.distributed import all_reduce_sum, local_rows, rows_like
+from spec_lightning.distributed import all_reduce_sum, local_rows, local_rows_of, rows_like
 from spec_lightning.spectral import (
     FilterName,
     GraphConfig,
@@ -161,7 +161,7 @@ class SpectralGradientFilter(KeyedCallback):
             return dict(tensors), _unchanged
         if self.graphs.config.kind == "rows":
             return {n: t.full_tensor() for n, t in tensors.items()}, _unchanged
-        return {n: local_rows(t)[0] for n, t in tensors.items()}, partial(all_reduce_sum, mesh=self._mesh)
+        return local_rows_of(tensors), partial(all_reduce_sum, mesh=self._mesh)
 
     def filter_gradients(
         self, params: Mapping[str, torch.Tensor]
