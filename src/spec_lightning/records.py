@@ -4,6 +4,7 @@ beside it), read and written atomically."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import resource
 from collections.abc import Sequence
@@ -55,6 +56,29 @@ def collect(run: Run, logs: Path, wall_s: float, cpu_s: float, tuned: str | None
         row["trainable"] = int(scalars["module_search/trainable_parameters"][-1][1])
     row |= {tag: round(points[-1][1], 6) for tag, points in sorted(scalars.items()) if tag.startswith("val/")}
     return row
+
+
+#: The scalars a run's curve file keeps: every validation metric and the training loss.
+CURVE_TAGS = ("val/", "train/loss")
+
+
+def curves_of(run_dir: Path) -> dict[str, list[list[float]]]:
+    """The validation metrics' and training loss's (step, value) points of a finished run, for the
+    learning-curve figures of a grid whose TensorBoard logs stay on the machine that ran it."""
+    scalars = read_scalars(run_dir)
+    return {
+        tag: [[step, round(value, 6)] for step, value in points]
+        for tag, points in sorted(scalars.items())
+        if tag.startswith(CURVE_TAGS)
+    }
+
+
+def write_json(path: Path, payload: object) -> None:
+    """``payload`` as JSON at ``path``, written to a temporary file beside it and renamed (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(payload))
+    staging.replace(path)
 
 
 def children_cpu_seconds() -> float:

@@ -19,7 +19,8 @@ added to its callbacks.
 total parameters, optimiser steps, wall and CPU seconds of the process, seconds per step between the
 first and last logged training steps and the machine's 1-minute load average when it ended (above the
 run's threads: something else was running, and the times are not clean). Each run's validation
-predictions are copied to ``predictions/<run>-seed<seed>.npz`` beside the CSV. A run with a row is
+predictions are copied to ``predictions/<run>-seed<seed>.npz`` beside the CSV and its learning curves
+(every ``val/*`` metric and ``train/loss`` by optimiser step) to ``curves/<run>-seed<seed>.json``. A run with a row is
 finished and is not run again, so a grid whose output folder is committed resumes on another machine
 (the TensorBoard logs stay behind; the figures that read them are left out there), unless what the run
 trains changed since: each row records its run's ``config``, a digest of the contents of its config files
@@ -54,7 +55,14 @@ import yaml
 from spec_lightning.analysis.claims import Claim
 from spec_lightning.analysis.paired import run_name
 from spec_lightning.analysis.report import write_report
-from spec_lightning.records import children_cpu_seconds, collect, read_rows, write_rows
+from spec_lightning.records import (
+    children_cpu_seconds,
+    collect,
+    curves_of,
+    read_rows,
+    write_json,
+    write_rows,
+)
 from spec_lightning.sweep import Sweep
 
 #: Added to every run's callbacks: the report's bootstrap needs each example's prediction.
@@ -309,6 +317,8 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
         if not tuning and predictions.is_file():
             (out / "predictions").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(predictions, out / "predictions" / f"{run.name}-{run.version}.npz")
+        if not tuning:  # the learning curves, committed with the rows (the event files stay here)
+            write_json(out / "curves" / f"{run.name}-{run.version}.json", curves_of(run.directory(logs)))
         rows[tuning] = [r for r in rows[tuning] if row_key(r) != run.key]
         rows[tuning].append(
             collect(run, logs, wall_s, cpu_s, tuned) | {"config": run.fingerprint(grid, tuned)}
