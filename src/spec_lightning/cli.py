@@ -39,6 +39,8 @@ other subcommands:
              (spec-lightning export --help)
   reproduce  run a grid of fits, resumably, and write its comparison report
              (spec-lightning reproduce --help)
+  bundle     write the wheels, half-precision demo encoder and data an air-gapped GPU node needs
+             (spec-lightning bundle --help)
 """
 
 
@@ -134,6 +136,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args[:1] == ["reproduce"]:
         reproduce(args[1:])
+        return
+    if args[:1] == ["bundle"]:
+        from spec_lightning.io.bundle import main as bundle
+
+        bundle(args[1:])
         return
     try:
         build_cli(argv)  # None: LightningCLI reads sys.argv itself

@@ -60,12 +60,17 @@ def load_pretrained(auto_class: Any, name_or_path: str, head: Sequence[str] = ()
     """``auto_class.from_pretrained(name_or_path, **kwargs)`` with transformers' loading report in one
     line: weights of the task ``head`` (suffixes) that the checkpoint lacks, or holds for another
     number of labels (re-initialised), are expected and stated once; any other missing, unexpected or
-    mismatched weight is warned about by name."""
+    mismatched weight is warned about by name. Weights load in single precision unless ``dtype`` is
+    given: a checkpoint stored in half precision (most hub models; the offline bundle's encoder) becomes
+    fp32 master weights, and Lightning's ``precision`` decides what runs in bf16 or fp16 (transformers
+    5 would otherwise keep the stored dtype, and AdamW would update half-precision weights)."""
+    import torch
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    kwargs.setdefault("dtype", torch.float32)
     try:
         model, info = auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     finally:

@@ -44,6 +44,7 @@ def collect(run: Run, logs: Path, wall_s: float, cpu_s: float, tuned: str | None
         "cpu_s": round(cpu_s, 1),
         "s_per_step": round(seconds_per_step(run.directory(logs)), 4),
         "load_1m": round(os.getloadavg()[0], 2),
+        "device": device_name(),
         "run_dir": str(run.directory(logs)),
     }
     predictions = run.directory(logs) / "predictions.npz"
@@ -79,6 +80,14 @@ def write_json(path: Path, payload: object) -> None:
     staging = path.with_name(path.name + ".tmp")
     staging.write_text(json.dumps(payload))
     staging.replace(path)
+
+
+def device_name() -> str:
+    """The accelerator the grid's runs use (the CUDA device's name), else ``cpu``: rows of a GPU run and a
+    CPU run of one grid meet in one report."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def children_cpu_seconds() -> float:

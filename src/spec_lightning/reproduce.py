@@ -19,15 +19,15 @@ added to its callbacks.
 total parameters, optimiser steps, wall and CPU seconds of the process, seconds per step between the
 first and last logged training steps and the machine's 1-minute load average when it ended (above the
 run's threads: something else was running, and the times are not clean). Each run's validation
-predictions are copied to ``predictions/<run>-seed<seed>.npz`` beside the CSV and its learning curves
-(every ``val/*`` metric and ``train/loss`` by optimiser step) to ``curves/<run>-seed<seed>.json``. A run with a row is
-finished and is not run again, so a grid whose output folder is committed resumes on another machine
-(the TensorBoard logs stay behind; the figures that read them are left out there), unless what the run
-trains changed since: each row records its run's ``config``, a digest of the contents of its config files
-and its arguments (see :meth:`Run.fingerprint`), and a run whose row has another digest (or, for a tuned
-method, another tuned value) runs again and replaces it; a tuning row out of date is dropped when the
-grid starts, so the sweep chooses from current runs only. Rows written before the digest was recorded are
-taken as they are. With
+predictions are copied to ``predictions/<run>-seed<seed>.npz`` beside the CSV and its learning
+curves (every ``val/*`` metric and ``train/loss`` by optimiser step) to ``curves/<run>-seed<seed>.json``.
+A run with a row is finished and is not run again, so a grid whose output folder is committed resumes on
+another machine (the TensorBoard logs stay behind; the figures that read them are left out there), unless
+what the run trains changed since: each row records its run's ``config``, a digest of the contents of its
+config files and its arguments (see :meth:`Run.fingerprint`), and a run whose row has another digest (or,
+for a tuned method, another tuned value) runs again and replaces it; a tuning row out of date is dropped
+when the grid starts, so the sweep chooses from current runs only. Rows written before the digest was
+recorded are taken as they are. With
 ``keep_checkpoints: false`` a run's checkpoints are deleted once its row is written.
 :mod:`spec_lightning.analysis.report` turns the CSVs into ``report.md`` and figures::
 

@@ -27,7 +27,9 @@ from spec_lightning.callbacks.strategy import (
 from spec_lightning.distributed import all_reduce_sum, local_rows
 from spec_lightning.spectral.blocks import BlockMap, BlockRule, GradientSketcher, default_blocks
 from spec_lightning.spectral.clustering import Kernel, Module, SpectralClusterer
-from spec_lightning.spectral.neighbors import NeighborSearch
+from spec_lightning.spectral.eigensolve import DENSE_NODES
+from spec_lightning.spectral.neighbors import EXACT_NODES, NeighborSearch
+from spec_lightning.spectral.optional import EXTRA, available, check_available
 
 
 class DynamicSpectralClustering(KeyedCallback):
@@ -181,6 +183,7 @@ class DynamicSpectralClustering(KeyedCallback):
         self._mesh = sharding_mesh_of("DynamicSpectralClustering", [params[n] for n in self.block_map.names])
         device = params[self.block_map.names[0]].device
         m = self.block_map.num_blocks
+        self._check_packages(m)
         if self._sketches is None or self._sketches.shape != (m, self.sketch_dim):
             self._sketches = torch.zeros(m, self.sketch_dim, device=device)
             self._energy = torch.zeros(m, device=device)
@@ -220,6 +223,24 @@ class DynamicSpectralClustering(KeyedCallback):
         )
         summed = all_reduce_sum(torch.cat([sketches, energy[:, None]], dim=1), self._mesh)
         return summed[:, :-1], summed[:, -1]
+
+    def _check_packages(self, m: int) -> None:
+        """Refuse the large path at fit start when its packages are missing (not at the first update,
+        steps into the run); below it, say once that the eigensolver starts without pyamg's help."""
+        search = self.clusterer.neighbor_search
+        if search == "ivf" or (search == "auto" and m > EXACT_NODES):
+            check_available(
+                ["faiss", "pyamg"] if m > EXACT_NODES else ["faiss"],
+                f"DynamicSpectralClustering at {m:,} blocks (the approximate neighbour search, used "
+                f"above {EXACT_NODES:,} blocks or with neighbor_search='ivf')",
+            )
+        if m > DENSE_NODES and not available("pyamg"):
+            rank_zero_warn(
+                f"DynamicSpectralClustering: {m:,} blocks and pyamg is not installed, so each full "
+                "eigensolve starts LOBPCG from a random block instead of the multilevel start (the same "
+                f"eigenvectors, found more slowly); pip install 'spec-lightning[{EXTRA}]' for the faster "
+                "start."
+            )
 
     def _warn_missing(self, missing: list[str], consequence: str) -> None:
         new = [name for name in missing if name not in self._warned]

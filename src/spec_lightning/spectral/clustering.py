@@ -44,6 +44,7 @@ from spec_lightning.spectral.eigensolve import (
     smallest_eigenvectors,
 )
 from spec_lightning.spectral.neighbors import NeighborSearch, nearest_neighbours
+from spec_lightning.spectral.optional import available
 
 Kernel = Literal["cosine", "gaussian"]
 
@@ -347,7 +348,7 @@ class SpectralClusterer:
         num = min(self.eigenvectors, m - 1)
         begin, origin = (None, "fresh") if full else (self.block, "warm")
         stalled = ""
-        if full and m > DENSE_NODES:
+        if full and m > DENSE_NODES and available("pyamg"):  # without it: LOBPCG from a random block
             begin, origin = multilevel_start(self.weights, num + GUARD_VECTORS, self.seed), "multilevel"
             if begin is None:
                 stalled = "no multilevel start (aggregation stalled: most blocks have no edges)"

@@ -22,7 +22,8 @@ import scipy.linalg
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
-from pyamg.aggregation import standard_aggregation
+
+from spec_lightning.spectral.optional import require
 
 #: Full eigensolves up to this many nodes are dense.
 DENSE_NODES = 2048
@@ -385,7 +386,8 @@ def _root_degree(degree: np.ndarray) -> np.ndarray:
 def _aggregates(weights: scipy.sparse.csr_matrix) -> np.ndarray:
     """(m,) the aggregate of every node under pyamg's standard aggregation on the graph's pattern (the
     binary P has P[i, membership[i]] = 1); a node it leaves out (no neighbour) is its own aggregate."""
-    aggregation = scipy.sparse.csr_matrix(standard_aggregation(scipy.sparse.csr_array(weights))[0])
+    pyamg = require("pyamg.aggregation", "the multilevel eigensolver start (DSCA above 2,048 blocks)")
+    aggregation = scipy.sparse.csr_matrix(pyamg.standard_aggregation(scipy.sparse.csr_array(weights))[0])
     membership = np.full(weights.shape[0], -1, dtype=np.int64)
     membership[np.diff(aggregation.indptr) > 0] = aggregation.indices
     left_out = membership < 0

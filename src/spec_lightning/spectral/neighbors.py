@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from spec_lightning.spectral.optional import require
+
 NeighborSearch = Literal["auto", "exact", "ivf"]
 
 #: ``auto`` searches exactly up to this many points.
@@ -60,7 +62,9 @@ def nearest_neighbours(
 def _ivf_neighbours(
     points: np.ndarray, neighbors: int, probes: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    import faiss  # imported on use: the exact path does not need it
+    faiss = require(
+        "faiss", "the approximate neighbour search (neighbor_search 'ivf', or 'auto' above 20,000 blocks)"
+    )
 
     faiss.omp_set_num_threads(torch.get_num_threads())  # the threads the user gave torch, no more
     m, dim = points.shape
