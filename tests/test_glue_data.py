@@ -302,3 +302,17 @@ def test_bad_sizes_are_named(tiny_bert: str, sst2_dir: str) -> None:
         ValueError, match=r"validation_size=500 leaves no training example of the 96; hold out fewer"
     ):
         GLUEDataModule("sst2", tokenizer=tiny_bert, data_files=files, validation_size=500).setup("fit")
+
+
+@pytest.mark.parametrize("length", [0, -5])
+def test_a_length_below_one_token_is_refused_when_built(tiny_bert: str, length: int) -> None:
+    """0 used to mean "no truncation" and -5 ended in the tokenizer's raw OverflowError."""
+    from spec_lightning import InstructionDataModule, MMLUDataModule
+
+    pattern = rf"data.init_args.max_length must be a whole number of tokens >= 1, got {length}"
+    with pytest.raises(ValueError, match=pattern):
+        GLUEDataModule("sst2", tokenizer=tiny_bert, max_length=length)
+    with pytest.raises(ValueError, match=pattern):
+        InstructionDataModule(tokenizer=tiny_bert, max_length=length)
+    with pytest.raises(ValueError, match=pattern):
+        MMLUDataModule(tokenizer=tiny_bert, max_length=length)

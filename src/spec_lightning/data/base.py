@@ -90,6 +90,13 @@ class TokenizedDataModule(L.LightningDataModule):
                 self._tokenizer.pad_token = self._tokenizer.eos_token
         return self._tokenizer
 
+    @staticmethod
+    def check_positive_length(length: int, key: str) -> None:
+        """Refuse a length below one token when the datamodule is built (0 would mean "no truncation" to
+        the tokenizer, and a negative one an OverflowError deep inside it)."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"{key} must be a whole number of tokens >= 1, got {length!r}")
+
     def check_max_length(self, length: int, key: str) -> None:
         """Refuse a length over the model's positions (a position-embedding index error otherwise,
         at the first long batch). Models whose config states no limit are not checked."""

@@ -72,6 +72,7 @@ class GLUEDataModule(TokenizedDataModule):
         if validation_size is not None and validation_size < 1:
             raise ValueError(f"data.init_args.validation_size must be >= 1 example, got {validation_size}")
         self.check_tuning(tuning_size, validate_on)
+        self.check_positive_length(max_length, "data.init_args.max_length")
         self.save_hyperparameters()
         self.task = task
         self.num_labels = self.spec.num_labels

@@ -71,6 +71,7 @@ class InstructionDataModule(TokenizedDataModule):
         super().__init__(tokenizer, batch_size, num_workers, seed)
         if validation_size < 1:
             raise ValueError(f"data.init_args.validation_size must be >= 1 example, got {validation_size}")
+        self.check_positive_length(max_length, "data.init_args.max_length")
         self.save_hyperparameters()
         self.dataset_name = "the instruction data"
 

@@ -86,6 +86,7 @@ class MMLUDataModule(TokenizedDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(tokenizer, batch_size, num_workers, seed=0)
+        self.check_positive_length(max_length, "data.init_args.max_length")
         if not 0 <= shots <= 5:
             raise ValueError(
                 f"data.init_args.shots must be 0-5 (MMLU has 5 dev questions per subject), got {shots}"
