@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -468,3 +470,20 @@ def test_smollm2_callback_configs_run_on_a_tiny_llama(
         }
     else:
         assert len(callback.selected) == 4 and (log_dir / "spectral_importance.csv").is_file()
+
+
+def test_short_class_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--model.method LoRSA`` and ``--trainer.callbacks+=SpectralImportance`` without the package
+    path, as in any LightningCLI project (the lazy exports had left them unknown to jsonargparse)."""
+    code = (
+        "import sys\n"
+        "from spec_lightning.cli import build_cli\n"
+        "build_cli(['fit', '--config', sys.argv[1], '--model.method', 'LoRSA', "
+        "'--trainer.callbacks+=SpectralImportance', '--print_config'])\n"
+    )
+    out = subprocess.run(  # a fresh interpreter: no earlier test has imported the classes
+        [sys.executable, "-c", code, str(CONFIGS / "quickstart.yaml")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "class_path: spec_lightning.LoRSA" in out.stdout
+    assert "class_path: spec_lightning.SpectralImportance" in out.stdout

@@ -243,6 +243,7 @@ SHIPPED_GRIDS = {
     "peft_relatives": (RELATIVES | {"lora"}, 1),
     "cpu_glue": (CORE | {"adalora", "houlsby"}, 3),
     "cpu_lm": ({"lora", "dora", "pissa", "lorsa", "speclora"}, 1),
+    "converged": ({"lora", "full", "dora", "pissa", "lorsa", "speclora", "graph_spectral", "mftc"}, 2),
 }
 
 
@@ -604,3 +605,22 @@ def test_a_run_whose_configs_or_tuned_value_changed_runs_again(
     sweep.loc[sweep["tuned"] == "0.01", "val/accuracy"] = "0.99"
     sweep.to_csv(out / "sweep.csv", index=False)
     assert resume() == sorted(f"lora-sst2{v}/seed{s}" for v in ("", "-fewshot50") for s in (1, 2))
+
+
+def test_curves_keep_the_validation_metrics_and_training_loss(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from spec_lightning.records import curves_of, write_json
+
+    writer = SummaryWriter(str(tmp_path))
+    for step, (accuracy, loss) in enumerate([(0.5, 0.69), (0.71234567, 0.5)]):
+        writer.add_scalar("val/accuracy", accuracy, step * 10)
+        writer.add_scalar("train/loss", loss, step * 10)
+        writer.add_scalar("train/task_loss", loss, step * 10)
+        writer.add_scalar("clustering/modules", 3, step * 10)
+    writer.close()
+    curves = curves_of(tmp_path)
+    assert curves == {"train/loss": [[0, 0.69], [10, 0.5]], "val/accuracy": [[0, 0.5], [10, 0.712346]]}
+    write_json(tmp_path / "curves" / "run.json", curves)
+    assert json.loads((tmp_path / "curves" / "run.json").read_text()) == curves
+    assert [p.name for p in (tmp_path / "curves").iterdir()] == ["run.json"]

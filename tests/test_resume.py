@@ -158,3 +158,129 @@ def test_a_run_that_fails_before_a_checkpoint_says_so(tiny_bert: str, sst2_dir: 
         pytest.raises(FloatingPointError, match="lower model.init_args.learning_rate"),
     ):
         build_cli(["fit", *diverging])
+
+
+class StopAtStep(L.Callback):
+    """SIGTERM as Lightning raises it, at one step of the first epoch (before any epoch checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
+
+
+def test_a_first_epoch_interruption_resumes_into_last_ckpt_not_last_v1(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path
+) -> None:
+    """The checkpoint PreemptionCheckpoint writes records that the ModelCheckpoint wrote it, so the resumed
+    run overwrites last.ckpt (it used to write last-v1.ckpt and leave the stale last.ckpt for the next
+    --ckpt_path last)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from spec_lightning.callbacks.preemption import PreemptionCheckpoint
+
+    def run(*extra: L.Callback, ckpt_path: str | None = None) -> L.Trainer:
+        L.seed_everything(0)
+        fit = trainer(tmp_path, limit_train_batches=6, max_epochs=2)
+        fit.callbacks.extend([PreemptionCheckpoint(), *extra])
+        module = SequenceClassificationModule(tiny_bert, LoRA(r=4))
+        fit.fit(
+            module,
+            GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8),
+            ckpt_path=ckpt_path,
+        )
+        return fit
+
+    with pytest.raises(SIGTERMException):
+        run(StopAtStep(2))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert int(torch.load(last, weights_only=True)["global_step"]) == 2
+    run(ckpt_path=str(last))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
+    assert int(torch.load(last, weights_only=True)["global_step"]) == 12
+
+
+def test_two_fresh_fits_into_one_folder_are_refused(tiny_bert: str, sst2_dir: str, tmp_path: Path) -> None:
+    """The same name and a fixed version: the second fit is refused (two started together used to mix
+    their event files, checkpoints and config.yaml in one folder); resuming it is allowed."""
+    args = [*cli_args(tiny_bert, sst2_dir, tmp_path, epochs=1), "--trainer.logger.init_args.version=0"]
+    args.append("--trainer.max_steps=2")
+    build_cli(["fit", *args])
+    folder = tmp_path / "logs" / "run" / "version_0"
+    assert (folder / ".spec-lightning-run").is_file() and (folder / "config.yaml").is_file()
+    with pytest.raises(FileExistsError, match=r"version_0 already holds another run .* version"):
+        build_cli(["fit", *args])
+    build_cli(["fit", *args[:-1], "--trainer.max_steps=3", "--ckpt_path=last"])  # resuming continues there
+    assert sorted(p.name for p in (tmp_path / "logs" / "run").iterdir()) == ["version_0"]
+
+
+def test_validate_without_a_logger_writes_no_config_into_the_working_folder(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [*composed_args(tiny_bert, sst2_dir), "--trainer.logger=false", "--trainer.limit_val_batches=1"]
+    build_cli(["validate", *args])
+    assert not (tmp_path / "config.yaml").exists()
+    assert not list(tmp_path.rglob("config.yaml"))
+
+
+def test_a_checkpoint_file_of_another_method_is_refused_not_run(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path
+) -> None:
+    """LightningCLI used to replace the config's model with the checkpoint's hyper-parameters: a DoRA
+    config given a LoRA checkpoint file trained LoRA and exited 0. The config decides, and the run-facts
+    check refuses the other method's checkpoint, as through --ckpt_path last."""
+    args = [*cli_args(tiny_bert, sst2_dir, tmp_path, epochs=1), "--trainer.max_steps=2"]
+    build_cli(["fit", *args])
+    checkpoint = tmp_path / "logs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    dora = [
+        *composed_args(tiny_bert, sst2_dir, "dora"),
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'b'}",
+    ]
+    with pytest.raises(
+        ValueError, match=r"written by another run: method: checkpoint .*LoRA.*this run .*DoRA"
+    ):
+        build_cli(["fit", *dora, "--trainer.max_steps=3", f"--ckpt_path={checkpoint}"])
+
+
+class Rates(L.Callback):
+    """The learning rates and schedule base rates at the first batch the fit trains."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if not hasattr(self, "lr"):
+            self.lr = [g["lr"] for g in trainer.optimizers[0].param_groups]
+            self.base = list(trainer.lr_scheduler_configs[0].scheduler.base_lrs)  # type: ignore[attr-defined]
+            self.decay = [g["weight_decay"] for g in trainer.optimizers[0].param_groups]
+
+
+def test_a_resume_with_a_changed_learning_rate_uses_it_and_says_so(
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lightning restores the optimiser's and schedule's states after the module is built, which used to
+    put the checkpoint's rate back silently; the new rate scales the restored schedule."""
+    data = GLUEDataModule("sst2", tokenizer=tiny_bert, data_dir=sst2_dir, batch_size=8)
+    trainer(tmp_path, max_epochs=2).fit(
+        SequenceClassificationModule(tiny_bert, LoRA(r=4), learning_rate=1e-3), data
+    )
+    first = Rates()
+    same = trainer(tmp_path / "same", max_epochs=3)
+    same.callbacks.append(first)
+    same.fit(
+        SequenceClassificationModule(tiny_bert, LoRA(r=4), learning_rate=1e-3),
+        data,
+        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+    )
+    changed = Rates()
+    resumed = trainer(tmp_path / "changed", max_epochs=3)
+    resumed.callbacks.append(changed)
+    module = SequenceClassificationModule(tiny_bert, LoRA(r=4), learning_rate=4e-3, weight_decay=0.1)
+    with caplog.at_level("INFO"):
+        resumed.fit(module, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert changed.base == pytest.approx([4 * b for b in first.base])
+    assert changed.lr == pytest.approx([4 * r for r in first.lr])
+    assert changed.decay == [0.1, 0.0]  # matrices, then biases and norms
+    assert "with this run's learning_rate 0.004 (the checkpoint's: 0.001), weight_decay 0.1" in caplog.text

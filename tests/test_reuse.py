@@ -378,3 +378,40 @@ def test_run_facts_compare_the_arguments_both_sides_record() -> None:
     assert not _same_fact("method", graph(lora(), spectral_weight=0.1), graph(lora(), spectral_weight=0.2))
     assert _same_fact("method", graph(lora(), supports_fsdp=False), graph(lora()))
     assert not _same_fact("method", lora(), {**lora(), "class_path": "spec_lightning.DoRA"})
+
+
+class ValidatedStack(LayerStack):
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", F.mse_loss(self(batch[0]), batch[1]))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
+
+def test_apply_method_checkpoints_evaluate_the_usual_ways(tmp_path: Path) -> None:
+    """trainer.validate(..., ckpt_path=...) and ApplyMethod.restore (load_from_checkpoint's counterpart)
+    rebuild the adapted model; they used to end in torch's missing/unexpected-keys error, as the method
+    was applied when fitting only. An ApplyMethod that never ran exports nothing."""
+
+    def method() -> ApplyMethod:
+        return ApplyMethod(
+            LoRSA(target_modules=["fc1"], num_components=4, rank=2), attribute="", head=["head"]
+        )
+
+    trained = ValidatedStack()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(tmp_path, 6, [method(), checkpoint], enable_checkpointing=True, limit_val_batches=0).fit(
+        trained
+    )
+    x, y = trained.x, trained.y
+    with torch.no_grad():
+        expected = F.mse_loss(trained(x), y)
+    (result,) = quiet_trainer(tmp_path, 1, [method()]).validate(
+        ValidatedStack(), ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert result["val_loss"] == pytest.approx(float(expected), rel=1e-5)
+    restored = method().restore(ValidatedStack(), tmp_path / "last.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), trained(x))
+    with pytest.raises(MisconfigurationException, match="never applied to this module"):
+        method().export_adapter(ValidatedStack(), tmp_path / "adapter")

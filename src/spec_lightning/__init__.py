@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AdaLoRA": "spec_lightning.methods",
     "ApplyMethod": "spec_lightning.callbacks",
+    "AtomicCheckpointIO": "spec_lightning.checkpoints",
     "BitFit": "spec_lightning.methods",
     "BlockRule": "spec_lightning.spectral.blocks",
     "CausalLMModule": "spec_lightning.modules",
@@ -45,6 +46,7 @@ _EXPORTS = {
 __all__ = [
     "AdaLoRA",
     "ApplyMethod",
+    "AtomicCheckpointIO",
     "BitFit",
     "BlockRule",
     "CausalLMModule",
@@ -92,6 +94,7 @@ if TYPE_CHECKING:
         SpectrumMonitor,
         ValidationPredictions,
     )
+    from spec_lightning.checkpoints import AtomicCheckpointIO
     from spec_lightning.data import (
         GLUEDataModule,
         InstructionDataModule,

@@ -20,17 +20,18 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import DefaultHelpFormatter
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spec_lightning.callbacks.preemption import PreemptionCheckpoint
-from spec_lightning.checkpoints import load_checkpoint
+from spec_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint_file, load_checkpoint
 from spec_lightning.modules import FineTuningModule
 from spec_lightning.modules.base import refuse_non_empty
 from spec_lightning.reproduce import main as reproduce
-from spec_lightning.runs import resolve_fit_folders, root_logs
+from spec_lightning.runs import RunConfig, resolve_fit_folders, root_logs
 
 #: What ``spec-lightning --help`` says besides LightningCLI's own subcommands.
 OTHER_SUBCOMMANDS = """\
@@ -62,6 +63,19 @@ class SpecLightningCLI(LightningCLI):
         parser.link_arguments("data.init_args.task", "model.init_args.task")
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """The config decides what runs, not the checkpoint. Lightning's ``LightningCLI`` replaces the
+        config's model with the hyper-parameters stored in ``--ckpt_path <file>`` (so a LoRSA config ran
+        the checkpoint's LoRA and a learning rate changed for the resume was dropped, while the run's
+        config.yaml said otherwise); here the file is only checked to be a complete archive. A
+        checkpoint of another backbone, task or method is then refused when it is loaded (the run-facts
+        check), on this path as on ``--ckpt_path last``; changed optimisation settings (learning rate,
+        weight decay) are taken from the config and said in one line (see ``FineTuningModule``)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
+            check_checkpoint_file(ckpt_path)  # an empty or truncated file: a clear error, not EOFError
+
     def before_instantiate_classes(self) -> None:
         """Logs under ``default_root_dir``; ``fit``: ``--ckpt_path last`` resumes the newest run of this
         name in its own folder, and a run without a logger writes into a folder of its own (see
@@ -70,6 +84,16 @@ class SpecLightningCLI(LightningCLI):
         root_logs(config)
         if self.subcommand == "fit":
             resolve_fit_folders(config)
+        if self.subcommand == "fit" and config.get("ckpt_path"):  # `last` resolved to a file just now
+            check_checkpoint_file(config["ckpt_path"])
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's trainer, writing its checkpoints atomically beside their target
+        (:class:`~spec_lightning.checkpoints.AtomicCheckpointIO`) unless another writer was chosen."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_fit(self) -> None:
         """Save a resumable checkpoint on SIGTERM or Ctrl-C wherever checkpoints are kept; a
@@ -91,13 +115,25 @@ class ExportCLI(SpecLightningCLI):
         )
 
 
+def import_public_classes() -> None:
+    """Import every public class, so that jsonargparse knows them as subclasses and the CLI takes short
+    names (``--model.init_args.method LoRSA``, ``--trainer.callbacks+=SpectralImportance``): the package's
+    lazy exports would otherwise leave them unimported until first used."""
+    import spec_lightning
+
+    for name in spec_lightning.__all__:
+        getattr(spec_lightning, name)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> SpecLightningCLI:
+    import_public_classes()
     cli_class = SpecLightningCLI if run else ExportCLI
     return cli_class(
         L.LightningModule if run else FineTuningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"epilog": OTHER_SUBCOMMANDS, "formatter_class": HelpFormatter},
         auto_configure_optimizers=False,

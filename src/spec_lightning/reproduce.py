@@ -317,7 +317,8 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
         if not tuning and predictions.is_file():
             (out / "predictions").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(predictions, out / "predictions" / f"{run.name}-{run.version}.npz")
-        if not tuning:  # the learning curves, committed with the rows (the event files stay here)
+        if not tuning and any(run.directory(logs).glob("events.out.tfevents.*")):  # the learning curves,
+            # committed with the rows (the event files stay on this machine)
             write_json(out / "curves" / f"{run.name}-{run.version}.json", curves_of(run.directory(logs)))
         rows[tuning] = [r for r in rows[tuning] if row_key(r) != run.key]
         rows[tuning].append(

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
+from lightning.pytorch.cli import SaveConfigCallback
 
 #: Folder of a run without a logger, under default_root_dir.
 RUN_PREFIX = "run_"
@@ -82,3 +84,45 @@ def _require(found: Path | None, where: Path) -> Path:
             "--ckpt_path to start a new run, or pass the checkpoint file itself."
         )
     return found
+
+
+#: A marker a fresh fit creates exclusively in its log folder: a second fit started into the same folder
+#: (the same name and a fixed version, or two that counted the same version_N) is refused, not mixed in.
+OWNER = ".spec-lightning-run"
+
+
+class RunConfig(SaveConfigCallback):
+    """LightningCLI's config.yaml beside a run's logs, with two guards:
+
+    - a ``validate``/``test``/``predict`` without a logger has no run folder of its own, so it writes no
+      config (Lightning would write config.yaml into the working folder);
+    - a fresh ``fit`` (no ``ckpt_path``) claims its log folder by creating :data:`OWNER` exclusively; a
+      folder another fit already claimed is refused with the fix, so two runs never write their event
+      files, checkpoints and configs into one folder. A resumed fit continues in the folder it resumes.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if stage != "fit" and trainer.logger is None:
+            return
+        if stage == "fit" and self.config.get("ckpt_path") is None:
+            claim_run_folder(trainer)
+        super().setup(trainer, pl_module, stage)
+
+
+def claim_run_folder(trainer: L.Trainer) -> None:
+    log_dir = trainer.log_dir
+    claimed = False
+    if trainer.is_global_zero and log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(Path(log_dir) / OWNER, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            claimed = True
+    if trainer.strategy.broadcast(claimed):
+        raise FileExistsError(
+            f"{log_dir} already holds another run (its config, events and checkpoints would mix with "
+            "this one's): give this run another trainer.logger.init_args.version (or name), leave the "
+            "version unset to get a new one, or resume that run with --ckpt_path last"
+        )

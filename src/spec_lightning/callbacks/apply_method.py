@@ -70,7 +70,10 @@ class ApplyMethod(KeyedCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._applied:
+        """Apply the method at the start of every stage, not only ``fit``: ``trainer.validate/test/predict(
+        ..., ckpt_path=...)`` then restore the adapter into the model it belongs to (the adapters start
+        as the identity, so a model without a checkpoint computes what it did)."""
+        if self._applied:
             return
         if self.attribute:
             try:
@@ -82,7 +85,7 @@ class ApplyMethod(KeyedCallback):
                 ) from error
         else:
             target = pl_module
-        steps = trainer.estimated_stepping_batches
+        steps = trainer.estimated_stepping_batches if stage == "fit" else math.inf
         adapted = self.method.apply(
             target,
             head=self.head,
@@ -143,8 +146,34 @@ class ApplyMethod(KeyedCallback):
         self, pl_module: L.LightningModule, directory: str | Path, base_model: str | None = None
     ) -> Path:
         """Write the adapter alone (and its method, head and ``base_model`` name) to ``directory``."""
+        if not self._applied:
+            raise MisconfigurationException(
+                "ApplyMethod.export_adapter: the method was never applied to this module (the callback was "
+                "not given to a Trainer that ran fit, validate, test or predict), so there is no adapter to "
+                "export; pass the callback to the Trainer that trains the module"
+            )
         self.method.export_adapter(self.model(pl_module), directory, self.head, base_model)
         return Path(directory)
+
+    def restore(self, pl_module: L.LightningModule, checkpoint_path: str | Path) -> L.LightningModule:
+        """``pl_module`` with the method applied and a fit's checkpoint loaded into it, outside a Trainer
+        (Lightning's ``load_from_checkpoint`` builds the module without callbacks, so the adapter's keys
+        would find no home)::
+
+            model = ApplyMethod(LoRA(...), head=["head"]).restore(MyModule(), "last.ckpt")
+        """
+        from spec_lightning.checkpoints import load_checkpoint
+
+        checkpoint = load_checkpoint(checkpoint_path)
+        for key, state in checkpoint.get("callbacks", {}).items():
+            if key.startswith(f"{type(self).__qualname__}"):
+                self.load_state_dict(state)  # refuses a checkpoint of another method
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        self.setup(trainer, pl_module, "validate")
+        pl_module.load_state_dict(checkpoint["state_dict"])
+        return pl_module
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -42,6 +43,10 @@ class PreemptionCheckpoint(L.Callback):
             )
             return
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        # the ModelCheckpoint's own record of its last file, saved in this checkpoint: resumed, it goes on
+        # writing last.ckpt (without it, a file it did not write makes it version the name: last-v1.ckpt,
+        # and the next --ckpt_path last would find the stale last.ckpt)
+        callback.last_model_path = os.path.join(callback.dirpath, path.name)
         # what is written, not how it is read: the full state (optimiser, loops, callbacks) that resuming
         # needs, tensors and plain values only: Lightning reads it back with torch.load's weights_only=True
         trainer.save_checkpoint(path, weights_only=False)

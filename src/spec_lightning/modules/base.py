@@ -20,9 +20,12 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from spec_lightning.calibration import apply_arguments
 from spec_lightning.callbacks.strategy import is_fsdp1
+from spec_lightning.checkpoints import record_digest, verify_digest
 from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.methods.base import describe
+from spec_lightning.modules.divergence import LossTrend
+from spec_lightning.modules.resume import apply_resumed_settings, changed_settings
 from spec_lightning.pretrained import portable_name, resolve_pretrained
 from spec_lightning.rng import get_rng_states, set_rng_states
 
@@ -84,6 +87,7 @@ class FineTuningModule(L.LightningModule, ABC):
         self._rng_to_restore: dict[str, Any] | None = None
         self._schedule_steps: int | None = None  # optimiser steps the LR schedule is planned for
         self._resumed_from: dict[str, Any] | None = None  # the loaded checkpoint's epochs, step, schedule
+        self.loss_trend = LossTrend()  # divergence: a task loss that settled far above its start
         if self.method.parameter_efficient:
             self.strict_loading = False  # checkpoints carry the adapter only; see on_save_checkpoint
 
@@ -183,7 +187,12 @@ class FineTuningModule(L.LightningModule, ABC):
                 "use bf16-mixed instead of 16-mixed precision, or check the data for empty inputs"
             )
         self.log("train/loss", loss, prog_bar=True)
+        self.loss_trend.record(task_loss)
         return loss
+
+    def on_fit_end(self) -> None:
+        if warning := self.loss_trend.warning(self.hparams.learning_rate):
+            rank_zero_warn(warning)
 
     # ---- optimisation ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -243,6 +252,10 @@ class FineTuningModule(L.LightningModule, ABC):
                 "max_epochs / max_steps."
             )
 
+    def on_train_start(self) -> None:
+        if self._resumed_from is not None and self.trainer.ckpt_path is not None:
+            apply_resumed_settings(self, self._resumed_from["changed"])
+
     def on_fit_start(self) -> None:
         self.check_resume()
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
@@ -272,6 +285,7 @@ class FineTuningModule(L.LightningModule, ABC):
         if self.method.parameter_efficient:
             checkpoint["state_dict"] = {}
             checkpoint["adapter_state_dict"] = gather_full(self.method.adapter_state_dict(self.model))
+        record_digest(checkpoint)
 
     #: Hyper-parameters a checkpoint must share with the run it is loaded into.
     RUN_FACTS: tuple[str, ...] = ("backbone",)
@@ -305,6 +319,7 @@ class FineTuningModule(L.LightningModule, ABC):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        verify_digest(checkpoint)
         self.check_run_facts(checkpoint)
         self._rng_to_restore = checkpoint.get("rng_states")
         start_next_epoch_cleanly(checkpoint)
@@ -313,6 +328,7 @@ class FineTuningModule(L.LightningModule, ABC):
             "epochs": epochs.get("current", {}).get("completed"),
             "step": checkpoint.get("global_step"),
             "schedule_steps": checkpoint.get("schedule_steps"),
+            "changed": changed_settings(checkpoint.get("hyper_parameters", {}), self.hparams),
         }
         check_finite(
             checkpoint.get("adapter_state_dict") or checkpoint.get("state_dict") or {}, "the checkpoint"

@@ -172,12 +172,21 @@ class SequenceClassificationModule(FineTuningModule):
             )
 
     def on_fit_end(self) -> None:
-        if self._constant is not None:
-            rank_zero_warn(
-                f"the run ended predicting {self._constant} for every validation example, which scores what "
-                "always answering the most frequent label (or the mean) scores: it did not learn. Raise "
-                "model.init_args.learning_rate, train more trainer.max_epochs, or try method FullFineTuning."
-            )
+        if self._constant is None:
+            super().on_fit_end()  # divergence alone
+            return
+        diverged = self.loss_trend.diverged()
+        advice = (
+            f"{diverged}: lower model.init_args.learning_rate (now {self.hparams.learning_rate:g}), e.g. "
+            "by 10x."
+            if diverged
+            else "Raise model.init_args.learning_rate, train more trainer.max_epochs, or try method "
+            "FullFineTuning."
+        )
+        rank_zero_warn(
+            f"the run ended predicting {self._constant} for every validation example, which scores what "
+            f"always answering the most frequent label (or the mean) scores: it did not learn. {advice}"
+        )
 
     def _constant_prediction(self) -> str | None:
         """What every prediction of the epoch was, if they were all one class (or one value, to 1e-4 of
