@@ -185,3 +185,36 @@ def test_adalora_orthogonal_regulariser_is_in_the_loss(tiny_bert: str) -> None:
     ce = torch.nn.functional.cross_entropy(out.logits, inputs["labels"])
     assert out.loss > ce + 1e-4  # peft adds orth_reg_weight * ||PᵀP − I||² + ||QQᵀ − I||²
     copy.deepcopy(module)  # the module stays copyable (merge works on a copy)
+
+
+def test_adalora_penalty_counts_once_with_labels_or_logits(tiny_bert: str) -> None:
+    """peft adds w·R to outputs.loss when the model computes a loss; a module that computes its loss from
+    the logits used to lose R. The penalty is checked against peft's own addition (loss with labels
+    minus the cross-entropy of the same logits), and regularization() returns it exactly when peft
+    did not add it."""
+    from torch.nn import functional as F
+
+    from spec_lightning.methods import AdaLoRA
+    from spec_lightning.methods.peft_baselines.method import orthogonality_penalty
+
+    torch.manual_seed(0)
+    method = AdaLoRA(target_modules=["query", "value"], init_r=4, target_r=2, orth_reg_weight=0.3)
+    model = method.apply(
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), head=["classifier"]
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.2 * torch.randn_like(p))  # away from orthogonal
+    inputs = batch(tiny_bert)
+    model.eval()
+    out = model(**inputs)
+    added = out.loss - F.cross_entropy(out.logits, inputs["labels"])
+    penalty = orthogonality_penalty(model)
+    assert float(penalty) > 0.1
+    torch.testing.assert_close(added, 0.3 * penalty)
+    assert method.regularization(model) is None  # peft added it
+    model(**{k: v for k, v in inputs.items() if k != "labels"})
+    term = method.regularization(model)
+    assert term is not None and term.name == "orth_reg" and term.weight == 0.3
+    torch.testing.assert_close(term.value, penalty)

@@ -415,3 +415,44 @@ def test_apply_method_checkpoints_evaluate_the_usual_ways(tmp_path: Path) -> Non
         torch.testing.assert_close(restored(x), trained(x))
     with pytest.raises(MisconfigurationException, match="never applied to this module"):
         method().export_adapter(ValidatedStack(), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("name", ["lorsa", "speclora", "houlsby"])
+def test_export_adapter_records_the_head_it_was_applied_with(
+    tiny_bert: str, tmp_path: Path, name: str
+) -> None:
+    """export_adapter without head= used to write an adapter whose head weights found no module at load
+    time (a KeyError that did not mention the head)."""
+    from tests.conftest import BACKBONE_TARGETS, METHODS
+
+    def base() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+
+    method = METHODS[name](*BACKBONE_TARGETS["bert"])
+    model = method.apply(base(), head=["classifier"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    method.export_adapter(model, tmp_path / "adapter")
+    from tests.test_method_contract import batch
+
+    inputs = {k: v for k, v in batch(tiny_bert).items() if k != "labels"}
+    loaded = load_adapter(base(), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**inputs).logits, model.eval()(**inputs).logits)
+    with pytest.raises(
+        ValueError, match=r"head=\['pooler'\], but the method was applied with head=\['classifier'\]"
+    ):
+        method.export_adapter(model, tmp_path / "other", head=["pooler"])
+
+
+def test_spectral_importance_listed_before_apply_method_says_to_reorder(tmp_path: Path) -> None:
+    """It used to say "use it with a method such as LoRSA" while LoRSA was in use, one callback later."""
+    train, _ = loaders(examples=32)
+    apply = ApplyMethod(LoRSA(target_modules=["q_proj"], num_components=6, rank=2), "net", ["head"])
+    with pytest.raises(MisconfigurationException, match="runs before ApplyMethod .* list ApplyMethod first"):
+        quiet_trainer(tmp_path, 1, [SpectralImportance(num_samples=16), apply]).fit(TextClassifier(), train)
+    with pytest.raises(MisconfigurationException, match="such as spec_lightning.LoRSA"):
+        quiet_trainer(tmp_path, 1, [SpectralImportance(num_samples=16)]).fit(TextClassifier(), train)

@@ -42,6 +42,7 @@ _EXPORTS = {
     "llama_blocks": "spec_lightning.spectral.blocks",
     "load_adapter": "spec_lightning.adapters",
     "load_slices": "spec_lightning.spectral.blocks",
+    "resolve_pretrained": "spec_lightning.pretrained",
 }
 __all__ = [
     "AdaLoRA",
@@ -79,6 +80,7 @@ __all__ = [
     "llama_blocks",
     "load_adapter",
     "load_slices",
+    "resolve_pretrained",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -116,6 +118,7 @@ if TYPE_CHECKING:
         SpecLoRA,
     )
     from spec_lightning.modules import CausalLMModule, FineTuningModule, SequenceClassificationModule
+    from spec_lightning.pretrained import resolve_pretrained
     from spec_lightning.spectral.blocks import (
         BlockRule,
         bert_blocks,

@@ -120,6 +120,14 @@ class SpectralImportance(KeyedCallback):
         pl_module.configure_model()
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, SpectralComponents)}
         if not layers:
+            later = [
+                c for c in trainer.callbacks[trainer.callbacks.index(self) + 1 :] if hasattr(c, "method")
+            ]
+            if any(type(c).__name__ == "ApplyMethod" for c in later):
+                raise MisconfigurationException(
+                    "SpectralImportance runs before ApplyMethod in the Trainer's callbacks, so the method's "
+                    "layers do not exist yet: list ApplyMethod first (callbacks run in list order)."
+                )
             raise MisconfigurationException(
                 "SpectralImportance found no layer with selectable spectral components: use it with a method "
                 "such as spec_lightning.LoRSA."

@@ -93,6 +93,15 @@ class FineTuningMethod(ABC):
         """Write ``adapter_model.safetensors`` and ``adapter_config.json``: the method (class path and init
         args), the head names it was applied with and the base model's name, which is all
         :func:`spec_lightning.load_adapter` needs to rebuild the fine-tuned model from the base one."""
+        applied = tuple(getattr(model, APPLIED_HEAD, ()))
+        if not head:  # without it the adapter's head weights would find no module at load time
+            head = applied
+        elif set(head) != set(applied) and applied:
+            raise ValueError(
+                f"{type(self).__name__}.export_adapter: head={list(head)}, but the method was applied with "
+                f"head={list(applied)}; the adapter holds those modules' weights, so export with the same "
+                "names (or leave head out)"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(
@@ -205,8 +214,14 @@ def check_state_keys(method: FineTuningMethod, expected: set[str], given: set[st
         )
 
 
+#: The attribute of an adapted model that records the head names its method was applied with.
+APPLIED_HEAD = "_spec_lightning_head"
+
+
 def freeze_except_head(model: nn.Module, head: Sequence[str]) -> None:
-    """Freeze every parameter, then unfreeze the task-head modules named in ``head`` (suffix match)."""
+    """Freeze every parameter, then unfreeze the task-head modules named in ``head`` (suffix match); the
+    model remembers ``head``, which :meth:`FineTuningMethod.export_adapter` records when not given it."""
+    object.__setattr__(model, APPLIED_HEAD, tuple(head))
     model.requires_grad_(False)
     for name, module in model.named_modules():
         if any(matches(name, h) for h in head):

@@ -15,7 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spec_lightning.methods.base import ADAPTER_CONFIG, FineTuningMethod, check_state_keys, describe_in
+from spec_lightning.methods.base import (
+    ADAPTER_CONFIG,
+    FineTuningMethod,
+    Regularization,
+    check_state_keys,
+    describe_in,
+)
 from spec_lightning.methods.targets import check_rank, find_linear_targets, name_list
 from spec_lightning.naming import matches
 
@@ -175,9 +181,12 @@ class PiSSA(PeftMethod):
 class AdaLoRA(PeftMethod):
     """AdaLoRA (Zhang et al., 2023): W' = W + P Λ Q with SVD-form rank budgets reallocated by importance.
 
-    peft adds the orthogonality regulariser R = ||PᵀP − I||²_F + ||QQᵀ − I||²_F (weighted by
-    ``orth_reg_weight``) to the loss in its forward, and ``update_and_allocate`` runs after every
-    optimiser step (``on_optimizer_step``).
+    peft adds the orthogonality regulariser R (the mean over P and Q matrices of ||PPᵀ − I||_F and
+    ||QᵀQ − I||_F, weighted by ``orth_reg_weight``) to ``outputs.loss`` in its forward, when the model
+    computed a loss (labels were given). A module that computes its loss from the logits gets no such
+    loss: then :meth:`regularization` returns R (:func:`orthogonality_penalty`), which
+    ``FineTuningModule`` and ``ApplyMethod`` add to the objective, so R is counted once either way.
+    ``update_and_allocate`` runs after every optimiser step (``on_optimizer_step``).
 
     Args:
         init_r: initial rank of every target matrix.
@@ -223,6 +232,22 @@ class AdaLoRA(PeftMethod):
 
     def rank_to_check(self) -> int:
         return self.init_r
+
+    def apply(self, model: nn.Module, head: Sequence[str] = (), total_steps: int | None = None) -> nn.Module:
+        model = super().apply(model, head, total_steps)
+        self._peft_added_penalty = True
+        model.register_forward_hook(self._record_loss)
+        return model
+
+    def _record_loss(self, module: nn.Module, args: object, output: object) -> None:
+        """Whether peft added R to the forward's output (it does exactly when there is a loss)."""
+        self._peft_added_penalty = isinstance(getattr(output, "loss", None), torch.Tensor)
+
+    def regularization(self, model: nn.Module) -> Regularization | None:
+        """R, when the last forward computed no loss for peft to add it to; else None (peft added it)."""
+        if getattr(self, "_peft_added_penalty", True):
+            return None
+        return Regularization("orth_reg", orthogonality_penalty(model), self.orth_reg_weight)
 
     def peft_config(
         self, task_type: peft.TaskType | None, head: list[str], total_steps: int | None
@@ -296,3 +321,19 @@ class AdaLoRA(PeftMethod):
     @staticmethod
     def _ranknum_keys(model: nn.Module) -> set[str]:
         return {n for n, _ in model.named_parameters() if n.endswith("ranknum.default")}
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+    """AdaLoRA's R as peft's ``AdaLoraModel.forward`` computes it: the mean over the adapter's P
+    (``lora_A``, r x n) and Q (``lora_B``, m x r) matrices of ||PPᵀ − I||_F and ||QᵀQ − I||_F (pruned,
+    empty matrices skipped)."""
+    terms = []
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and p.requires_grad and p.numel() > 0:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(
+                torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype))
+            )
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).mean()
