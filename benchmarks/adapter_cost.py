@@ -108,9 +108,9 @@ def methods(targets: list[str], dry_run: bool = False) -> dict[str, Callable[[],
         "peft DoRA r=8": lambda: DoRA(target_modules=targets, r=8, alpha=16, dropout=0.0),
         "LoRSA |S|=64 r=48": lorsa,
         "SpecLoRA r=8 k=32": speclora,
+        "full fine-tuning": FullFineTuning,
         "LoRSA compiled": lorsa,
         "SpecLoRA compiled": speclora,
-        "full fine-tuning": FullFineTuning,
     }
 
 
@@ -173,12 +173,12 @@ def measure(
 
 def with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     """Each row's step time and memory over peft LoRA's of the same shape."""
-    lora = {r["shape"]: r for r in rows if r["method"] == "peft LoRA r=8"}
+    lora = {r["shape"]: r for r in rows if r["method"] == "peft LoRA r=8" and "error" not in r}
     out = []
     for row in rows:
         base = lora.get(row["shape"])
         ratio = {}
-        if base is not None:
+        if base is not None and "error" not in row:
             ratio["x_lora_step"] = round(float(row["step_ms"]) / float(base["step_ms"]), 3)  # type: ignore[arg-type]
             if row["peak_mib"] is not None and base["peak_mib"]:
                 ratio["x_lora_memory"] = round(float(row["peak_mib"]) / float(base["peak_mib"]), 3)  # type: ignore[arg-type]
@@ -224,12 +224,12 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 rows.append(measure(shape_name, method_name, args, device))
-            except torch.cuda.OutOfMemoryError as error:
-                rows.append(
-                    {"shape": shape_name, "method": method_name, "error": f"out of memory: {error}"[:80]}
-                )
+            except Exception as error:  # out of memory, a compile failure: the row says so, the rest run
+                message = f"{type(error).__name__}: {error}"[:120]
+                rows.append({"shape": shape_name, "method": method_name, "error": message})
                 gc.collect()
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             print(json.dumps(rows[-1]), flush=True)
             setting = {
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
