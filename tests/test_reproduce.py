@@ -624,3 +624,32 @@ def test_curves_keep_the_validation_metrics_and_training_loss(tmp_path: Path) ->
     write_json(tmp_path / "curves" / "run.json", curves)
     assert json.loads((tmp_path / "curves" / "run.json").read_text()) == curves
     assert [p.name for p in (tmp_path / "curves").iterdir()] == ["run.json"]
+
+
+def test_a_config_file_among_the_arguments_counts_by_its_contents(tmp_path: Path) -> None:
+    """A sweep's budget overlay passed as --config=FILE: editing the file changes the tuning runs'
+    digest (it used to count by its path only, so rows tuned at the old budget were kept)."""
+    base = tmp_path / "base.yaml"
+    base.write_text("trainer:\n  max_epochs: 3\n")
+    budget = tmp_path / "tune.yaml"
+    budget.write_text("trainer:\n  max_epochs: 1\n")
+    raw = {
+        "name": "g",
+        "tasks": ["sst2"],
+        "methods": {"lora": str(base)},
+        "sweep": {
+            "argument": "model.init_args.learning_rate",
+            "values": {"lora": [0.001]},
+            "overrides": ["--data.init_args.validate_on=tuning", f"--config={budget}"],
+        },
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
+    grid = Grid.load(tmp_path / "grid.yaml")
+    (tuning,) = [r for r in grid.runs() if r.candidate is not None]
+    (reported,) = [r for r in grid.runs() if r.candidate is None]
+    before, before_reported = tuning.fingerprint(grid), reported.fingerprint(grid, "0.001")
+    budget.write_text("# a comment only\ntrainer:\n  max_epochs: 1\n")
+    assert tuning.fingerprint(grid) == before  # layout and comments do not count
+    budget.write_text("trainer:\n  max_epochs: 2\n")
+    assert tuning.fingerprint(grid) != before
+    assert reported.fingerprint(grid, "0.001") == before_reported  # the reported runs do not read it

@@ -217,11 +217,15 @@ class Run:
 
     def fingerprint(self, grid: Grid, tuned: str | None = None) -> str:
         """A digest of what the run trains: the contents of its config files, parsed (so comments and
-        layout do not count), and its :meth:`arguments`."""
+        layout do not count), and its :meth:`arguments` (with the contents of any ``--config=FILE``
+        among them)."""
         configs = [yaml.safe_load(c.read_text()) for c in self.configs]
-        text = json.dumps(
-            {"configs": configs, "arguments": self.arguments(grid, tuned)}, sort_keys=True, default=str
-        )
+        arguments = self.arguments(grid, tuned)
+        payload: dict[str, object] = {"configs": configs, "arguments": arguments}
+        named = [a.split("=", 1)[1] for a in arguments if a.startswith("--config=")]
+        if named:  # a config file among the arguments (a sweep's budget overlay) counts by its contents too
+            payload["argument_configs"] = [yaml.safe_load(Path(f).read_text()) for f in named]
+        text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def command(self, grid: Grid, tuned: str | None = None) -> list[str]:
