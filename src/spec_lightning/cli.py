@@ -67,14 +67,11 @@ class SpecLightningCLI(LightningCLI):
         """The config decides what runs, not the checkpoint. Lightning's ``LightningCLI`` replaces the
         config's model with the hyper-parameters stored in ``--ckpt_path <file>`` (so a LoRSA config ran
         the checkpoint's LoRA and a learning rate changed for the resume was dropped, while the run's
-        config.yaml said otherwise); here the file is only checked to be a complete archive. A
+        config.yaml said otherwise); here nothing replaces the config. A
         checkpoint of another backbone, task or method is then refused when it is loaded (the run-facts
         check), on this path as on ``--ckpt_path last``; changed optimisation settings (learning rate,
-        weight decay) are taken from the config and said in one line (see ``FineTuningModule``)."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
-            check_checkpoint_file(ckpt_path)  # an empty or truncated file: a clear error, not EOFError
+        weight decay) are taken from the config and said in one line (see ``FineTuningModule``). The
+        file itself is checked in :meth:`before_instantiate_classes`, once ``last`` is resolved."""
 
     def before_instantiate_classes(self) -> None:
         """Logs under ``default_root_dir``; ``fit``: ``--ckpt_path last`` resumes the newest run of this
@@ -84,8 +81,9 @@ class SpecLightningCLI(LightningCLI):
         root_logs(config)
         if self.subcommand == "fit":
             resolve_fit_folders(config)
-        if self.subcommand == "fit" and config.get("ckpt_path"):  # `last` resolved to a file just now
-            check_checkpoint_file(config["ckpt_path"])
+        ckpt_path = config.get("ckpt_path")  # `last` resolved to a file just now (fit)
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
+            check_checkpoint_file(ckpt_path)  # an empty or truncated file: a clear error, not EOFError
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Lightning's trainer, writing its checkpoints atomically beside their target

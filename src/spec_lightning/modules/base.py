@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from spec_lightning.calibration import apply_arguments
 from spec_lightning.callbacks.strategy import is_fsdp1
-from spec_lightning.checkpoints import record_digest, verify_digest
+from spec_lightning.checkpoints import record_digest, saved_weights, verify_digest
 from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.methods.base import describe
@@ -330,9 +330,7 @@ class FineTuningModule(L.LightningModule, ABC):
             "schedule_steps": checkpoint.get("schedule_steps"),
             "changed": changed_settings(checkpoint.get("hyper_parameters", {}), self.hparams),
         }
-        check_finite(
-            checkpoint.get("adapter_state_dict") or checkpoint.get("state_dict") or {}, "the checkpoint"
-        )
+        check_finite(saved_weights(checkpoint), "the checkpoint")
         if "adapter_state_dict" in checkpoint:
             self.configure_model()
             state = shard_like(checkpoint["adapter_state_dict"], self.model)
