@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.common import fixed_batch, load_backbone, write_results
 from benchmarks.memory_7b import LLAMA_7B
-from spec_lightning.pretrained import resolve_pretrained
+from spec_lightning.io.pretrained import resolve_pretrained
 from spec_lightning.spectral import eigensolve, neighbors
 from spec_lightning.spectral.blocks import BlockMap, GradientSketcher, bert_blocks, llama_blocks
 from spec_lightning.spectral.clustering import SpectralClusterer, default_neighbors

@@ -52,8 +52,8 @@ from spec_lightning import (
     SequenceClassificationModule,
     SpectralGradientFilter,
 )
+from spec_lightning.io.pretrained import resolve_pretrained
 from spec_lightning.methods import FullFineTuning, LoRA
-from spec_lightning.pretrained import resolve_pretrained
 
 
 class StepTimer(L.Callback):

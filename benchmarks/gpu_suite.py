@@ -51,7 +51,7 @@ def tiny_backbone(folder: Path) -> Path:
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     from spec_lightning.io.bundle import ENCODER, ENCODER_FILES
-    from spec_lightning.pretrained import resolve_pretrained
+    from spec_lightning.io.pretrained import resolve_pretrained
 
     source = Path(resolve_pretrained(ENCODER))
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -97,8 +97,8 @@ def run_stage(name: str, command: list[str], budget: float, log: Path) -> dict[s
 def learning_rates(dry_run: bool) -> dict[str, dict[str, str]]:
     """Per task and method: the CPU convergence grid's tuned rate where its sweep has finished, else
     the method config's shipped rate (marked ``shipped``)."""
-    from spec_lightning.records import read_rows
-    from spec_lightning.reproduce import Grid
+    from spec_lightning.experiments.grid import Grid
+    from spec_lightning.experiments.records import read_rows
 
     grid = Grid.load(ROOT / "configs/reproduce/converged.yaml")
     sweep_rows = read_rows(ROOT / "benchmarks/results/converged/sweep.csv")

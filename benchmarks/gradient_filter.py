@@ -30,8 +30,8 @@ import torch
 
 from benchmarks.common import fixed_batch, load_backbone, sync, write_results
 from spec_lightning import GraphConfig, GraphSpectral, SpectralGradientFilter
+from spec_lightning.io.pretrained import resolve_pretrained
 from spec_lightning.methods import FullFineTuning
-from spec_lightning.pretrained import resolve_pretrained
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from spec_lightning import (
     ModuleSearch,
     SequenceClassificationModule,
 )
-from spec_lightning.pretrained import resolve_pretrained
+from spec_lightning.io.pretrained import resolve_pretrained
 from spec_lightning.spectral.blocks import BlockMap, bert_blocks
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -104,7 +104,7 @@ def run_bare(module: Any, datamodule: Any, steps: int, seed: int) -> tuple[list[
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
-    from spec_lightning.pretrained import load_pretrained, resolve_pretrained
+    from spec_lightning.io.pretrained import load_pretrained, resolve_pretrained
 
     hp = module.hparams
     device = module.device

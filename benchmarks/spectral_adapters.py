@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import fixed_batch, load_backbone, sync, write_results
+from spec_lightning.io.pretrained import resolve_pretrained
 from spec_lightning.methods import FineTuningMethod, LoRA, LoRSA, SpecLoRA
 from spec_lightning.methods.lorsa.method import lorsa_layers
-from spec_lightning.pretrained import resolve_pretrained
 from spec_lightning.spectral.importance import SigmaFisher
 
 QV = ["query", "value"]

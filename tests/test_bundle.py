@@ -16,7 +16,7 @@ from packaging.version import Version
 from transformers import AutoModelForSequenceClassification
 
 from spec_lightning.io import bundle
-from spec_lightning.pretrained import load_pretrained, resolve_pretrained
+from spec_lightning.io.pretrained import load_pretrained, resolve_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"

@@ -13,14 +13,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from spec_lightning import GLUEDataModule, LoRA, SequenceClassificationModule
-from spec_lightning.checkpoints import (
+from spec_lightning.cli import build_cli
+from spec_lightning.io.checkpoints import (
     DIGEST_KEY,
     AtomicCheckpointIO,
     check_checkpoint_file,
     load_checkpoint,
     tensor_digest,
 )
-from spec_lightning.cli import build_cli
 from spec_lightning.methods import FullFineTuning
 from tests.conftest import composed_args
 

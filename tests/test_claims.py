@@ -14,7 +14,7 @@ import scipy.stats
 from spec_lightning.analysis.claims import Claim, claims_table, verdict
 from spec_lightning.analysis.paired import paired_differences
 from spec_lightning.analysis.report import summary
-from spec_lightning.reproduce import Grid
+from spec_lightning.experiments.grid import Grid
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

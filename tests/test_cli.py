@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from spec_lightning.checkpoints import load_checkpoint
 from spec_lightning.cli import build_cli, main
-from spec_lightning.reproduce import Grid, Run
+from spec_lightning.experiments.grid import Grid, Run
+from spec_lightning.io.checkpoints import load_checkpoint
 from tests.conftest import composed_args, write_sst2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from spec_lightning import GLUEDataModule, SequenceClassificationModule, load_adapter
-from spec_lightning.adapters import adapter_description
+from spec_lightning.io.adapters import adapter_description
 from tests.conftest import BACKBONE_TARGETS, METHODS
 
 SENTENCES = ["the movie was good", "the plot was very bad not fine", "awful"]

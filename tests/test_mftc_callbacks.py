@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spec_lightning import BlockRule, DynamicSpectralClustering, ModuleSearch
-from spec_lightning.callbacks.module_search import Candidate
+from spec_lightning.methods.mftc.candidates import Candidate
 from spec_lightning.spectral.blocks import BlockMap, GradientSketcher, load_slices, save_slices
 from tests.conftest import run_script
 from tests.run_mftc_ddp import make_callbacks

@@ -14,7 +14,7 @@ from peft.tuners.lora.config import CordaConfig, EvaConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from spec_lightning import PeftTuner, SequenceClassificationModule, load_adapter
-from spec_lightning.adapters import build_method
+from spec_lightning.io.adapters import build_method
 from spec_lightning.methods.base import describe
 
 SENTENCES = ["the movie was good", "the plot was very bad not fine", "awful", "great fine movie very good"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from spec_lightning.pretrained import resolve_pretrained
+from spec_lightning.io.pretrained import resolve_pretrained
 
 
 @pytest.fixture

@@ -23,9 +23,10 @@ from spec_lightning.analysis.report import (
     write_report,
 )
 from spec_lightning.analysis.statistics import paired_bootstrap, t_interval
-from spec_lightning.records import read_rows
-from spec_lightning.reproduce import Grid, Run, main
-from spec_lightning.sweep import Sweep
+from spec_lightning.experiments.grid import Grid, Run
+from spec_lightning.experiments.records import read_rows
+from spec_lightning.experiments.reproduce import main
+from spec_lightning.experiments.sweep import Sweep
 from tests.conftest import write_sst2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -558,8 +559,8 @@ def test_a_run_whose_configs_or_tuned_value_changed_runs_again(
         return row | {"tuned": run.candidate or tuned or "", "val/accuracy": score}
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setattr("spec_lightning.reproduce.collect", fake_collect)
-    monkeypatch.setattr("spec_lightning.reproduce.write_report", lambda *args, **kwargs: None)
+    monkeypatch.setattr("spec_lightning.experiments.reproduce.collect", fake_collect)
+    monkeypatch.setattr("spec_lightning.experiments.reproduce.write_report", lambda *args, **kwargs: None)
 
     def resume() -> list[str]:
         started.clear()
@@ -610,7 +611,7 @@ def test_a_run_whose_configs_or_tuned_value_changed_runs_again(
 def test_curves_keep_the_validation_metrics_and_training_loss(tmp_path: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from spec_lightning.records import curves_of, write_json
+    from spec_lightning.experiments.records import curves_of, write_json
 
     writer = SummaryWriter(str(tmp_path))
     for step, (accuracy, loss) in enumerate([(0.5, 0.69), (0.71234567, 0.5)]):

@@ -34,8 +34,8 @@ from spec_lightning import (
     load_adapter,
     load_slices,
 )
+from spec_lightning.io.pretrained import portable_name
 from spec_lightning.methods.lorsa.method import lorsa_layers
-from spec_lightning.pretrained import portable_name
 from spec_lightning.spectral.blocks import BlockRule, bert_blocks, default_blocks, llama_blocks
 from tests.conftest import quiet_trainer
 from tests.user_model import LayerStack
@@ -362,7 +362,7 @@ def test_importing_the_package_loads_nothing_heavy() -> None:
 def test_run_facts_compare_the_arguments_both_sides_record() -> None:
     """A checkpoint written before a method's description gained (or lost) an argument still loads; an
     argument both record must agree, nested methods included."""
-    from spec_lightning.modules.base import _same_fact
+    from spec_lightning.modules.resume import same_fact
 
     def lora(**args: object) -> dict[str, object]:
         return {"class_path": "spec_lightning.LoRA", "init_args": {"r": 8, "alpha": 16, **args}}
@@ -370,14 +370,14 @@ def test_run_facts_compare_the_arguments_both_sides_record() -> None:
     def graph(inner: dict[str, object], **args: object) -> dict[str, object]:
         return {"class_path": "spec_lightning.GraphSpectral", "init_args": {"method": inner, **args}}
 
-    assert _same_fact("method", lora(), lora(target_r=4))
-    assert _same_fact("method", lora(old_flag=True), lora())
-    assert _same_fact("method", lora(dropout=0.1), lora(dropout=0.0))  # training-only
-    assert not _same_fact("method", lora(), lora(r=4))
-    assert not _same_fact("method", graph(lora()), graph(lora(r=4)))
-    assert not _same_fact("method", graph(lora(), spectral_weight=0.1), graph(lora(), spectral_weight=0.2))
-    assert _same_fact("method", graph(lora(), supports_fsdp=False), graph(lora()))
-    assert not _same_fact("method", lora(), {**lora(), "class_path": "spec_lightning.DoRA"})
+    assert same_fact("method", lora(), lora(target_r=4))
+    assert same_fact("method", lora(old_flag=True), lora())
+    assert same_fact("method", lora(dropout=0.1), lora(dropout=0.0))  # training-only
+    assert not same_fact("method", lora(), lora(r=4))
+    assert not same_fact("method", graph(lora()), graph(lora(r=4)))
+    assert not same_fact("method", graph(lora(), spectral_weight=0.1), graph(lora(), spectral_weight=0.2))
+    assert same_fact("method", graph(lora(), supports_fsdp=False), graph(lora()))
+    assert not same_fact("method", lora(), {**lora(), "class_path": "spec_lightning.DoRA"})
 
 
 class ValidatedStack(LayerStack):

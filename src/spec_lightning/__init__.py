@@ -3,13 +3,12 @@
 from typing import TYPE_CHECKING
 
 from spec_lightning._lazy import lazy_exports
-
-__version__ = "0.1.0"
+from spec_lightning._version import __version__ as __version__
 
 _EXPORTS = {
     "AdaLoRA": "spec_lightning.methods",
     "ApplyMethod": "spec_lightning.callbacks",
-    "AtomicCheckpointIO": "spec_lightning.checkpoints",
+    "AtomicCheckpointIO": "spec_lightning.io.checkpoints",
     "BitFit": "spec_lightning.methods",
     "BlockRule": "spec_lightning.spectral.blocks",
     "CausalLMModule": "spec_lightning.modules",
@@ -40,9 +39,9 @@ _EXPORTS = {
     "bert_blocks": "spec_lightning.spectral.blocks",
     "default_blocks": "spec_lightning.spectral.blocks",
     "llama_blocks": "spec_lightning.spectral.blocks",
-    "load_adapter": "spec_lightning.adapters",
+    "load_adapter": "spec_lightning.io.adapters",
     "load_slices": "spec_lightning.spectral.blocks",
-    "resolve_pretrained": "spec_lightning.pretrained",
+    "resolve_pretrained": "spec_lightning.io.pretrained",
 }
 __all__ = [
     "AdaLoRA",
@@ -85,7 +84,6 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
-    from spec_lightning.adapters import load_adapter
     from spec_lightning.callbacks import (
         ApplyMethod,
         DynamicSpectralClustering,
@@ -96,13 +94,15 @@ if TYPE_CHECKING:
         SpectrumMonitor,
         ValidationPredictions,
     )
-    from spec_lightning.checkpoints import AtomicCheckpointIO
     from spec_lightning.data import (
         GLUEDataModule,
         InstructionDataModule,
         LanguageModelingDataModule,
         MMLUDataModule,
     )
+    from spec_lightning.io.adapters import load_adapter
+    from spec_lightning.io.checkpoints import AtomicCheckpointIO
+    from spec_lightning.io.pretrained import resolve_pretrained
     from spec_lightning.methods import (
         AdaLoRA,
         BitFit,
@@ -118,7 +118,6 @@ if TYPE_CHECKING:
         SpecLoRA,
     )
     from spec_lightning.modules import CausalLMModule, FineTuningModule, SequenceClassificationModule
-    from spec_lightning.pretrained import resolve_pretrained
     from spec_lightning.spectral.blocks import (
         BlockRule,
         bert_blocks,

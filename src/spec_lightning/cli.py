@@ -27,11 +27,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from spec_lightning.callbacks.preemption import PreemptionCheckpoint
-from spec_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint_file, load_checkpoint
+from spec_lightning.experiments.reproduce import main as reproduce
+from spec_lightning.io.adapters import refuse_non_empty
+from spec_lightning.io.checkpoints import AtomicCheckpointIO, check_checkpoint_file, load_checkpoint
+from spec_lightning.io.runs import RunConfig, resolve_fit_folders, root_logs
 from spec_lightning.modules import FineTuningModule
-from spec_lightning.modules.base import refuse_non_empty
-from spec_lightning.reproduce import main as reproduce
-from spec_lightning.runs import RunConfig, resolve_fit_folders, root_logs
 
 #: What ``spec-lightning --help`` says besides LightningCLI's own subcommands.
 OTHER_SUBCOMMANDS = """\
@@ -76,7 +76,7 @@ class SpecLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Logs under ``default_root_dir``; ``fit``: ``--ckpt_path last`` resumes the newest run of this
         name in its own folder, and a run without a logger writes into a folder of its own (see
-        :mod:`spec_lightning.runs`)."""
+        :mod:`spec_lightning.io.runs`)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         root_logs(config)
         if self.subcommand == "fit":
@@ -87,7 +87,7 @@ class SpecLightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Lightning's trainer, writing its checkpoints atomically beside their target
-        (:class:`~spec_lightning.checkpoints.AtomicCheckpointIO`) unless another writer was chosen."""
+        (:class:`~spec_lightning.io.checkpoints.AtomicCheckpointIO`) unless another writer was chosen."""
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -13,8 +13,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from spec_lightning.calibration import apply_arguments
 from spec_lightning.callbacks.strategy import KeyedCallback
+from spec_lightning.data.calibration import apply_arguments
 from spec_lightning.methods.base import FineTuningMethod, Regularization, describe
 
 
@@ -162,7 +162,7 @@ class ApplyMethod(KeyedCallback):
 
             model = ApplyMethod(LoRA(...), head=["head"]).restore(MyModule(), "last.ckpt")
         """
-        from spec_lightning.checkpoints import load_checkpoint
+        from spec_lightning.io.checkpoints import load_checkpoint
 
         checkpoint = load_checkpoint(checkpoint_path)
         for key, state in checkpoint.get("callbacks", {}).items():

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -19,43 +19,14 @@ from typing_extensions import override
 
 from spec_lightning.analysis.modules import predictor_figure
 from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
-from spec_lightning.callbacks.probe import Probe, probe
+from spec_lightning.callbacks.probe import Probe, Probeable, plain_batch, probe
+from spec_lightning.callbacks.slices import SliceTraining
 from spec_lightning.callbacks.strategy import KeyedCallback, log_directory, publish_figure, refuse_fsdp1
-from spec_lightning.distributed import local_grads, local_rows, local_rows_of, rows_like
+from spec_lightning.methods.mftc.candidates import Candidate, blocks_of, candidates_of, random_combinations
 from spec_lightning.methods.mftc.export import export_slices
 from spec_lightning.methods.mftc.search import SearchProblem, best_selection, predictor_quality
 from spec_lightning.naming import matches
-from spec_lightning.spectral.blocks import (
-    BlockMap,
-    frozen_values,
-    mask_gradients,
-    restore_frozen,
-)
-
-
-@runtime_checkable
-class Probeable(Protocol):
-    """A LightningModule that ModuleSearch can probe: ``probe_step(batch)`` returns the batch's mean
-    loss (differentiable) and its accuracy, or any score where higher is better (spec_lightning's
-    modules give the expected accuracy, the mean probability of the true label, which a few probe
-    steps move even when no prediction flips)."""
-
-    def probe_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """Module ``module``'s blocks inside search node ``node``."""
-
-    node: str
-    module: int
-    blocks: list[int]
-    parameters: int
-
-
-def blocks_of(candidates: list[Candidate], chosen: np.ndarray) -> np.ndarray:
-    """The sorted block ids of the chosen candidates."""
-    return np.array(sorted(b for c in chosen for b in candidates[c].blocks), dtype=np.int64)
+from spec_lightning.spectral.blocks import BlockMap
 
 
 class ModuleSearch(KeyedCallback):
@@ -161,9 +132,7 @@ class ModuleSearch(KeyedCallback):
         self.selected: list[int] | None = None
         self.report: dict[str, Any] = {}
         self._clustering: DynamicSpectralClustering | None = None
-        self._head: list[str] = []
-        self._masks: dict[str, torch.Tensor] = {}
-        self._frozen_values: dict[str, torch.Tensor] = {}
+        self._slices = SliceTraining([])
         self._held_back: list[Any] = []
 
     def key_arguments(self) -> Mapping[str, Any]:
@@ -208,19 +177,20 @@ class ModuleSearch(KeyedCallback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._head = [
+        head = [
             n
             for n, _ in pl_module.named_parameters()
             if any(matches(n, p) or matches(n.rpartition(".")[0], p) for p in self.always_train)
         ]
-        if not self._head:
+        self._slices = SliceTraining(head)
+        if not head:
             raise MisconfigurationException(
                 f"ModuleSearch: always_train {self.always_train} matches no parameter of "
                 f"{type(pl_module).__name__}; name the task head, e.g. 'classifier'"
             )
         self._warn_never_trained(pl_module)
         if self.selected is not None:  # resumed after the search
-            self._freeze_outside(trainer, pl_module, np.array(self.selected))
+            self._slices.freeze_outside(self._block_map(), trainer, pl_module, np.array(self.selected))
 
     def _warn_never_trained(self, pl_module: L.LightningModule) -> None:
         """Name the trainable parameters that neither a block nor ``always_train`` covers."""
@@ -228,7 +198,7 @@ class ModuleSearch(KeyedCallback):
         outside = [
             n
             for n, p in pl_module.named_parameters()
-            if p.requires_grad and n not in blocks and n not in self._head
+            if p.requires_grad and n not in blocks and n not in self._slices.head
         ]
         if not outside:
             return
@@ -265,70 +235,26 @@ class ModuleSearch(KeyedCallback):
         if self._evaluation_step(trainer):
             for p in pl_module.parameters():
                 p.grad = None  # a held-out batch: the optimiser skips every parameter
-        self._mask_gradients(pl_module)
+        self._slices.mask_gradients(pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._restore_frozen(pl_module)
+        self._slices.restore(pl_module)
         if self.selected is None and trainer.global_step >= self.search_at_step:
             self.search(trainer, pl_module)
 
-    # ---- masking -----------------------------------------------------------------------------
+    # ---- slices ------------------------------------------------------------------------------
     def _block_map(self) -> BlockMap:
         assert self._clustering is not None and self._clustering.block_map is not None
         return self._clustering.block_map
 
-    def _device_masks(self, pl_module: L.LightningModule, blocks: np.ndarray) -> dict[str, torch.Tensor]:
-        """The masks of ``blocks`` over the rows each parameter holds on this rank (all of them off
-        FSDP2), on its device (moved once, not per step)."""
-        params = dict(pl_module.named_parameters())
-        return {
-            n: rows_like(m, params[n]).to(local_rows(params[n])[0].device)
-            for n, m in self._block_map().masks(blocks).items()
-        }
-
-    def _freeze_outside(self, trainer: L.Trainer, pl_module: L.LightningModule, blocks: np.ndarray) -> None:
-        """Train the head and ``blocks``' slices only, from now on; parameters with no trained slice
-        stop requiring gradients where the strategy allows it."""
-        params = dict(pl_module.named_parameters())
-        self._masks = self._device_masks(pl_module, blocks)
-        self._frozen_values = frozen_values(local_rows_of(params), self._masks)
-        unused = [
-            n for n, p in params.items() if p.requires_grad and n not in self._head and n not in self._masks
-        ]
-        strategy = trainer.strategy
-        ddp_options = getattr(strategy, "_ddp_kwargs", {})  # DDPStrategy(**kwargs) keeps them there
-        if isinstance(strategy, DDPStrategy) and not ddp_options.get("find_unused_parameters"):
-            rank_zero_warn(
-                f"ModuleSearch: {len(unused)} parameter(s) with no selected slice keep requires_grad under "
-                "DDP (its reducer waits for every gradient it was built with): their gradients are still "
-                "computed, then dropped. Use DDPStrategy(find_unused_parameters=True) to skip them."
-            )
-            return
-        for name in unused:
-            params[name].requires_grad_(False)
-
-    def _mask_gradients(self, pl_module: L.LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
-        for name, p in params.items():
-            if p.grad is not None and name not in self._head and name not in self._masks:
-                p.grad = None  # the optimiser skips it altogether
-        mask_gradients(local_grads(params), self._masks)
-
-    def _restore_frozen(self, pl_module: L.LightningModule) -> None:
-        restore_frozen(local_rows_of(dict(pl_module.named_parameters())), self._masks, self._frozen_values)
-
     def trained_parameters(self) -> dict[str, torch.Tensor | None]:
         """Parameter name -> boolean mask of its trained slices, whole-parameter shaped on the CPU
         (None: the whole tensor, the head)."""
-        if self.selected is None:
-            return dict.fromkeys(self._head)
-        return {
-            **dict.fromkeys(self._head),
-            **self._block_map().masks(np.array(self.selected, dtype=np.int64)),
-        }
+        block_map = None if self._clustering is None else self._clustering.block_map
+        return self._slices.trained_parameters(block_map, self.selected)
 
     def export(
         self, pl_module: L.LightningModule, directory: str | Path, module: nn.Module | None = None
@@ -358,14 +284,7 @@ class ModuleSearch(KeyedCallback):
         if labels is None:
             raise MisconfigurationException("ModuleSearch: no clustering yet; search after the first update")
         block_map = self._block_map()
-        nodes = np.array(block_map.block_nodes())
-        sizes = block_map.block_parameters()
-        out = []
-        for node in dict.fromkeys(nodes.tolist()):
-            for module in np.unique(labels[nodes == node]):
-                blocks = np.flatnonzero((nodes == node) & (labels == module))
-                out.append(Candidate(node, int(module), blocks.tolist(), int(sizes[blocks].sum())))
-        return out
+        return candidates_of(block_map.block_nodes(), labels, block_map.block_parameters())
 
     def search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Probe, solve, measure the predictor, then restrict training to the selection."""
@@ -409,7 +328,7 @@ class ModuleSearch(KeyedCallback):
             "selected": [int(c) for c in chosen],
             "selected_parameters": int(problem.cost[chosen].sum()),
             "trainable_parameters": int(problem.cost[chosen].sum())
-            + sum(p.numel() for n, p in pl_module.named_parameters() if n in self._head),
+            + sum(p.numel() for n, p in pl_module.named_parameters() if n in self._slices.head),
         }
         if self.predictor_samples:
             report["predictor"] = self._measure_predictor(
@@ -417,7 +336,9 @@ class ModuleSearch(KeyedCallback):
             )
         self.selected = trainer.strategy.broadcast(selected_blocks.tolist(), src=0)
         self.report = trainer.strategy.broadcast(report, src=0)
-        self._freeze_outside(trainer, pl_module, np.array(self.selected, dtype=np.int64))
+        self._slices.freeze_outside(
+            self._block_map(), trainer, pl_module, np.array(self.selected, dtype=np.int64)
+        )
         pl_module.log("module_search/trainable_parameters", float(report["trainable_parameters"]))
         pl_module.log("module_search/selected_candidates", float(len(chosen)))
         directory = log_directory(trainer)
@@ -437,11 +358,7 @@ class ModuleSearch(KeyedCallback):
         chosen: np.ndarray,
     ) -> dict[str, float]:
         """Probe random one-per-node combinations and the chosen one; compare Σ b^A with the gain."""
-        rng = np.random.default_rng(self.seed)
-        combinations = [chosen]
-        for _ in range(self.predictor_samples):
-            picks = [rng.choice(np.flatnonzero(problem.node == n)) for n in np.unique(problem.node)]
-            combinations.append(np.array([c for c in picks if rng.random() < 0.5] or picks[:1]))
+        combinations = [chosen, *random_combinations(problem.node, self.predictor_samples, self.seed)]
         predicted, measured = [], []
         for combination in combinations:
             probe = self._probe(trainer, pl_module, optimizer, blocks_of(candidates, combination))
@@ -477,8 +394,8 @@ class ModuleSearch(KeyedCallback):
             trainer,
             pl_module,
             optimizer,
-            self._device_masks(pl_module, blocks),
-            self._head,
+            SliceTraining.device_masks(self._block_map(), pl_module, blocks),
+            self._slices.head,
             (self._held_back[: self.probe_steps], self._held_back[self.probe_steps :]),
             self._probe_step,
         )
@@ -493,7 +410,7 @@ class ModuleSearch(KeyedCallback):
         return {
             "selected": self.selected,
             "report": self.report,
-            "held_back": [_plain(batch) for batch in self._held_back] if self.selected is None else [],
+            "held_back": [plain_batch(batch) for batch in self._held_back] if self.selected is None else [],
         }
 
     @override
@@ -501,16 +418,3 @@ class ModuleSearch(KeyedCallback):
         self.selected = state_dict["selected"]
         self.report = state_dict["report"]
         self._held_back = list(state_dict.get("held_back", []))
-
-
-def _plain(batch: Any) -> Any:
-    """``batch`` as lists, tuples, dicts and CPU tensors (a tokenizer's BatchEncoding becomes a dict)."""
-    if torch.is_tensor(batch):
-        return batch.detach().cpu()
-    if isinstance(batch, Mapping):
-        return {k: _plain(v) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [_plain(v) for v in batch]
-    if isinstance(batch, tuple):
-        return tuple(_plain(v) for v in batch)
-    return batch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -18,6 +18,16 @@ from spec_lightning.spectral.blocks import frozen_values, mask_gradients, restor
 
 #: ``step(pl_module, batch) -> (mean loss, score)``: one probe batch's loss (differentiable) and score.
 ProbeStep = Callable[[L.LightningModule, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+@runtime_checkable
+class Probeable(Protocol):
+    """A LightningModule that ModuleSearch can probe: ``probe_step(batch)`` returns the batch's mean
+    loss (differentiable) and its accuracy, or any score where higher is better (spec_lightning's
+    modules give the expected accuracy, the mean probability of the true label, which a few probe
+    steps move even when no prediction flips)."""
+
+    def probe_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -84,3 +94,16 @@ def probe(
     result = torch.tensor([accuracy, loss], dtype=torch.float64)
     result = trainer.strategy.reduce(result.to(pl_module.device), reduce_op="mean").cpu()
     return Probe(result[0].numpy(), result[1].numpy())
+
+
+def plain_batch(batch: Any) -> Any:
+    """``batch`` as lists, tuples, dicts and CPU tensors (a tokenizer's BatchEncoding becomes a dict)."""
+    if torch.is_tensor(batch):
+        return batch.detach().cpu()
+    if isinstance(batch, Mapping):
+        return {k: plain_batch(v) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [plain_batch(v) for v in batch]
+    if isinstance(batch, tuple):
+        return tuple(plain_batch(v) for v in batch)
+    return batch

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
-from spec_lightning.calibration import fit_train_loader, seeded_sample
 from spec_lightning.callbacks.strategy import (
     KeyedCallback,
     log_directory,
@@ -24,6 +23,7 @@ from spec_lightning.callbacks.strategy import (
     refuse_fsdp1,
     sharding_mesh_of,
 )
+from spec_lightning.data.calibration import fit_train_loader, seeded_sample
 from spec_lightning.distributed import by_unit
 from spec_lightning.spectral import TopKSVD, allocate_components
 from spec_lightning.spectral.importance import SigmaFisher

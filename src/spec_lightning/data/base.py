@@ -13,7 +13,7 @@ from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from spec_lightning.pretrained import resolve_pretrained
+from spec_lightning.io.pretrained import resolve_pretrained
 
 #: File suffix -> ``datasets`` builder for local files.
 LOADERS = {

@@ -8,7 +8,7 @@ Many clusters' compute nodes reach no package index and no model hub. The bundle
   the Hugging Face and Lightning stack) with everything they need, read from this environment's
   installed metadata;
 - ``models/all-MiniLM-L6-v2/``: the demo encoder in half precision (45 MB instead of 91 MB; it loads as fp32
-  master weights, see :func:`~spec_lightning.pretrained.load_pretrained`);
+  master weights, see :func:`~spec_lightning.io.pretrained.load_pretrained`);
 - ``data/glue/{SST-2,MRPC}/``: the GLUE TSV files the GPU suite trains and validates on;
 - ``MANIFEST.json`` (every file with its size and SHA-256) and ``README.txt`` (how to install and run).
 
@@ -202,7 +202,7 @@ def write_half_precision_encoder(target: Path, name: str = ENCODER) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from spec_lightning.pretrained import resolve_pretrained
+    from spec_lightning.io.pretrained import resolve_pretrained
 
     source = Path(resolve_pretrained(name))
     weights = source / "model.safetensors"

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spec_lightning._version import __version__
 from spec_lightning.naming import matches
 
 
@@ -198,8 +199,6 @@ def describe_in(
 
 def adapter_facts(head: Sequence[str], base_model: str | None) -> dict[str, Any]:
     """What an exported adapter records beside its method: the head names and the base model."""
-    from spec_lightning import __version__
-
     return {"head": list(head), "base_model_name_or_path": base_model, "spec_lightning_version": __version__}
 
 
@@ -233,7 +232,7 @@ def describe(value: Any) -> Any:
     constructor's parameters, which every method keeps as attributes of the same names), recursively
     (nested methods, dataclasses such as GraphConfig, sequences). It is the adapter's
     ``adapter_config.json``, what a checkpoint records of its method, and what
-    :func:`spec_lightning.adapters.build_method` builds a method from again."""
+    :func:`spec_lightning.io.adapters.build_method` builds a method from again."""
     if isinstance(value, FineTuningMethod):
         parameters = inspect.signature(type(value).__init__).parameters.values()
         named = [

@@ -18,15 +18,22 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from spec_lightning.calibration import apply_arguments
 from spec_lightning.callbacks.strategy import is_fsdp1
-from spec_lightning.checkpoints import record_digest, saved_weights, verify_digest
+from spec_lightning.data.calibration import apply_arguments
 from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
+from spec_lightning.io.adapters import refuse_non_empty
+from spec_lightning.io.checkpoints import record_digest, saved_weights, verify_digest
+from spec_lightning.io.pretrained import portable_name, resolve_pretrained
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.methods.base import describe
 from spec_lightning.modules.divergence import LossTrend
-from spec_lightning.modules.resume import apply_resumed_settings, changed_settings
-from spec_lightning.pretrained import portable_name, resolve_pretrained
+from spec_lightning.modules.resume import (
+    apply_resumed_settings,
+    changed_settings,
+    check_finite,
+    same_fact,
+    start_next_epoch_cleanly,
+)
 from spec_lightning.rng import get_rng_states, set_rng_states
 
 
@@ -75,7 +82,7 @@ class FineTuningModule(L.LightningModule, ABC):
                 f"{weight_decay}"
             )
         if isinstance(method, dict):  # load_from_checkpoint passes the saved description
-            from spec_lightning.adapters import build_method
+            from spec_lightning.io.adapters import build_method
 
             method = build_method(method)
         if method is None:
@@ -309,7 +316,7 @@ class FineTuningModule(L.LightningModule, ABC):
         differences = [
             f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"
             for key in sorted(set(saved) | set(current))
-            if not _same_fact(key, saved.get(key), current.get(key))
+            if not same_fact(key, saved.get(key), current.get(key))
         ]
         if differences:
             raise ValueError(
@@ -388,76 +395,3 @@ class FineTuningModule(L.LightningModule, ABC):
             shutil.rmtree(staging, ignore_errors=True)
         return directory
 
-
-def check_finite(state: dict[str, Any], what: str) -> None:
-    """Raise a ValueError naming the tensors of ``state`` that hold NaN or infinite values."""
-    bad = [
-        k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
-    ]
-    if bad:
-        raise ValueError(
-            f"{what} holds non-finite values (NaN or inf) in {bad[:3]} ({len(bad)} tensors in all): the run "
-            "diverged before this checkpoint; resume from an earlier one or lower the learning rate"
-        )
-
-
-def refuse_non_empty(directory: Path, overwrite: bool) -> None:
-    """Raise a FileExistsError when an export would land in a non-empty folder without ``overwrite``."""
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"export: {directory} is not empty; pass --overwrite to replace it, or choose another "
-            "--output_dir (writing over an older export would mix the two)"
-        )
-
-
-#: Method arguments that change training but not what a trained adapter computes: not compared.
-TRAINING_ONLY = frozenset({"dropout"})
-
-
-def _without_training_only(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_training_only(v) for k, v in value.items() if k not in TRAINING_ONLY}
-    if isinstance(value, list):
-        return [_without_training_only(v) for v in value]
-    return value
-
-
-def _same_fact(key: str, saved: Any, current: Any) -> bool:
-    """Equal facts; a backbone given as two spellings of one local folder counts as equal, the
-    method's training-only arguments (dropout) may differ, and arguments that only one side records
-    (a checkpoint from before a description changed) are not compared."""
-    if key == "backbone" and isinstance(saved, str) and isinstance(current, str):
-        return saved == current or (Path(saved).exists() and Path(saved).resolve() == Path(current).resolve())
-    return _shared(_without_training_only(saved), current) == _shared(_without_training_only(current), saved)
-
-
-def _shared(value: Any, other: Any) -> Any:
-    """``value`` with the init args that ``other`` does not record left out, recursively."""
-    if isinstance(value, dict) and isinstance(other, dict):
-        if "init_args" in value and isinstance(other.get("init_args"), dict):
-            args, theirs = value["init_args"], other["init_args"]
-            return {**value, "init_args": {k: _shared(v, theirs[k]) for k, v in args.items() if k in theirs}}
-        return {k: _shared(v, other.get(k)) for k, v in value.items()}
-    if isinstance(value, list) and isinstance(other, list) and len(value) == len(other):
-        return [_shared(v, o) for v, o in zip(value, other, strict=True)]
-    return value
-
-
-def start_next_epoch_cleanly(checkpoint: dict[str, Any]) -> None:
-    """Make a checkpoint taken after an epoch finished resume at the start of the next epoch.
-
-    A run that ends when an epoch ends (``max_epochs``, or ``max_steps`` on the epoch's last batch)
-    saves its epoch as completed while the batch counter still holds that epoch's batches; Lightning
-    then takes the next epoch for finished too, so a resume with higher limits trained 0 or 1 steps
-    and reported ``max_epochs`` reached. The batch counters (training and validation) of a completed
-    epoch are reset here (the dict is the one Lightning restores the loops from, after this hook).
-    """
-    fit = checkpoint.get("loops", {}).get("fit_loop")
-    if not fit or "epoch_loop.batch_progress" not in fit:
-        return
-    epochs, batches = fit["epoch_progress"]["current"], fit["epoch_loop.batch_progress"]["current"]
-    if epochs["completed"] == epochs["ready"] > 0 and batches["completed"] > 0:
-        for progress in ("epoch_loop.batch_progress", "epoch_loop.val_loop.batch_progress"):
-            if progress in fit:
-                fit[progress]["current"] = dict.fromkeys(fit[progress]["current"], 0)
-                fit[progress]["is_last_batch"] = False

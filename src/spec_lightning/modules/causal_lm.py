@@ -9,10 +9,10 @@ from torch import nn
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
 
+from spec_lightning.io.pretrained import load_pretrained
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.modules.base import FineTuningModule
 from spec_lightning.modules.metrics import GroupedAccuracy
-from spec_lightning.pretrained import load_pretrained
 
 IGNORE_INDEX = -100
 

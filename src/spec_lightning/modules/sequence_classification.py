@@ -11,11 +11,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
+from spec_lightning.io.pretrained import load_pretrained
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.modules.base import FineTuningModule
 from spec_lightning.modules.metrics import task_metrics
 from spec_lightning.naming import within
-from spec_lightning.pretrained import load_pretrained
 
 
 class SequenceClassificationModule(FineTuningModule):

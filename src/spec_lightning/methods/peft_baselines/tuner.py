@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spec_lightning.calibration import seeded_sample
+from spec_lightning.data.calibration import seeded_sample
 from spec_lightning.methods.base import ADAPTER_WEIGHTS, check_state_keys
 from spec_lightning.methods.peft_baselines.method import (
     PeftBacked,

@@ -4,18 +4,22 @@ before the optimiser exists (spectral importance scoring, data-driven adapter in
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Subset
 
-if TYPE_CHECKING:
-    from spec_lightning.methods import FineTuningMethod
+
+class ReadsCalibration(Protocol):
+    """What :func:`apply_arguments` needs of a method: :meth:`~spec_lightning.methods.FineTuningMethod.
+    calibration_sample` (every :class:`~spec_lightning.methods.FineTuningMethod` has it)."""
+
+    def calibration_sample(self, loader: Callable[[], Iterable[Any]]) -> Iterable[Any] | None: ...
 
 
-def apply_arguments(method: FineTuningMethod, trainer: L.Trainer | None) -> dict[str, Any]:
+def apply_arguments(method: ReadsCalibration, trainer: L.Trainer | None) -> dict[str, Any]:
     """``{"calibration": batches}`` for ``method.apply`` when ``trainer`` is fitting and the method reads
     training data to initialise (:meth:`~spec_lightning.methods.FineTuningMethod.calibration_sample`);
     else nothing: outside a fit the trained state is loaded into the structure ``apply`` builds."""

