@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from spec_lightning._lightning import callbacks_of, fast_dev_run_of, set_callbacks
 from spec_lightning.callbacks.preemption import PreemptionCheckpoint
 from spec_lightning.experiments.reproduce import main as reproduce
 from spec_lightning.io.adapters import refuse_non_empty
@@ -96,11 +97,12 @@ class SpecLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         """Save a resumable checkpoint on SIGTERM or Ctrl-C wherever checkpoints are kept; a
         ``fast_dev_run`` keeps none (Lightning's ``save_last`` would write one into the working folder)."""
-        if self.trainer.fast_dev_run:
-            self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+        if fast_dev_run_of(self.trainer):
+            kept = [c for c in callbacks_of(self.trainer) if not isinstance(c, ModelCheckpoint)]
+            set_callbacks(self.trainer, kept)
             rank_zero_info("fast_dev_run: no checkpoints are written")
         if self.trainer.checkpoint_callback is not None:
-            self.trainer.callbacks.append(PreemptionCheckpoint())
+            callbacks_of(self.trainer).append(PreemptionCheckpoint())
 
 
 class ExportCLI(SpecLightningCLI):

@@ -69,10 +69,16 @@ def shard_fsdp2(model: nn.Module, mesh: Any) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (``DTensor``, also as an ``nn.Parameter``) all-gathered into a plain one (a
+    collective: every rank must call it); a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def gather_full(state: dict[str, Any]) -> dict[str, Any]:
     """The state with every sharded tensor (``DTensor``) all-gathered into a plain one. A collective:
     every rank must call it. Other values pass through."""
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+    return {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def shard_like(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:

@@ -36,5 +36,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def _numpy_state() -> tuple[str, torch.Tensor, int, int, float]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # the tuple form, not a dict
+    return (
+        str(kind),
+        torch.from_numpy(np.asarray(keys).astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    )

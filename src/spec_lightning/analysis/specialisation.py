@@ -15,6 +15,7 @@ import argparse
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -31,9 +32,9 @@ def selection_rows(
     sigmas: dict[str, torch.Tensor],
     scores: dict[str, torch.Tensor],
     selected: dict[str, torch.Tensor],
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     """One row per (layer, component): σ_i, I_i, and whether component i is in S."""
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     for layer, score in scores.items():
         chosen = set(selected[layer].tolist())
         for i, (sigma, importance) in enumerate(zip(sigmas[layer].tolist(), score.tolist(), strict=True)):
@@ -50,7 +51,7 @@ def selection_rows(
     return rows
 
 
-def write_rows(rows: list[dict[str, object]], path: Path, fields: Sequence[str] = FIELDS) -> None:
+def write_rows(rows: list[dict[str, Any]], path: Path, fields: Sequence[str] = FIELDS) -> None:
     """Write ``rows`` as CSV with the header ``fields``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -59,12 +60,12 @@ def write_rows(rows: list[dict[str, object]], path: Path, fields: Sequence[str] 
         writer.writerows(rows)
 
 
-def read_rows(path: Path) -> list[dict[str, object]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
 
 
-def specialisation_figure(rows: list[dict[str, object]]) -> Figure:
+def specialisation_figure(rows: list[dict[str, Any]]) -> Figure:
     """One panel per task: selected component index (x) against layer (y), coloured by log10 I_i."""
     tasks = list(dict.fromkeys(str(r["task"]) for r in rows))
     layers = list(dict.fromkeys(str(r["layer"]) for r in rows))

@@ -7,7 +7,7 @@ SVD fixes each pair only up to a joint sign).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import nn  # noqa: E402
 
-from spec_lightning.methods.targets import LINEAR_TYPES, weight_matrix  # noqa: E402
+from spec_lightning.methods.targets import LINEAR_TYPES, base_weight, weight_matrix  # noqa: E402
 
 FIELDS = ("stage", "step", "layer", "index", "sigma_ref", "sigma", "cos_u", "cos_v")
 
@@ -42,11 +42,14 @@ def has_weight_matrix(module: nn.Module) -> bool:
 @torch.no_grad()
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The current (out, in) weight: a method layer's W', a peft LoRA-family layer's W + ΔW, or W."""
-    if hasattr(module, "effective_weight"):
-        return module.effective_weight()
-    if hasattr(module, "get_delta_weight") and hasattr(module, "get_base_layer"):  # peft tuner layers
-        base = module.get_base_layer()
-        weight = base.weight + sum(module.get_delta_weight(name) for name in module.active_adapters)
+    own = getattr(module, "effective_weight", None)
+    if callable(own):
+        return own()
+    delta, base = getattr(module, "get_delta_weight", None), getattr(module, "get_base_layer", None)
+    if callable(delta) and callable(base):  # peft's LoRA-family layers
+        adapters = getattr(module, "active_adapters", None)
+        assert adapters is not None, "a peft tuner layer names its active adapters"
+        weight = base_weight(base()) + sum(delta(name) for name in adapters)
         return weight.T if getattr(module, "fan_in_fan_out", False) else weight
     return weight_matrix(module)
 
@@ -59,7 +62,7 @@ def spectrum(weight: torch.Tensor, k: int) -> Spectrum:
     return Spectrum(s.cpu(), u[:, :k].cpu(), vh[:k].T.cpu())
 
 
-def compare(stage: str, step: int, layer: str, ref: Spectrum, now: Spectrum) -> list[dict[str, object]]:
+def compare(stage: str, step: int, layer: str, ref: Spectrum, now: Spectrum) -> list[dict[str, Any]]:
     """Rows of σ_ref, σ and the top-k |cos| of corresponding singular vectors."""
     cos_u = (ref.U * now.U).sum(0).abs().tolist()
     cos_v = (ref.V * now.V).sum(0).abs().tolist()
@@ -78,7 +81,7 @@ def compare(stage: str, step: int, layer: str, ref: Spectrum, now: Spectrum) -> 
     ]
 
 
-def spectrum_figure(rows: list[dict[str, object]], title: str) -> Figure:
+def spectrum_figure(rows: list[dict[str, Any]], title: str) -> Figure:
     """Three panels: σ (reference dashed), relative change σ/σ_ref − 1, and |cos(u_i, u_i')|."""
     fig, (ax_s, ax_d, ax_c) = plt.subplots(1, 3, figsize=(15, 4))
     layers = list(dict.fromkeys(str(r["layer"]) for r in rows))

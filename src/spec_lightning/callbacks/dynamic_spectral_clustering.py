@@ -135,8 +135,8 @@ class DynamicSpectralClustering(KeyedCallback):
         self.plot_every_n_updates = plot_every_n_updates
         self.seed = seed
         self.clusterer = SpectralClusterer(
-            kernel, alpha, neighbors, eigenvectors, tuple(clusters), min_module_size, max_module_size,
-            full_recompute_every, seed, neighbor_search,
+            kernel, alpha, neighbors, eigenvectors, (clusters[0], clusters[1]), min_module_size,
+            max_module_size, full_recompute_every, seed, neighbor_search,
         )  # fmt: skip
         self.steps = 0
         self.block_map: BlockMap | None = None
@@ -184,7 +184,7 @@ class DynamicSpectralClustering(KeyedCallback):
         device = params[self.block_map.names[0]].device
         m = self.block_map.num_blocks
         self._check_packages(m)
-        if self._sketches is None or self._sketches.shape != (m, self.sketch_dim):
+        if self._sketches is None or self._energy is None or self._sketches.shape != (m, self.sketch_dim):
             self._sketches = torch.zeros(m, self.sketch_dim, device=device)
             self._energy = torch.zeros(m, device=device)
         self._sketches, self._energy = self._sketches.to(device), self._energy.to(device)
@@ -194,6 +194,7 @@ class DynamicSpectralClustering(KeyedCallback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         assert self.block_map is not None and self._sketcher is not None
+        assert self._sketches is not None and self._energy is not None, "set up in on_fit_start"
         params = dict(pl_module.named_parameters())
         grads = {name: params[name].grad for name in self.block_map.names}
         missing = [name for name, g in grads.items() if g is None]

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from spec_lightning._lightning import callbacks_of
 from spec_lightning.analysis.modules import predictor_figure
 from spec_lightning.callbacks.dynamic_spectral_clustering import DynamicSpectralClustering
 from spec_lightning.callbacks.probe import Probe, Probeable, plain_batch, probe
@@ -162,7 +163,7 @@ class ModuleSearch(KeyedCallback):
                 f"{type(pl_module).__name__} does not define; add that method, or pass "
                 "ModuleSearch(probe_fn=fn) with fn(pl_module, batch) -> (loss, score)"
             )
-        order = [c for c in trainer.callbacks if isinstance(c, DynamicSpectralClustering | ModuleSearch)]
+        order = [c for c in callbacks_of(trainer) if isinstance(c, DynamicSpectralClustering | ModuleSearch)]
         if not order or not isinstance(order[0], DynamicSpectralClustering):
             raise MisconfigurationException(
                 "ModuleSearch needs a DynamicSpectralClustering callback before it in trainer callbacks "
@@ -356,7 +357,7 @@ class ModuleSearch(KeyedCallback):
         gain_a: np.ndarray,
         baseline: Probe,
         chosen: np.ndarray,
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         """Probe random one-per-node combinations and the chosen one; compare Σ b^A with the gain."""
         combinations = [chosen, *random_combinations(problem.node, self.predictor_samples, self.seed)]
         predicted, measured = [], []
@@ -379,7 +380,8 @@ class ModuleSearch(KeyedCallback):
     def _probe_step(self, pl_module: L.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if self.probe_fn is not None:
             return self.probe_fn(pl_module, batch)
-        return pl_module.probe_step(batch)  # type: ignore[operator]
+        assert isinstance(pl_module, Probeable), "checked in setup"
+        return pl_module.probe_step(batch)
 
     def _probe(
         self,

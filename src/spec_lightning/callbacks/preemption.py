@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -36,7 +37,7 @@ class PreemptionCheckpoint(L.Callback):
             self._say_what_is_left(trainer)
             return
         callback = trainer.checkpoint_callback
-        if callback is None or callback.dirpath is None:
+        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
             rank_zero_warn(
                 f"PreemptionCheckpoint: {type(exception).__name__} but no ModelCheckpoint folder to save to: "
                 "the run stops without a checkpoint"

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from spec_lightning.callbacks.strategy import KeyedCallback, refuse_fsdp1, sharding_mesh_of
-from spec_lightning.distributed import all_reduce_sum, local_rows, local_rows_of, rows_like
+from spec_lightning.distributed import all_reduce_sum, full_tensor, local_rows, local_rows_of, rows_like
 from spec_lightning.spectral import (
     FilterName,
     GraphConfig,
@@ -160,7 +160,7 @@ class SpectralGradientFilter(KeyedCallback):
         if self._mesh is None:
             return dict(tensors), _unchanged
         if self.graphs.config.kind == "rows":
-            return {n: t.full_tensor() for n, t in tensors.items()}, _unchanged
+            return {n: full_tensor(t) for n, t in tensors.items()}, _unchanged
         return local_rows_of(tensors), partial(all_reduce_sum, mesh=self._mesh)
 
     def filter_gradients(

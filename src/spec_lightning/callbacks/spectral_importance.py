@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, Protocol, runtime_checkable
+from unittest.mock import patch
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from spec_lightning._lightning import callbacks_of
 from spec_lightning.analysis.specialisation import selection_rows, specialisation_figure, write_rows
 from spec_lightning.callbacks.strategy import (
     KeyedCallback,
@@ -121,7 +122,9 @@ class SpectralImportance(KeyedCallback):
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, SpectralComponents)}
         if not layers:
             later = [
-                c for c in trainer.callbacks[trainer.callbacks.index(self) + 1 :] if hasattr(c, "method")
+                c
+                for c in callbacks_of(trainer)[callbacks_of(trainer).index(self) + 1 :]
+                if hasattr(c, "method")
             ]
             if any(type(c).__name__ == "ApplyMethod" for c in later):
                 raise MisconfigurationException(
@@ -151,12 +154,12 @@ class SpectralImportance(KeyedCallback):
         self._report(trainer, pl_module)
 
     def _spectra(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, layers: dict[str, nn.Module]
+        self, trainer: L.Trainer, pl_module: L.LightningModule, layers: dict[str, SpectralComponents]
     ) -> dict[str, TopKSVD]:
         """Every layer's candidate spectrum, computed once on rank 0 (under FSDP2 while its weights are
         gathered, one FSDP2 unit at a time) and broadcast: singular vectors are defined up to sign, so
         ranks must not compute their own."""
-        spectra = {}
+        spectra: dict[str, TopKSVD] = {}
         for names in by_unit(pl_module, layers):
             if trainer.is_global_zero:
                 spectra |= {n: TopKSVD(*(t.cpu() for t in layers[n].candidate_spectrum())) for n in names}
@@ -168,14 +171,15 @@ class SpectralImportance(KeyedCallback):
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        layers: dict[str, nn.Module],
+        layers: Mapping[str, SpectralComponents],
         spectra: dict[str, TopKSVD],
     ) -> dict[str, torch.Tensor]:
         """I_i per layer. With several processes rank r scores the calibration batches r, r + W, ...
         and the sums Σ (∂ℓ/∂σ_i)² and sample counts are added over the ranks; a rank short of a batch
         in the last round runs its first batch again unrecorded, so that every rank makes the same
         forward and backward passes (FSDP2's all-gathers and reduce-scatters)."""
-        fisher = SigmaFisher(layers, spectra, self.loss_reduction)
+        modules = {name: pl_module.get_submodule(name) for name in layers}  # the same layers, as modules
+        fisher = SigmaFisher(modules, spectra, self.loss_reduction)
         batches = list(self._calibration_batches(trainer, pl_module))
         world, rank = trainer.world_size, trainer.global_rank
         was_training = pl_module.training
@@ -187,7 +191,8 @@ class SpectralImportance(KeyedCallback):
                     batch = trainer.strategy.batch_to_device(batches[min(i, len(batches) - 1)])
                     with trainer.precision_plugin.forward_context():
                         out = pl_module.training_step(batch, i)
-                    loss = out["loss"] if isinstance(out, dict) else out
+                    loss = out["loss"] if isinstance(out, Mapping) else out
+                    assert isinstance(loss, torch.Tensor), "training_step returns the loss"
                     loss.backward()
         pl_module.train(was_training)
         pl_module.zero_grad(set_to_none=True)
@@ -197,7 +202,7 @@ class SpectralImportance(KeyedCallback):
 
     def _calibration_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterable[Any]:
         """The calibration loader's ``num_samples`` seeded examples (:func:`seeded_sample`)."""
-        loader = self.calibration_dataloader
+        loader: Iterable[Any] | Callable[[], Iterable[Any]] | None = self.calibration_dataloader
         if loader is None:
             fix = "pass SpectralImportance(calibration_dataloader=...)"
             loader = fit_train_loader(trainer, "SpectralImportance", fix)
@@ -229,8 +234,9 @@ class SpectralImportance(KeyedCallback):
 @contextmanager
 def _muted_logging(pl_module: L.LightningModule) -> Iterator[None]:
     """``self.log`` is not allowed in ``setup``; calibration losses must not reach the run's metrics."""
-    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
+    with patch.object(pl_module, "log", _ignore), patch.object(pl_module, "log_dict", _ignore):
         yield
-    finally:
-        del pl_module.log, pl_module.log_dict
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """A logging call that records nothing."""

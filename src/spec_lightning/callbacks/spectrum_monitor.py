@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from spec_lightning._lightning import callbacks_of
 from spec_lightning.analysis.specialisation import write_rows
 from spec_lightning.analysis.spectrum import (
     FIELDS,
@@ -92,7 +93,7 @@ class SpectrumMonitor(KeyedCallback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         refuse_fsdp1(trainer, "SpectrumMonitor")
-        monitors = [c for c in trainer.callbacks if isinstance(c, SpectrumMonitor)]
+        monitors = [c for c in callbacks_of(trainer) if isinstance(c, SpectrumMonitor)]
         if self.name is None and len(monitors) > 1:
             targets = self.target_modules or ["default"]
             self.prefix = "spectrum_" + "_".join(re.sub(r"[^A-Za-z0-9_.-]", "-", t) for t in targets)
@@ -143,7 +144,7 @@ class SpectrumMonitor(KeyedCallback):
         it: under FSDP2 the weights are gathered one FSDP2 unit at a time (a collective), so memory
         holds one unit's whole matrices, never the whole model."""
         targets = self._targets(pl_module)
-        spectra = {}
+        spectra: dict[str, Spectrum] = {}
         with torch.no_grad():
             for names in by_unit(pl_module, targets):
                 if trainer.is_global_zero:

@@ -73,8 +73,9 @@ def publish_figure(trainer: L.Trainer, fig: Figure, path: Path, tag: str, step: 
     ``step``, and close it. Rank 0 only: take ``path`` from :func:`log_directory` on every rank first."""
     fig.savefig(path, dpi=120)
     for logger in trainer.loggers:
-        if hasattr(logger.experiment, "add_figure"):
-            logger.experiment.add_figure(tag, fig, global_step=step)
+        add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+        if callable(add_figure):
+            add_figure(tag, fig, global_step=step)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

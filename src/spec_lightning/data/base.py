@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import datasets
 import lightning as L
 import torch
 from datasets.exceptions import DatasetGenerationError
+from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -70,6 +71,12 @@ class TokenizedDataModule(L.LightningDataModule):
 
     #: What the data is, in error messages.
     dataset_name = "the dataset"
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved constructor arguments, by attribute (``save_hyperparameters`` always stores an
+        ``AttributeDict``; Lightning's annotation also allows a plain mapping)."""
+        return cast(AttributeDict, super().hparams)
 
     def __init__(self, tokenizer: str, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__()
@@ -158,7 +165,7 @@ class TokenizedDataModule(L.LightningDataModule):
         if split not in self.splits:
             raise ValueError(f"{self.dataset_name} has no {split!r} split in this source")
         ds = self.splits[split]
-        sampler = None
+        sampler: DistributedSampler | None = None
         if shuffle:
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
             # A seeded, epoch-indexed shuffle (Lightning calls set_epoch): resuming replays the same order.

@@ -3,13 +3,15 @@ before the optimiser exists (spectral importance scoring, data-driven adapter in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Any, Protocol
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Subset
+
+from spec_lightning._lightning import datamodule_of
 
 
 class ReadsCalibration(Protocol):
@@ -39,8 +41,9 @@ def fit_train_loader(trainer: L.Trainer, who: str, fix: str) -> Iterable[Any]:
         MisconfigurationException: the fit has no training loader; the message names ``who`` needs one
             and ``fix``, how to give it calibration data directly.
     """
-    if trainer.datamodule is not None:
-        return trainer.datamodule.train_dataloader()
+    datamodule = datamodule_of(trainer)
+    if datamodule is not None:
+        return datamodule.train_dataloader()
     # Where trainer.fit(model, train_dataloaders=...) put its loaders (Lightning has no public accessor
     # before the fit loop starts, which is after the optimisers that calibration must precede).
     source = getattr(trainer.fit_loop, "_data_source", None)
@@ -69,9 +72,9 @@ def seeded_sample(
     """
     if callable(loader) and not isinstance(loader, DataLoader):
         loader = loader()
-    dataset = getattr(loader, "dataset", None)
-    if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__"):
+    if not isinstance(loader, DataLoader) or not isinstance(loader.dataset, Sized):
         return loader
+    dataset = loader.dataset
     if len(dataset) < num_samples:
         raise ValueError(
             f"{who}: the calibration set is smaller than requested: the train split has {len(dataset)} "

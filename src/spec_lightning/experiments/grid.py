@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +124,7 @@ class Grid:
                     out += self.tuning_runs(task, method, str(value))
             for method, configs in self.methods.items():
                 base = [Path(c.format(task=task)) for c in [*self.base_configs, *configs]]
-                settings = [("", [], self.seeds)] + [
+                settings: list[tuple[str, list[Path], list[int]]] = [("", [], self.seeds)] + [
                     (name, [Path(o.format(task=task)) for o in v.overlays], v.seeds or self.seeds)
                     for name, v in self.variants.items()
                     if method in v.methods and task in v.tasks
@@ -204,7 +205,7 @@ class Run:
         return args
 
 
-def row_key(row: dict[str, object]) -> tuple[str, str, str, int]:
+def row_key(row: Mapping[str, object]) -> tuple[str, str, str, int]:
     return str(row["task"]), str(row["method"]), str(row["variant"]), int(str(row["seed"]))
 
 

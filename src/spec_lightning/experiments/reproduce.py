@@ -105,9 +105,8 @@ def run_grid(grid: Grid, dry_run: bool = False) -> Path:
             # committed with the rows (the event files stay on this machine)
             write_json(out / "curves" / f"{run.name}-{run.version}.json", curves_of(run.directory(logs)))
         rows[tuning] = [r for r in rows[tuning] if row_key(r) != run.key]
-        rows[tuning].append(
-            collect(run, logs, wall_s, cpu_s, tuned) | {"config": run.fingerprint(grid, tuned)}
-        )
+        row = collect(run, logs, wall_s, cpu_s, tuned) | {"config": run.fingerprint(grid, tuned)}
+        rows[tuning].append({key: str(value) for key, value in row.items()})  # as read back from the CSV
         write_rows(tables[tuning], rows[tuning])
         if not grid.keep_checkpoints:  # a full fine-tuning checkpoint with Adam's moments is ~270 MB
             shutil.rmtree(run.directory(logs) / "checkpoints", ignore_errors=True)

@@ -67,8 +67,8 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = False) -
     if description is None:  # a plain peft adapter
         import peft
 
-        model = peft.PeftModel.from_pretrained(model, str(directory))
-        return model.merge_and_unload() if merge else model
+        tuned = peft.PeftModel.from_pretrained(model, str(directory))
+        return tuned.merge_and_unload() if merge else tuned
     method = build_method(description)
     model = method.load_exported(model, directory, head=description.get("head", ()))
     return method.merge(model) if merge else model

@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from typing import Any
 
 #: What a CUDA PyTorch image for fine-tuning holds (with their own requirements): the GPU suite's image
 #: has these and lacks jsonargparse, datasets, faiss and pyamg.
@@ -136,11 +137,10 @@ def frozen_names(path: Path) -> set[str]:
 def project_requirements(source: Path, extras: Sequence[str]) -> list[str]:
     """The requirements of the wheel that ``source`` builds, with ``extras`` (read from its pyproject.toml,
     not from an installed copy whose metadata may be older)."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError as error:  # Python 3.10
-        raise RuntimeError("spec-lightning bundle needs Python 3.11 or newer (tomllib)") from error
-
+    else:
+        raise RuntimeError("spec-lightning bundle needs Python 3.11 or newer (tomllib)")
     from packaging.requirements import Requirement
 
     pyproject = source / "pyproject.toml"
@@ -232,7 +232,7 @@ def copy_data(glue: Path, target: Path) -> None:
             shutil.copyfile(source, target / task / file)
 
 
-def manifest(folder: Path) -> list[dict[str, object]]:
+def manifest(folder: Path) -> list[dict[str, Any]]:
     entries = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         entries.append(

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from spec_lightning.naming import matches
+
+
+class WrappedLinear(Protocol):
+    """A layer that wraps a frozen linear ``base`` and adds ``delta_weight()`` (out, in) to it."""
+
+    base: nn.Module
+
+    def delta_weight(self) -> torch.Tensor: ...
+
 
 #: Module types whose weight is a 2-D matrix that methods can adapt.
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
@@ -23,15 +33,23 @@ def linear_in_out(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as stored (a Conv1D's is (in, out)); a module without a weight tensor is a bug."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight tensor"
+    return weight
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as an (out_features, in_features) matrix, so that y = x Wᵀ (a view for Conv1D)."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
+    weight = base_weight(module)
+    return weight.T if isinstance(module, Conv1D) else weight
 
 
 @torch.no_grad()
 def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
     """W ← W + Δ for an (out, in) update Δ, in the weight's own dtype and layout."""
-    weight_matrix(module).add_(delta.to(module.weight.dtype))
+    weight_matrix(module).add_(delta.to(base_weight(module).dtype))
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -104,7 +122,7 @@ def resolve_top_k(top_k: int | None, default: int, module: nn.Module, name: str)
 
 
 @torch.no_grad()
-def merge_wrapped(model: nn.Module, layer_type: type[nn.Module]) -> nn.Module:
+def merge_wrapped(model: nn.Module, layer_type: type[WrappedLinear]) -> nn.Module:
     """Fold every ``layer_type`` wrapper's ``delta_weight()`` into its ``base`` and put the base back."""
     for name, module in list(model.named_modules()):
         if isinstance(module, layer_type):

@@ -9,14 +9,15 @@ import shutil
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
 from spec_lightning.callbacks.strategy import is_fsdp1
 from spec_lightning.data.calibration import apply_arguments
@@ -63,6 +64,12 @@ class FineTuningModule(L.LightningModule, ABC):
             (transformers' ``gradient_checkpointing_enable``): less memory, about a third more compute.
     """
 
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved constructor arguments, by attribute (``save_hyperparameters`` always stores an
+        ``AttributeDict``; Lightning's annotation also allows a plain mapping)."""
+        return cast(AttributeDict, super().hparams)
+
     def __init__(
         self,
         backbone: str,
@@ -99,7 +106,7 @@ class FineTuningModule(L.LightningModule, ABC):
             self.strict_loading = False  # checkpoints carry the adapter only; see on_save_checkpoint
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Lightning's ``load_from_checkpoint``; the method comes from the checkpoint's hyper-parameters.
         An adapter-only checkpoint holds none of the frozen backbone's weights (they are rebuilt from
         ``backbone``), so Lightning's list of keys "not in the checkpoint" is expected and not shown;
@@ -117,8 +124,14 @@ class FineTuningModule(L.LightningModule, ABC):
         self.hparams["method"] = describe(self.method)
 
     # ---- model -------------------------------------------------------------------------------
+    @property
+    def adapted_model(self) -> nn.Module:
+        """The backbone with the method applied (built by :meth:`configure_model`)."""
+        assert self.model is not None, "call configure_model() first"
+        return self.model
+
     @abstractmethod
-    def load_backbone(self, name_or_path: str) -> nn.Module:
+    def load_backbone(self, name_or_path: str) -> PreTrainedModel:
         """The pretrained transformers model, before the method is applied."""
 
     def configure_model(self) -> None:
@@ -182,7 +195,7 @@ class FineTuningModule(L.LightningModule, ABC):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         task_loss = self.task_loss(batch)
         loss = task_loss
-        term = self.method.regularization(self.model)
+        term = self.method.regularization(self.adapted_model)
         if term is not None:
             loss = term.task_weight * task_loss + term.weight * term.value
             self.log(f"train/{term.name}", term.value)
@@ -224,7 +237,7 @@ class FineTuningModule(L.LightningModule, ABC):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.method.on_optimizer_step(self.model, self.trainer.global_step)
+        self.method.on_optimizer_step(self.adapted_model, self.trainer.global_step)
 
     def on_train_epoch_start(self) -> None:
         # Restored here, after the sanity check, so dropout masks continue as if never interrupted.
@@ -266,7 +279,7 @@ class FineTuningModule(L.LightningModule, ABC):
     def on_fit_start(self) -> None:
         self.check_resume()
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
-        total = sum(p.numel() for p in self.model.parameters())
+        total = sum(p.numel() for p in self.adapted_model.parameters())
         self.parameter_counts = {
             "params/trainable": trainable,
             "params/total": total,
@@ -291,7 +304,7 @@ class FineTuningModule(L.LightningModule, ABC):
         checkpoint["schedule_steps"] = self._schedule_steps
         if self.method.parameter_efficient:
             checkpoint["state_dict"] = {}
-            checkpoint["adapter_state_dict"] = gather_full(self.method.adapter_state_dict(self.model))
+            checkpoint["adapter_state_dict"] = gather_full(self.method.adapter_state_dict(self.adapted_model))
         record_digest(checkpoint)
 
     #: Hyper-parameters a checkpoint must share with the run it is loaded into.
@@ -340,10 +353,10 @@ class FineTuningModule(L.LightningModule, ABC):
         check_finite(saved_weights(checkpoint), "the checkpoint")
         if "adapter_state_dict" in checkpoint:
             self.configure_model()
-            state = shard_like(checkpoint["adapter_state_dict"], self.model)
-            self.method.load_adapter_state_dict(self.model, state)
+            state = shard_like(checkpoint["adapter_state_dict"], self.adapted_model)
+            self.method.load_adapter_state_dict(self.adapted_model, state)
 
-    def merged_model(self) -> nn.Module:
+    def merged_model(self) -> PreTrainedModel:
         """A plain transformers model with the update folded into its weights (training model untouched)."""
         assert self.model is not None, "call configure_model() first"
         if is_sharded(self.model):
@@ -351,7 +364,14 @@ class FineTuningModule(L.LightningModule, ABC):
                 "the model is sharded (FSDP2): merge after gathering, from the checkpoint in one process "
                 "(spec-lightning export --ckpt_path CKPT), whose adapter holds every rank's shards"
             )
-        return self.for_export(self.method.merge(copy.deepcopy(self.model)), owned=True)
+        merged = self.for_export(self.method.merge(copy.deepcopy(self.model)), owned=True)
+        if not isinstance(merged, PreTrainedModel):
+            raise TypeError(
+                f"{type(self.method).__name__}.merge returned a {type(merged).__name__}, not the "
+                "transformers model it was given: a method's merge folds its update into the base model "
+                "and returns it"
+            )
+        return merged
 
     def for_export(self, model: nn.Module, owned: bool) -> nn.Module:
         """``model`` as it is to be exported, with what the module adds outside its weights (a regression
@@ -394,4 +414,3 @@ class FineTuningModule(L.LightningModule, ABC):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory
-

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torchmetrics.text import Perplexity
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from spec_lightning._lightning import datamodule_of
 from spec_lightning.io.pretrained import load_pretrained
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.modules.base import FineTuningModule
@@ -60,7 +61,7 @@ class CausalLMModule(FineTuningModule):
         self.perplexity = nn.ModuleDict({s: Perplexity(ignore_index=IGNORE_INDEX) for s in ("val", "test")})
         self.choice_accuracy = nn.ModuleDict({s: GroupedAccuracy() for s in ("val", "test")})
 
-    def load_backbone(self, name_or_path: str) -> nn.Module:
+    def load_backbone(self, name_or_path: str) -> PreTrainedModel:
         base = load_pretrained(AutoModelForCausalLM, name_or_path, self.hparams.head)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = base.config.eos_token_id
@@ -81,11 +82,15 @@ class CausalLMModule(FineTuningModule):
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         if "choice_ids" in batch:
             scores = self.choice_scores(batch)
-            self.choice_accuracy[stage].update(scores.argmax(-1), batch["answer"], batch["subject"])
+            self._metrics(stage)[1].update(scores.argmax(-1), batch["answer"], batch["subject"])
             return
         out = self(**batch)
-        self.perplexity[stage].update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        self._metrics(stage)[0].update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
         self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=len(batch["labels"]))
+
+    def _metrics(self, stage: str) -> tuple[Perplexity, GroupedAccuracy]:
+        """The stage's perplexity and per-subject accuracy (a ModuleDict's items are typed as modules)."""
+        return cast(Perplexity, self.perplexity[stage]), cast(GroupedAccuracy, self.choice_accuracy[stage])
 
     def choice_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(c | prompt) of every choice token c at each prompt's last attended position (left or
@@ -97,7 +102,7 @@ class CausalLMModule(FineTuningModule):
         return log_probs.gather(-1, batch["choice_ids"])
 
     def _log_epoch(self, stage: str) -> None:
-        perplexity, choices = self.perplexity[stage], self.choice_accuracy[stage]
+        perplexity, choices = self._metrics(stage)
         if perplexity.update_called:
             self.log(f"{stage}/perplexity", perplexity.compute(), prog_bar=True)
             perplexity.reset()
@@ -105,7 +110,7 @@ class CausalLMModule(FineTuningModule):
             result = choices.compute()
             self.log(f"{stage}/accuracy", result["accuracy"], prog_bar=True)
             self.log(f"{stage}/subject_average", result["group_average"])
-            names = getattr(self.trainer.datamodule, "subjects", None) if self._trainer else None
+            names = getattr(datamodule_of(self.trainer), "subjects", None) if self._trainer else None
             for index, value in enumerate(result["per_group"].tolist()):
                 if value == value:  # subjects not evaluated are NaN
                     self.log(f"{stage}/subject/{names[index] if names else index}", value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef, Precision, Recall
@@ -14,9 +16,9 @@ def task_metrics(task: str, num_labels: int) -> MetricCollection:
     MRPC/QQP, Matthews correlation for CoLA; Pearson/Spearman for STS-B."""
     if num_labels == 1:
         return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()})
-    kind = "binary" if num_labels == 2 else "multiclass"
-    average = "binary" if num_labels == 2 else "macro"
-    metrics = {
+    kind: Literal["binary", "multiclass"] = "binary" if num_labels == 2 else "multiclass"
+    average: Literal["macro"] = "macro"  # multi-class only: the binary metrics score class 1
+    metrics: dict[str, Metric | MetricCollection] = {
         "accuracy": Accuracy(task=kind, num_classes=num_labels),
         "precision": Precision(task=kind, num_classes=num_labels, average=average),
         "recall": Recall(task=kind, num_classes=num_labels, average=average),
@@ -35,6 +37,9 @@ class GroupedAccuracy(Metric):
     groups seen) and ``per_group`` (acc_g, NaN for groups not seen). States are concatenated across
     processes, so the groups need not be known in advance.
     """
+
+    groups: list[torch.Tensor]
+    hits: list[torch.Tensor]
 
     def __init__(self) -> None:
         super().__init__()

@@ -41,7 +41,7 @@ def apply_resumed_settings(module: L.LightningModule, changes: Mapping[str, tupl
         scale = float(new) / float(old)
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            scheduler.base_lrs = [rate * scale for rate in scheduler.base_lrs]  # type: ignore[attr-defined]
+            scheduler.base_lrs = [rate * scale for rate in scheduler.base_lrs]
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] *= scale
@@ -60,7 +60,7 @@ def apply_resumed_settings(module: L.LightningModule, changes: Mapping[str, tupl
     )
 
 
-def check_finite(state: dict[str, Any], what: str) -> None:
+def check_finite(state: Mapping[str, Any], what: str) -> None:
     """Raise a ValueError naming the tensors of ``state`` that hold NaN or infinite values."""
     bad = [
         k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()

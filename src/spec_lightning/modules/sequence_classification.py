@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from spec_lightning._lightning import datamodule_of
 from spec_lightning.io.pretrained import load_pretrained
 from spec_lightning.methods import FineTuningMethod
 from spec_lightning.modules.base import FineTuningModule
@@ -70,7 +71,7 @@ class SequenceClassificationModule(FineTuningModule):
 
     RUN_FACTS = ("backbone", "task", "num_labels")
 
-    def load_backbone(self, name_or_path: str) -> nn.Module:
+    def load_backbone(self, name_or_path: str) -> PreTrainedModel:
         base = load_pretrained(
             AutoModelForSequenceClassification,
             name_or_path,
@@ -107,13 +108,15 @@ class SequenceClassificationModule(FineTuningModule):
 
     def _training_label_stats(self) -> tuple[float, float]:
         """(μ, s) of the training labels; μ = 0 where a regression head has no bias."""
-        splits = getattr(self.trainer.datamodule, "splits", {})
+        splits = getattr(datamodule_of(self.trainer), "splits", {})
         if "train" in splits and "labels" in splits["train"].column_names:
             labels = torch.tensor(splits["train"]["labels"], dtype=torch.float64)
         else:
-            labels = torch.cat([b["labels"].double().flatten().cpu() for b in self.trainer.train_dataloader])
+            loader = self.trainer.train_dataloader
+            assert loader is not None, "the training loader exists once training starts"
+            labels = torch.cat([b["labels"].double().flatten().cpu() for b in loader])
         std = float(labels.std()) if len(labels) > 1 and float(labels.std()) > 0 else 1.0
-        heads = regression_heads(self.model, self.hparams.head)
+        heads = regression_heads(self.adapted_model, self.hparams.head)
         mean = float(labels.mean()) if heads and all(h.bias is not None for h in heads) else 0.0
         rank_zero_info(
             f"regression: targets standardised with mean {mean:.4g} and scale {std:.4g} from {len(labels)} "

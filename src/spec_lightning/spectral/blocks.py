@@ -77,7 +77,7 @@ def default_blocks(model: torch.nn.Module, ffn_width: int = 32) -> tuple[BlockRu
         ValueError: no transformers config, or parameter names of neither family: pass rules yourself.
     """
     config = next(
-        (m.config for m in model.modules() if hasattr(getattr(m, "config", None), "num_attention_heads")),
+        (c for m in model.modules() if hasattr(c := getattr(m, "config", None), "num_attention_heads")),
         None,
     )
     names = [n for n, _ in model.named_parameters()]
@@ -91,7 +91,7 @@ def default_blocks(model: torch.nn.Module, ffn_width: int = 32) -> tuple[BlockRu
             "pass blocks=[BlockRule(pattern, axis, width), ...] for its matrices, e.g. "
             f"{names[:3]}"
         )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     return family(head_dim, ffn_width)
 
 

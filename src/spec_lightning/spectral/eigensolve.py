@@ -213,6 +213,7 @@ def _lobpcg(
         block /= np.linalg.norm(block, axis=0, keepdims=True)
         if gap_range is None:
             break
+    assert values is not None, "the loop above runs LOBPCG at least once or breaks with values"
     if residuals is None:  # without a gap range no round checked the final block
         residuals = residual_norms(operator, values[:num], block[:, :num])
     values, vectors = values[:num], np.ascontiguousarray(block[:, :num])

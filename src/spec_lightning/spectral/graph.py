@@ -129,16 +129,16 @@ def group_nodes(
                 f"{sorted({(layer_role(n) or (n, 0))[0] for n in matrices})[:20]}"
             )
     if kind == "rows":
-        groups = [NodeGroup(n, "rows", (n,)) for n in selected if shapes[n][0] >= 2]
+        node_groups = [NodeGroup(n, "rows", (n,)) for n in selected if shapes[n][0] >= 2]
     else:
-        groups = _cross_layer_groups(selected, shapes, strict=targets is not None)
-    if not groups:
+        node_groups = _cross_layer_groups(selected, shapes, strict=targets is not None)
+    if not node_groups:
         raise ValueError(
             f"no {kind} graph has two nodes among {len(selected)} trainable matrices: cross_layer needs a "
             "parameter role repeated in two or more numbered layers (layers.<i>.) with equal shapes; for "
             "other models name the nodes with graph.groups, or use kind: rows (a graph per matrix)"
         )
-    return groups
+    return node_groups
 
 
 def _is_target(name: str, targets: Sequence[str]) -> bool:

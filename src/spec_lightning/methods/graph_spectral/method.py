@@ -11,7 +11,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from spec_lightning.distributed import all_reduce_sum, broadcast_from_rank0, local_rows, sharding_mesh
+from spec_lightning.distributed import (
+    all_reduce_sum,
+    broadcast_from_rank0,
+    full_tensor,
+    local_rows,
+    sharding_mesh,
+)
 from spec_lightning.methods.base import FineTuningMethod, Regularization, describe_in
 from spec_lightning.methods.full import FullFineTuning
 from spec_lightning.spectral import GraphConfig, ParameterGraphs, spectral_smoothness
@@ -153,7 +159,7 @@ class GraphSpectral(FineTuningMethod):
                 columns = slice(start * per_row, start * per_row + nodes.shape[1])
                 local.append(self._smoothness(group.name, nodes, columns))
             else:
-                full = {p: t.full_tensor() if isinstance(t, DTensor) else t for p, t in tensors.items()}
+                full = {p: full_tensor(t) for p, t in tensors.items()}
                 whole.append(self._smoothness(group.name, group.stack(full), slice(None)))
         total = torch.stack(whole).sum() if whole else torch.zeros(())
         if local:
@@ -225,7 +231,7 @@ def wrapped_weight(model: nn.Module, parameter: str) -> torch.Tensor | None:
     for end in range(len(parts), 0, -1):
         module = model.get_submodule(".".join(parts[:end]))
         for attribute in ("base_layer", "base"):
-            base = getattr(module, attribute, None)
-            if isinstance(base, nn.Module) and isinstance(getattr(base, "weight", None), torch.Tensor):
-                return base.weight.detach()
+            weight = getattr(getattr(module, attribute, None), "weight", None)
+            if isinstance(weight, torch.Tensor):
+                return weight.detach()
     return None

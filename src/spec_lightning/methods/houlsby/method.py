@@ -9,6 +9,7 @@ from torch import nn
 from spec_lightning.methods.base import FineTuningMethod, freeze_except_head
 from spec_lightning.methods.houlsby.layer import HoulsbyWrapped
 from spec_lightning.methods.targets import (
+    base_weight,
     check_rank,
     find_linear_targets,
     linear_in_out,
@@ -44,5 +45,6 @@ class HoulsbyAdapter(FineTuningMethod):
         for name, module in targets.items():
             check_rank(self.bottleneck, module, name, "method.init_args.bottleneck")
             wrapped = HoulsbyWrapped(module, linear_in_out(module)[1], self.bottleneck)
-            replace_module(model, name, wrapped.to(module.weight.device, module.weight.dtype))
+            weight = base_weight(module)
+            replace_module(model, name, wrapped.to(weight.device, weight.dtype))
         return model

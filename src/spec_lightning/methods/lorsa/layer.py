@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from spec_lightning.methods.lorsa.function import LoRSADelta
-from spec_lightning.methods.targets import weight_matrix
+from spec_lightning.methods.targets import base_weight, weight_matrix
 from spec_lightning.spectral import TopKSVD, top_k_svd
 
 
@@ -52,6 +52,18 @@ class LoRSALinear(nn.Module):
         seed: seed of P and Q, and of the randomized SVD behind :meth:`candidate_spectrum`.
     """
 
+    # Buffers and parameters, registered in _set_state and _refresh_bases.
+    projection_seed: torch.Tensor
+    index: torch.Tensor
+    u_s: torch.Tensor  # (m, s)
+    sigma_s: torch.Tensor  # (s,)
+    v_s: torch.Tensor  # (n, s)
+    in_basis: torch.Tensor  # (n, s + r)
+    out_basis: torch.Tensor  # (m, s + r)
+    delta_sigma: nn.Parameter  # (s,)
+    p: nn.Parameter  # (r, s)
+    q: nn.Parameter  # (r, s)
+
     def __init__(self, base: nn.Module, spectrum: TopKSVD, index: torch.Tensor, rank: int, seed: int) -> None:
         super().__init__()
         self.base = base
@@ -75,7 +87,7 @@ class LoRSALinear(nn.Module):
         self._set_state(index, spectrum.U[:, index], spectrum.S[index], spectrum.V[:, index])
 
     def _set_state(self, index: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> None:
-        device = self.base.weight.device
+        device = base_weight(self.base).device
         s = index.numel()
         self.register_buffer("index", index.to(device))
         self.register_buffer("u_s", u.to(device, torch.float32).contiguous())  # (m, s)
@@ -122,7 +134,7 @@ class LoRSALinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """W' as an (out, in) matrix (for analysis and merging; the forward pass never forms it)."""
-        return weight_matrix(self.base) + self.delta_weight().to(self.base.weight.dtype)
+        return weight_matrix(self.base) + self.delta_weight().to(base_weight(self.base).dtype)
 
     def adapter_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """Δσ, p, q and the selected factors, keyed as in the model's state_dict."""

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from spec_lightning.distributed import full_tensor
 from spec_lightning.spectral.blocks import save_slices
 
 #: The file :func:`export_slices` writes.
@@ -46,7 +46,7 @@ def export_slices(
             )
         params = {n.removeprefix(prefix): p for n, p in params.items() if n.startswith(prefix)}
         trained = {n.removeprefix(prefix): mask for n, mask in trained.items()}
-    whole = {n: params[n].full_tensor() if isinstance(params[n], DTensor) else params[n] for n in trained}
+    whole = {n: full_tensor(params[n]) for n in trained}
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_slices(whole, trained, directory / SLICES_FILE)
         (directory / "module_search.json").write_text(json.dumps(report, indent=1))

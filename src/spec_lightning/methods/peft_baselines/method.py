@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
@@ -44,7 +45,7 @@ class PeftBacked(FineTuningMethod):
     tuner's ``update_and_allocate`` after every optimiser step where peft has one (AdaLoRA)."""
 
     def merge(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload()  # type: ignore[operator]
+        return peft_model(model).merge_and_unload()
 
     def export_adapter(
         self, model: nn.Module, directory: str | Path, head: Sequence[str] = (), base_model: str | None = None
@@ -61,7 +62,7 @@ class PeftBacked(FineTuningMethod):
 
     def save_peft_folder(self, model: nn.Module, directory: str | Path) -> None:
         """peft's ``save_pretrained``."""
-        model.save_pretrained(str(directory))  # type: ignore[operator]
+        peft_model(model).save_pretrained(str(directory))
 
     def load_exported(self, model: nn.Module, directory: str | Path, head: Sequence[str] = ()) -> nn.Module:
         """peft's own loader (it also rebuilds AdaLoRA's rank pattern and PiSSA's residual weights)."""
@@ -75,7 +76,8 @@ class PeftBacked(FineTuningMethod):
     def on_optimizer_step(self, model: nn.Module, global_step: int) -> None:
         if has_step_update(model):
             self._called("on_optimizer_step")
-            model.base_model.update_and_allocate(global_step)  # type: ignore[union-attr,operator]
+            tuned: Any = peft_model(model)  # peft annotates base_model as a plain module
+            tuned.base_model.update_and_allocate(global_step)
 
 
 def has_step_update(model: nn.Module) -> bool:
@@ -126,7 +128,7 @@ class PeftMethod(PeftBacked):
             **self.lora_options(),
         )
 
-    def lora_options(self) -> dict[str, object]:
+    def lora_options(self) -> dict[str, Any]:
         """Extra ``LoraConfig`` fields that make LoRA into a variant."""
         return {}
 
@@ -150,7 +152,7 @@ class LoRA(PeftMethod):
 class DoRA(PeftMethod):
     """DoRA (Liu et al., 2024): W' = m ⊙ (W + (α/r) B A) / ||W + (α/r) B A||_c, magnitude m trained."""
 
-    def lora_options(self) -> dict[str, object]:
+    def lora_options(self) -> dict[str, Any]:
         return {"use_dora": True}
 
 
@@ -174,7 +176,7 @@ class PiSSA(PeftMethod):
             raise ValueError(f"method.init_args.init must be 'pissa' or 'pissa_niter_K', got {init!r}")
         self.init = init
 
-    def lora_options(self) -> dict[str, object]:
+    def lora_options(self) -> dict[str, Any]:
         return {"init_lora_weights": self.init}
 
 
@@ -289,17 +291,17 @@ class AdaLoRA(PeftMethod):
         state = super().adapter_state_dict(model)
         params = dict(model.named_parameters())
         state.update({n: params[n].detach().clone() for n in self._ranknum_keys(model)})
-        allocator = model.base_model.rankallocator  # type: ignore[union-attr]
+        allocator, config = _adalora_parts(model)
         for field in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
             state.update(
                 {f"rankallocator.{field}.{n}": t.clone() for n, t in getattr(allocator, field).items()}
             )
-        pattern = model.peft_config["default"].rank_pattern or {}  # type: ignore[index]
+        pattern = config.rank_pattern or {}
         state.update({f"rank_pattern.{n}": torch.tensor(mask) for n, mask in pattern.items()})
         return state
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        allocator = model.base_model.rankallocator  # type: ignore[union-attr]
+        allocator, config = _adalora_parts(model)
         allocator.reset_ipt()
         pattern = {}
         tensors = {}
@@ -315,7 +317,7 @@ class AdaLoRA(PeftMethod):
         check_state_keys(
             self, set(super().adapter_state_dict(model)) | self._ranknum_keys(model), set(tensors)
         )
-        model.peft_config["default"].rank_pattern = pattern or None  # type: ignore[index]
+        config.rank_pattern = pattern or None
         model.load_state_dict(tensors, strict=False)
 
     @staticmethod
@@ -337,3 +339,19 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).mean()
+
+
+def _adalora_parts(model: nn.Module) -> tuple[Any, Any]:
+    """An AdaLoRA model's rank allocator and its adapter's config (peft annotates ``base_model`` as a
+    plain module and builds both at run time, so they are untyped here)."""
+    tuned: Any = peft_model(model)
+    return tuned.base_model.rankallocator, tuned.peft_config["default"]
+
+
+def peft_model(model: nn.Module) -> peft.PeftModel:
+    """``model`` as the peft model a peft-backed method's ``apply`` returned (a TypeError names any other)."""
+    if not isinstance(model, peft.PeftModel):
+        raise TypeError(
+            f"expected the peft model that the method's apply returned, got a {type(model).__name__}"
+        )
+    return model

@@ -19,6 +19,7 @@ from spec_lightning.data.calibration import seeded_sample
 from spec_lightning.methods.base import ADAPTER_WEIGHTS, check_state_keys
 from spec_lightning.methods.peft_baselines.method import (
     PeftBacked,
+    peft_model,
     present_heads,
     task_type_of,
 )
@@ -134,17 +135,20 @@ class PeftTuner(PeftBacked):
         _check_targets(model, config)
         structure_only = self.init in DATA_INITS and calibration is None
         if structure_only:
+            assert isinstance(config, peft.LoraConfig), "the data-driven initialisations are LoRA's"
             config.init_lora_weights = True
-        elif self.init == "corda":
+        elif self.init == "corda" and calibration is not None:
+            assert isinstance(config, peft.LoraConfig), "CorDA is a LoRA initialisation"
             from peft.tuners.lora.corda import preprocess_corda
 
-            preprocess_corda(model, config, run_model=lambda: _run(model, calibration))
+            batches = calibration
+            preprocess_corda(model, config, run_model=lambda: _run(model, batches))
         tuned = peft.get_peft_model(model, config)
         if self.init == "eva" and calibration is not None:
             batches = list(_on_device(tuned, calibration))
             peft.initialize_lora_eva_weights(tuned, dataloader=batches, show_progress_bar=False)
-        if self.init in RESIDUAL_INITS and config.init_lora_weights is not True:
-            tuned.initial_adapter = _lora_factors(tuned)
+        if self.init in RESIDUAL_INITS and getattr(config, "init_lora_weights", None) is not True:
+            _keep(tuned, "initial_adapter", _lora_factors(tuned))
         if structure_only:
             tuned.register_forward_hook(_UninitialisedWatch(self.init))
         self.watch_step_hook(tuned)
@@ -157,7 +161,7 @@ class PeftTuner(PeftBacked):
         heads = present_heads(model, head)
         if heads and hasattr(config, "modules_to_save"):
             config.modules_to_save = sorted({*(config.modules_to_save or ()), *heads})
-        if hasattr(config, "total_step") and config.total_step is None:
+        if isinstance(config, peft.AdaLoraConfig) and config.total_step is None:
             config.total_step = total_steps or config.tinit + config.tfinal + 1
         return config
 
@@ -165,7 +169,7 @@ class PeftTuner(PeftBacked):
         """The trained tensors, and, where they cannot be recomputed, B₀A₀ and W_res of every target."""
         state = super().adapter_state_dict(model)
         if self._keeps_initial():
-            state |= {INITIAL + k: v.clone() for k, v in model.initial_adapter.items()}
+            state |= {INITIAL + k: v.clone() for k, v in _initial_adapter(model).items()}
             state |= {RESIDUAL + k: v.detach().clone() for k, v in _residual_weights(model).items()}
         return state
 
@@ -174,9 +178,9 @@ class PeftTuner(PeftBacked):
         initial = {k.removeprefix(INITIAL): v for k, v in state.items() if k.startswith(INITIAL)}
         residual = {k.removeprefix(RESIDUAL): v for k, v in state.items() if k.startswith(RESIDUAL)}
         tensors = {k: v for k, v in state.items() if not k.startswith((INITIAL, RESIDUAL))}
-        model.adapter_state_loaded = True
+        _keep(model, "adapter_state_loaded", True)
         if initial:
-            model.initial_adapter = initial
+            _keep(model, "initial_adapter", initial)
         with torch.no_grad():
             for name, weight in _residual_weights(model).items():
                 if name in residual:
@@ -199,13 +203,14 @@ class PeftTuner(PeftBacked):
             return super().save_peft_folder(model, directory)
         with tempfile.TemporaryDirectory() as scratch:
             start, plain = Path(scratch) / "initial", Path(scratch) / "plain"
-            model.save_pretrained(str(plain))  # type: ignore[operator]
+            save = peft_model(model).save_pretrained
+            save(str(plain))
             parameters = dict(model.named_parameters())
             trained = {k: parameters[k].detach().clone() for k in initial}
             model.load_state_dict(initial, strict=False)
-            model.save_pretrained(str(start))  # type: ignore[operator]
+            save(str(start))
             model.load_state_dict(trained, strict=False)
-            model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(start))  # type: ignore[operator]
+            save(str(directory), path_initial_model_for_weight_conversion=str(start))
             converted = Path(directory) / ADAPTER_WEIGHTS
             kept = load_file(str(plain / ADAPTER_WEIGHTS))
             state = {k: v for k, v in kept.items() if ".lora_" not in k} | load_file(str(converted))
@@ -294,3 +299,16 @@ def _run(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> None:
             }
             model(**row)
     model.train(was_training)
+
+
+def _keep(model: nn.Module, name: str, value: object) -> None:
+    """Keep ``value`` on ``model`` as a plain attribute (not a parameter, buffer or submodule), so it
+    follows the model through ``deepcopy``; read back with ``getattr(model, name, default)``."""
+    object.__setattr__(model, name, value)
+
+
+def _initial_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+    """B₀, A₀ of every target as kept at initialisation (:func:`_keep`)."""
+    initial = getattr(model, "initial_adapter", None)
+    assert isinstance(initial, dict), "a residual initialisation keeps its initial factors"
+    return initial

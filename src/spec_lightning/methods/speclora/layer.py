@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from spec_lightning.methods.speclora.function import SpecLoRADelta
-from spec_lightning.methods.targets import weight_matrix
+from spec_lightning.methods.targets import base_weight, weight_matrix
 from spec_lightning.spectral import TopKSVD
 
 
@@ -35,10 +35,14 @@ class SpecLoRALinear(nn.Module):
         dropout: dropout on the LoRA input (not on the spectral path).
     """
 
+    u_k: torch.Tensor  # (m, k)
+    sigma_k: torch.Tensor  # (k,)
+    v_k: torch.Tensor  # (n, k)
+
     def __init__(self, base: nn.Module, spectrum: TopKSVD, r: int, alpha: float, dropout: float) -> None:
         super().__init__()
         self.base = base
-        device = base.weight.device
+        device = base_weight(base).device
         out_features, in_features = weight_matrix(base).shape
         self.register_buffer("u_k", spectrum.U.to(device).contiguous())  # (m, k)
         self.register_buffer("sigma_k", spectrum.S.to(device).contiguous())  # (k,)
@@ -48,7 +52,7 @@ class SpecLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def adapter_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """The basis U_k, σ_k, V_k, keyed as in the model's state_dict."""
@@ -76,4 +80,4 @@ class SpecLoRALinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """W' as an (out, in) matrix (for analysis and merging; the forward pass never forms it)."""
-        return weight_matrix(self.base) + self.delta_weight().to(self.base.weight.dtype)
+        return weight_matrix(self.base) + self.delta_weight().to(base_weight(self.base).dtype)

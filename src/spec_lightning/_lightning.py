@@ -1,0 +1,33 @@
+"""Typed access to what Lightning's annotations leave out: the one place where this project says a
+library's types are narrower than what it does (STYLE.md, "Type checking").
+
+``Trainer.callbacks``, ``Trainer.datamodule`` and ``Trainer.fast_dev_run`` are assigned by Lightning's
+connectors outside ``Trainer``'s class body, so a type checker does not see them; ``LightningModule.hparams``
+is annotated as a plain mapping although ``save_hyperparameters`` always stores an ``AttributeDict``."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+def callbacks_of(trainer: L.Trainer) -> list[Callback]:
+    """``trainer.callbacks``, the list the trainer calls (a mutable list: callers may append to it)."""
+    return cast(list[Callback], trainer.callbacks)  # type: ignore[attr-defined]
+
+
+def set_callbacks(trainer: L.Trainer, callbacks: list[Callback]) -> None:
+    """Replace ``trainer.callbacks``."""
+    trainer.callbacks = callbacks  # type: ignore[attr-defined]
+
+
+def datamodule_of(trainer: L.Trainer) -> L.LightningDataModule | None:
+    """``trainer.datamodule``: the datamodule of the running fit/validate/test, or None."""
+    return cast("L.LightningDataModule | None", trainer.datamodule)  # type: ignore[attr-defined]
+
+
+def fast_dev_run_of(trainer: L.Trainer) -> int | bool:
+    """``trainer.fast_dev_run``: False, or the number of batches a quick check runs."""
+    return cast("int | bool", trainer.fast_dev_run)  # type: ignore[attr-defined]
