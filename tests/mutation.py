@@ -64,6 +64,9 @@ TARGETS: dict[str, list[str]] = {
     "callbacks/spectral_gradient_filter.py": ["tests/test_spectral_gradient_filter.py"],
     "callbacks/module_search.py": ["tests/test_mftc_callbacks.py"],
     "callbacks/probe.py": ["tests/test_mftc_callbacks.py"],
+    "callbacks/slices.py": ["tests/test_mftc_callbacks.py"],
+    "callbacks/dynamic_spectral_clustering.py": ["tests/test_mftc_callbacks.py"],
+    "methods/mftc/candidates.py": ["tests/test_mftc_callbacks.py", "tests/test_search.py"],
 }
 #: Mutants that cannot change a result, judged by reading them: (file, source line, change) -> why.
 #: They are run and reported, but not counted.

@@ -154,6 +154,50 @@ def test_sketches_are_random_projections_of_the_block_gradients(tmp_path: Path) 
     torch.testing.assert_close(callback._energy, energy)
 
 
+def test_library_statistics_match_a_hand_computation_over_several_pending_steps(tmp_path: Path) -> None:
+    """Sizes, energies and stabilities of the second update's library, computed by hand: a block's energy
+    is the mean of its squared gradient norm over the 3 steps since the first update (not their sum,
+    not the mean since the start), a module's the mean over its blocks, its stability the Jaccard
+    overlap with the module of the same id after the first update."""
+    grads: list[dict[str, torch.Tensor]] = []
+    first_labels: list[np.ndarray] = []
+
+    class Grads(L.Callback):
+        def on_before_optimizer_step(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any
+        ) -> None:
+            grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+    class FirstLabels(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 3:
+                assert callback.labels is not None
+                first_labels.append(callback.labels.copy())
+
+    callback = clustering(update_every_n_steps=3)
+    trainer(tmp_path, [Grads(), callback, FirstLabels()], 6).fit(ProbedStack())
+    assert callback.clusterer.updates == 2 and len(grads) == 6 and callback.labels is not None
+    energy = np.zeros(24)  # blocks: per layer i, fc1's row pairs 6i..6i+2, fc2's column pairs 6i+3..6i+5
+    for step in grads[3:]:
+        for i in range(4):
+            fc1 = step[f"blocks.{i}.fc1.weight"].double()
+            fc2 = step[f"blocks.{i}.fc2.weight"].double()
+            for b in range(3):
+                energy[6 * i + b] += float(fc1[2 * b : 2 * b + 2].pow(2).sum())
+                energy[6 * i + 3 + b] += float(fc2[:, 2 * b : 2 * b + 2].pow(2).sum())
+    energy /= 3
+    labels, previous = callback.labels, first_labels[0]
+    assert sorted(m.id for m in callback.library) == sorted(set(labels.tolist()))
+    for module in callback.library:
+        members = sorted(b for b in range(24) if labels[b] == module.id)
+        before = {b for b in range(24) if previous[b] == module.id}
+        assert module.blocks == members
+        assert module.parameters == 12 * len(members)  # a block: 2 rows (or columns) of 6
+        assert module.energy == pytest.approx(sum(energy[b] for b in members) / len(members), rel=1e-5)
+        jaccard = len(before & set(members)) / len(before | set(members))
+        assert module.stability == pytest.approx(jaccard)
+
+
 def test_clustering_updates_log_and_write_the_library(tmp_path: Path) -> None:
     callback = clustering()
     fitted = trainer(tmp_path, [callback], 6, logger=True)
