@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import peft
@@ -107,6 +108,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 _STATUS = pytest.StashKey[set[str] | None]()
+
+
+@pytest.fixture(autouse=True)
+def _command_line_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that runs the CLI in-process passes its arguments; pytest's own must not look like a second
+    command line (LightningCLI warns when it sees both)."""
+    monkeypatch.setattr(sys, "argv", ["spec-lightning"])
+
+
+def pytest_warning_recorded(warning_message: Any, when: str, nodeid: str, location: Any) -> None:
+    """With SPEC_LIGHTNING_WARNINGS=<file>, append every warning the run records (category, where it was
+    raised, the message's first line) to that file: the tally behind pyproject's filters."""
+    target = os.environ.get("SPEC_LIGHTNING_WARNINGS")
+    if target:
+        message = str(warning_message.message).splitlines()[0][:200]
+        where = f"{warning_message.filename}:{warning_message.lineno}"
+        with open(target, "a") as f:
+            f.write(f"{warning_message.category.__name__}\t{where}\t{message}\t{nodeid}\n")
 
 
 #: Extra words of the causal-LM tokenizer: the answer letters and the prompt words of Alpaca and MMLU.

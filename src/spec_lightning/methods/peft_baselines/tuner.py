@@ -196,7 +196,7 @@ class PeftTuner(PeftBacked):
 
     def save_peft_folder(self, model: nn.Module, directory: str | Path) -> None:
         """peft's folder; after a residual initialisation, converted to a plain LoRA of rank 2r that
-        applies to the original base weights: ΔW = s' [B | B₀][A ; −A₀] (peft's conversion, whose
+        applies to the original base weights: ``ΔW = s' [B | B₀][A ; −A₀]`` (peft's conversion, whose
         output lacks the ``modules_to_save`` tensors: they are added from peft's plain save)."""
         initial = getattr(model, "initial_adapter", None)
         if self.init not in RESIDUAL_INITS or initial is None:
