@@ -33,7 +33,8 @@ recorded are taken as they are. With
 
     spec-lightning reproduce --grid configs/reproduce/glue_small.yaml
     spec-lightning reproduce --grid configs/reproduce/glue_small.yaml --report_only
-    spec-lightning reproduce --grid configs/reproduce/cpu_glue.yaml --report_only --readme README.md
+    spec-lightning reproduce --grid configs/reproduce/cpu_glue.yaml --report_only \
+        --readme docs/results/grids.md
 """
 
 from __future__ import annotations
