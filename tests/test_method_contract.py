@@ -15,6 +15,10 @@ from spec_lightning import GLUEDataModule, SequenceClassificationModule, load_ad
 from spec_lightning.io.adapters import adapter_description
 from tests.conftest import BACKBONE_TARGETS, METHODS
 
+#: Tiny models fitted a few steps answer one class; the warning that says so is asserted in
+#: tests/test_regression.py, and is expected, not checked, here.
+pytestmark = pytest.mark.filterwarnings("ignore:the run ended predicting:UserWarning")
+
 SENTENCES = ["the movie was good", "the plot was very bad not fine", "awful"]
 
 
@@ -211,7 +215,7 @@ def test_adalora_penalty_counts_once_with_labels_or_logits(tiny_bert: str) -> No
     out = model(**inputs)
     added = out.loss - F.cross_entropy(out.logits, inputs["labels"])
     penalty = orthogonality_penalty(model)
-    assert float(penalty) > 0.1
+    assert float(penalty.detach()) > 0.1
     torch.testing.assert_close(added, 0.3 * penalty)
     assert method.regularization(model) is None  # peft added it
     model(**{k: v for k, v in inputs.items() if k != "labels"})

@@ -23,6 +23,14 @@ from tests.conftest import run_script
 from tests.run_mftc_ddp import make_callbacks
 from tests.user_model import LayerStack, probe_step
 
+#: The tiny stacks' biases and norms lie outside every block, and the search freezes what it did not select:
+#: ModuleSearch and DynamicSpectralClustering say so (asserted by the tests of those messages, pytest.warns);
+#: elsewhere here it is expected, not checked.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:ModuleSearch. .* outside every block:UserWarning",
+    "ignore:DynamicSpectralClustering. .* have no gradient:UserWarning",
+)
+
 #: LayerStack's width-6 matrices: fc1 in row blocks of 2 neurons, fc2 in column blocks: 24 blocks.
 RULES = [BlockRule("fc1.weight", 0, 2), BlockRule("fc2.weight", 1, 2)]
 
@@ -152,6 +160,15 @@ def test_sketches_are_random_projections_of_the_block_gradients(tmp_path: Path) 
             energy[6 * i + 3 : 6 * i + 6] += fc2.pow(2).sum(1)
     torch.testing.assert_close(callback._sketches, expected)
     torch.testing.assert_close(callback._energy, energy)
+
+
+def test_parameters_outside_every_block_are_named_at_fit_start(tmp_path: Path) -> None:
+    """The stack's biases lie in no block and not in always_train: the search says they stay frozen."""
+    search = ModuleSearch(4, always_train=["head"], probe_steps=1, probe_batches=2, predictor_samples=0)
+    with pytest.warns(
+        UserWarning, match=r"ModuleSearch: 8 trainable parameter\(s\) lie outside every block.*8 biases"
+    ):
+        trainer(tmp_path, [clustering(), search], 1).fit(ProbedStack())
 
 
 def test_library_statistics_match_a_hand_computation_over_several_pending_steps(tmp_path: Path) -> None:
