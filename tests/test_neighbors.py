@@ -31,6 +31,32 @@ def test_exact_search_against_numpy_brute_force() -> None:
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-6)
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 7, 64])
+def test_blocked_exact_search_in_any_block_size_against_brute_force(rows_per_block: int) -> None:
+    """Blocks of 1, 7 (a ragged last block) and all 60 rows give the brute-force neighbours, also for
+    points far from the origin, where float32's ||a||² + ||b||² − 2a·b alone would cancel (centring and
+    the float64 re-ranking keep them exact)."""
+    rng = np.random.default_rng(2)
+    for points in (rng.standard_normal((60, 5)), 1e4 + rng.standard_normal((60, 5))):
+        distances, found = neighbors.blocked_exact_neighbours(points, 5, rows_per_block=rows_per_block)
+        expected_distances, expected = brute_force(points, 5)
+        np.testing.assert_array_equal(found, expected)
+        np.testing.assert_allclose(distances, expected_distances, rtol=1e-9)
+
+
+def test_blocked_exact_search_keeps_duplicates_and_leaves_out_each_point_itself() -> None:
+    """Three copies of a point: each one's nearest are the two others (distance 0, lower index first),
+    never itself."""
+    rng = np.random.default_rng(3)
+    points = np.vstack([rng.standard_normal((10, 4)), np.repeat(rng.standard_normal((1, 4)), 3, axis=0)])
+    distances, found = neighbors.blocked_exact_neighbours(points, 2, rows_per_block=4)
+    assert (
+        found[10].tolist() == [11, 12] and found[11].tolist() == [10, 12] and found[12].tolist() == [10, 11]
+    )
+    np.testing.assert_array_equal(distances[10:], 0.0)
+    assert all(i not in row for i, row in enumerate(found))
+
+
 def test_ivf_with_a_single_cell_scans_everything_in_half_precision() -> None:
     """One cell: every point is scanned; the points are stored in half precision, so near ties may
     swap, but the neighbours found are the nearest within 2⁻¹⁰ relative and so are their distances."""
