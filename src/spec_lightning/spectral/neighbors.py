@@ -1,9 +1,11 @@
 """The k nearest neighbours of every gradient sketch, exactly or through an approximate index.
 
-``exact``: every distance is computed, O(m² s), in blocks of rows against all points on torch matmuls
-(:func:`blocked_exact_neighbours`: each block's k nearest in float32 from ||a||² + ||b||² − 2 a·b of the
-centred points, then those candidates and a margin re-ranked by their float64 distances), on the CPU's
-threads or a GPU. ``ivf``: faiss' inverted
+``exact``: every distance is computed, O(m² s). On the CPU by scikit-learn's brute force (its ArgKmin
+reduction: blocked, threaded, float64, a heap per row); on a GPU in blocks of rows against all points on
+torch matmuls (:func:`blocked_exact_neighbours`: each block's k nearest in float32 from ||a||² + ||b||² −
+2 a·b of the centred points, then those candidates and a margin re-ranked by their float64 distances).
+On 2 CPU threads scikit-learn's path took 0.3–0.5x the torch path's time at 4,000–10,000 points
+(``benchmarks/neighbor_search.py``), so the CPU keeps it. ``ivf``: faiss' inverted
 file index: k-means splits the m points into m / :data:`CELL_SIZE` cells (centroids trained on a seeded
 sample of :data:`TRAINING_POINTS_PER_CELL` points per cell), and each query scans only the points of
 its ``probes`` nearest cells, O(m · probes · CELL_SIZE · s), after its assignment to the cells (one
@@ -21,6 +23,7 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
+from sklearn.neighbors import NearestNeighbors
 
 from spec_lightning.spectral.optional import require
 
@@ -49,10 +52,12 @@ def nearest_neighbours(
     search: NeighborSearch = "auto",
     probes: int = PROBES,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(distances, indices), each (m, neighbors): the euclidean distance to and index of every row's
     nearest other rows, nearest first. The IVF search can return fewer than ``neighbors`` (its
-    probed cells held too few points): missing entries have index −1 and distance inf.
+    probed cells held too few points): missing entries have index −1 and distance inf. The exact search
+    runs on ``device`` when that is a GPU, else scikit-learn's on the CPU.
     """
     m = points.shape[0]
     if search not in get_args(NeighborSearch):
@@ -60,7 +65,10 @@ def nearest_neighbours(
     if not 1 <= neighbors < m:
         raise ValueError(f"cannot find {neighbors} neighbours among {m} points; use 1 to {m - 1}")
     if search == "exact" or (search == "auto" and m <= EXACT_NODES):
-        return blocked_exact_neighbours(points, neighbors)
+        if torch.device(device).type != "cpu":
+            return blocked_exact_neighbours(points, neighbors, device)
+        index = NearestNeighbors(n_neighbors=neighbors, algorithm="brute").fit(points)
+        return index.kneighbors(n_neighbors=neighbors)  # each point's own row is left out
     return _ivf_neighbours(np.ascontiguousarray(points, dtype=np.float32), neighbors, probes, seed)
 
 
@@ -73,11 +81,12 @@ def blocked_exact_neighbours(
     """The exact k nearest other rows of every row, (distances, indices) each (m, k), nearest first (ties:
     the lower index first), computed a block of rows at a time against all points.
 
-    Per block: squared distances ||a||² + ||b||² − 2 a·b in float32 on ``device`` (one matmul; the points
-    are centred first, which leaves distances unchanged and keeps the expansion's cancellation small), the
-    row's own point excluded, the k + :data:`RERANK_MARGIN` smallest kept, and those re-ranked by their
-    float64 distances computed directly, so float32 rounding cannot reorder near ties. A block holds
-    ``rows_per_block`` rows (default: :data:`BLOCK_ELEMENTS` distances at a time).
+    Per block: squared distances ||a||² + ||b||² − 2 a·b, less the row's own constant ||a||², in float32
+    on ``device`` (one addmm; the points are centred first, which leaves distances unchanged and keeps
+    the expansion's cancellation small), the row's own point excluded, the k + :data:`RERANK_MARGIN`
+    smallest kept, and those re-ranked by their float64 distances computed directly, so float32
+    rounding cannot reorder near ties. A block holds ``rows_per_block`` rows (default:
+    :data:`BLOCK_ELEMENTS` distances at a time).
     """
     m = points.shape[0]
     exact = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float64)).to(device)
@@ -89,9 +98,10 @@ def blocked_exact_neighbours(
     distances, indices = [], []
     for start in range(0, m, block):
         rows = torch.arange(start, min(m, start + block), device=exact.device)
-        squared = norms[rows, None] + norms[None, :] - 2.0 * (fast[rows] @ fast.T)  # (b, m)
-        squared[torch.arange(len(rows), device=exact.device), rows] = float("inf")  # not itself
-        candidates = squared.topk(keep, dim=1, largest=False).indices.sort(dim=1).values  # (b, keep)
+        # ||b||² − 2 a·b: the row's own ||a||² does not change its ranking (one fused addmm)
+        ranked = torch.addmm(norms[None, :], fast[rows], fast.T, alpha=-2.0)  # (b, m)
+        ranked[torch.arange(len(rows), device=exact.device), rows] = float("inf")  # not itself
+        candidates = ranked.topk(keep, dim=1, largest=False).indices.sort(dim=1).values  # (b, keep)
         true = (exact[rows, None, :] - exact[candidates]).norm(dim=-1)  # (b, keep), float64
         order = true.argsort(dim=1, stable=True)[:, :neighbors]  # equal distances: lower index first
         distances.append(true.gather(1, order).cpu())
