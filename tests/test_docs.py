@@ -20,10 +20,13 @@ cannot go stale; README's are checked the same way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import os
 import re
+import runpy
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +34,8 @@ import lightning
 import pytest
 import tomllib
 import yaml
+
+from spec_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = sorted((REPO / "docs").rglob("*.md")) + [REPO / "README.md"]
@@ -76,17 +81,38 @@ def sandbox(tmp_path: Path) -> Path:
 
 
 def run_help(argv: list[str], cwd: Path) -> str:
-    result = subprocess.run(
-        [*argv, "--help"], cwd=cwd, capture_output=True, text=True, timeout=300, env=_env(cwd)
-    )
-    assert result.returncode == 0, f"{' '.join(argv)} --help failed:\n{result.stderr[-2000:]}"
-    return result.stdout
+    """What ``argv --help`` prints: ``spec_lightning``, a module or a script, run in this process (the
+    imports are paid once for the whole test run)."""
+    code, out, err = in_process([*argv, "--help"], cwd)
+    assert code == 0, f"{' '.join(argv)} --help failed:\n{err[-2000:]}"
+    return out
 
 
-def _env(cwd: Path) -> dict[str, str]:
-    import os
-
-    return {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'src'}", "COLUMNS": "200"}
+def in_process(argv: list[str], cwd: Path) -> tuple[int, str, str]:
+    """Run what ``python -m spec_lightning ...``, ``python -m <module> ...`` or ``python <script> ...`` runs
+    (``argv`` without the interpreter) in this process, in ``cwd``: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    before, argv_before = os.getcwd(), sys.argv
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                if argv[:2] == ["-m", "spec_lightning"]:
+                    sys.argv = ["spec-lightning"]  # the arguments go to main: LightningCLI warns at both
+                    main(argv[2:])
+                elif argv[0] == "-m":
+                    sys.argv = [argv[1], *argv[2:]]
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                else:
+                    sys.argv = list(argv)
+                    runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as stop:
+                code = stop.code
+    finally:
+        os.chdir(before)
+        sys.argv = argv_before
+    return (code if isinstance(code, int) else (0 if code is None else 1)), out.getvalue(), err.getvalue()
 
 
 def options(words: list[str]) -> list[str]:
@@ -99,40 +125,24 @@ def check_cli(words: list[str], sandbox: Path) -> None:
         # an elided command ("spec-lightning export ... --adapter_only") or one with a placeholder
         # ("--config <run>/config.yaml"): its options must exist
         words = [words[0], *[w for w in words[1:] if w.startswith("--") and "=" not in w]]
-        known = run_help([sys.executable, "-m", "spec_lightning", words[0]], sandbox)
+        known = run_help(["-m", "spec_lightning", words[0]], sandbox)
         for option in options(words):
             assert option in known, f"spec-lightning {words[0]} has no option {option}"
         return
     sub = words[0]
     if sub in LIGHTNING_COMMANDS:
-        result = subprocess.run(
-            [sys.executable, "-m", "spec_lightning", *words, "--print_config"],
-            cwd=sandbox,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=_env(sandbox),
-        )
-        assert result.returncode == 0, (
-            f"spec-lightning {' '.join(words)} does not parse:\n{result.stderr[-3000:]}"
-        )
+        code, _, err = in_process(["-m", "spec_lightning", *words, "--print_config"], sandbox)
+        assert code == 0, f"spec-lightning {' '.join(words)} does not parse:\n{err[-3000:]}"
     elif sub == "reproduce":
         words = [w for w in words if w != "--report_only"] + ["--dry_run"]
         if "--readme" in words:  # the dry run writes nothing; the file it names must exist
-            assert (REPO / words[words.index("--readme") + 1]).is_file()
             i = words.index("--readme")
+            assert (REPO / words[i + 1]).is_file()
             words = words[:i] + words[i + 2 :]
-        result = subprocess.run(
-            [sys.executable, "-m", "spec_lightning", *words],
-            cwd=sandbox,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=_env(sandbox),
-        )
-        assert result.returncode == 0, f"spec-lightning {' '.join(words)} failed:\n{result.stderr[-3000:]}"
+        code, _, err = in_process(["-m", "spec_lightning", *words], sandbox)
+        assert code == 0, f"spec-lightning {' '.join(words)} failed:\n{err[-3000:]}"
     else:
-        known = run_help([sys.executable, "-m", "spec_lightning", sub], sandbox)
+        known = run_help(["-m", "spec_lightning", sub], sandbox)
         for option in options(words[1:]):
             assert option in known, f"spec-lightning {sub} has no option {option}"
 
@@ -156,13 +166,13 @@ def check_command(words: list[str], sandbox: Path) -> None:
         if words[2] == "spec_lightning":
             check_cli(words[3:], sandbox)
             return
-        known = run_help([sys.executable, "-m", words[2]], sandbox)
+        known = run_help(["-m", words[2]], sandbox)
         for option in options(words[3:]):
             assert option in known, f"python -m {words[2]} has no option {option}"
     elif program in ("python", "python3"):
         script = REPO / words[1]
         assert script.is_file(), f"{words[1]} does not exist"
-        known = run_help([sys.executable, str(script)], sandbox)
+        known = run_help([str(script)], sandbox)
         for option in options(words[2:]):
             assert option in known, f"{words[1]} has no option {option}"
     elif program == "pip" or words[:3] == ["python3", "-m", "pip"]:

@@ -338,7 +338,7 @@ def write_report(
     runs = pd.read_csv(table, keep_default_na=False, na_values=[""])
     if runs.empty:
         raise ValueError(f"{table} has no runs; run the grid first")
-    runs["variant"] = runs["variant"].fillna("").astype(str)
+    runs["variant"] = runs["variant"].astype(object).fillna("").astype(str)  # all-empty: read as float NaN
     out = table.parent
     stats = summary(runs)
     comparison_figure(stats, out / "comparison.png")

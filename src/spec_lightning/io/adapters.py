@@ -29,7 +29,7 @@ def build_method(description: dict[str, Any]) -> FineTuningMethod:
         config = parser.parse_object({"method": spec})
     except Exception as error:  # jsonargparse reports a bad class path or argument as a generic error
         raise ValueError(f"cannot build the method {description['class_path']!r}: {error}") from error
-    return parser.instantiate_classes(config).method
+    return parser.instantiate(config).method
 
 
 def adapter_description(directory: str | Path) -> dict[str, Any] | None:
