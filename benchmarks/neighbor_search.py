@@ -65,6 +65,21 @@ def row(m: int, repeats: int, probes: int, sklearn_up_to: int) -> dict[str, floa
     return out
 
 
+def probe_sweep(m: int, probe_counts: list[int]) -> list[dict[str, float | int]]:
+    """IVF's time and recall at m points for each probe count, against scikit-learn's exact neighbours."""
+    points = sketches(m)
+    k = math.ceil(math.log2(m))
+    exact = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(points).kneighbors(n_neighbors=k)[1]
+    out = []
+    for probes in probe_counts:
+        start = time.perf_counter()
+        found = neighbors._ivf_neighbours(points.astype(np.float32), k, probes, 0)[1]
+        seconds = time.perf_counter() - start
+        recall = neighbors.neighbour_recall(found, exact)
+        out.append({"blocks": m, "probes": probes, "ivf_s": seconds, "ivf_recall": recall})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,6 +89,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=neighbors.PROBES)
     parser.add_argument("--sklearn-up-to", type=int, default=50_000, help="time scikit-learn up to this m")
     parser.add_argument("--threads", type=int, default=2, help="torch, faiss and BLAS threads")
+    parser.add_argument("--sweep-blocks", type=int, nargs="*", default=[20_000, 100_000])
+    parser.add_argument("--sweep-probes", type=int, nargs="*", default=[4, 16, 32, 64])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/neighbor_search"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,7 +113,21 @@ def main() -> None:
             f"| {r['blocks']:,} | {r['k']} | {r['blocked_exact_s']:.2f} | {brute} | {r['ivf_s']:.2f} | "
             f"{r['ivf_recall']:.3f} | {r['blocked_exact_s'] / r['ivf_s']:.2f} |"
         )
-    write_results(args.output, header, "\n".join(lines), rows)
+    sweep = [r for m in args.sweep_blocks for r in probe_sweep(m, args.sweep_probes)]
+    if sweep:
+        cells = ", ".join(f"{m:,}: {max(1, m // neighbors.CELL_SIZE)}" for m in args.sweep_blocks)
+        lines += [
+            "",
+            f"IVF's probes (cells scanned per query; cells at m = {cells}), one run each:",
+            "",
+            "| blocks m | probes | IVF (s) | IVF recall |",
+            "|---|---|---|---|",
+            *(
+                f"| {r['blocks']:,} | {r['probes']} | {r['ivf_s']:.2f} | {r['ivf_recall']:.3f} |"
+                for r in sweep
+            ),
+        ]
+    write_results(args.output, header, "\n".join(lines), rows + sweep)
 
 
 if __name__ == "__main__":
