@@ -106,3 +106,16 @@ def test_callbacks_under_fsdp2_on_cuda(tmp_path: Path, scenario: str) -> None:
     for name, value in single["params"].items():
         torch.testing.assert_close(sharded["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert sharded.get("selected") == single.get("selected")
+
+
+def test_the_exact_neighbour_search_on_cuda_matches_the_cpu_one() -> None:
+    """DSCA's exact k-NN on the GPU (blocked torch matmuls) finds scikit-learn's neighbours on the CPU."""
+    import numpy as np
+
+    from spec_lightning.spectral.neighbors import nearest_neighbours
+
+    points = np.random.default_rng(0).standard_normal((3000, 32))
+    cpu_distances, cpu_found = nearest_neighbours(points, 12, "exact")
+    gpu_distances, gpu_found = nearest_neighbours(points, 12, "exact", device="cuda")
+    np.testing.assert_array_equal(gpu_found, cpu_found)
+    np.testing.assert_allclose(gpu_distances, cpu_distances, rtol=1e-9)

@@ -182,6 +182,7 @@ class DynamicSpectralClustering(KeyedCallback):
         self._sketcher = GradientSketcher(self.block_map, self.sketch_dim, self.seed)
         self._mesh = sharding_mesh_of("DynamicSpectralClustering", [params[n] for n in self.block_map.names])
         device = params[self.block_map.names[0]].device
+        self.clusterer.device = device  # the exact neighbour search runs where the model is
         m = self.block_map.num_blocks
         self._check_packages(m)
         if self._sketches is None or self._energy is None or self._sketches.shape != (m, self.sketch_dim):

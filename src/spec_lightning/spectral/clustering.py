@@ -65,6 +65,7 @@ def knn_similarity(
     kernel: Kernel = "cosine",
     search: NeighborSearch = "auto",
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> scipy.sparse.csr_matrix:
     """S: symmetric sparse similarities of every row of ``points`` (m, s) to its ``neighbors`` nearest
     rows (:func:`~spec_lightning.spectral.neighbors.nearest_neighbours` by ``search``); no self loops,
@@ -84,7 +85,7 @@ def knn_similarity(
     if kernel == "cosine":  # on unit rows ||a − b||² = 2 − 2 cos: euclidean k-NN
         points = points / norms[active, None]
     reach = min(neighbors, len(active) - 1)
-    distances, found = nearest_neighbours(points, reach, search, seed=seed)
+    distances, found = nearest_neighbours(points, reach, search, seed=seed, device=device)
     ascending, order = torch.from_numpy(found).sort(dim=1)  # columns ascending: W's rows stay sorted
     found, distances = ascending.numpy(), np.take_along_axis(distances, order.numpy(), axis=1)
     if kernel == "cosine":
@@ -323,6 +324,9 @@ class SpectralClusterer:
         self.max_size = max_size
         self.full_recompute_every = full_recompute_every
         self.seed = seed
+        #: Where the exact neighbour search runs: a GPU takes the blocked torch search (the callback sets
+        #: the model's device at fit start); the CPU, scikit-learn's.
+        self.device: torch.device | str = "cpu"
         self.updates = 0
         self.weights: scipy.sparse.csr_matrix | None = None
         self.vectors: np.ndarray | None = None
@@ -339,7 +343,9 @@ class SpectralClusterer:
         start = time.perf_counter()
         m = sketches.shape[0]
         neighbors = self.neighbors or default_neighbors(m)
-        similarity = knn_similarity(sketches, neighbors, self.kernel, self.neighbor_search, self.seed)
+        similarity = knn_similarity(
+            sketches, neighbors, self.kernel, self.neighbor_search, self.seed, self.device
+        )
         neighbor_seconds = time.perf_counter() - start
         self.weights = ema_weights(self.weights, similarity, self.alpha, neighbors)
         lap = normalized_laplacian(self.weights)
