@@ -10,7 +10,19 @@ from __future__ import annotations
 from typing import cast
 
 import lightning as L
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.mixins import HyperparametersMixin
+
+
+class TypedHyperparameters(HyperparametersMixin):
+    """``hparams`` typed as what ``save_hyperparameters`` stores, an ``AttributeDict`` (read by
+    attribute); a base of this project's LightningModules and DataModules."""
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved constructor arguments, by attribute."""
+        return cast(AttributeDict, super().hparams)
 
 
 def callbacks_of(trainer: L.Trainer) -> list[Callback]:

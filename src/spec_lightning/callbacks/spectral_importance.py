@@ -121,11 +121,8 @@ class SpectralImportance(KeyedCallback):
         pl_module.configure_model()
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, SpectralComponents)}
         if not layers:
-            later = [
-                c
-                for c in callbacks_of(trainer)[callbacks_of(trainer).index(self) + 1 :]
-                if hasattr(c, "method")
-            ]
+            callbacks = callbacks_of(trainer)
+            later = [c for c in callbacks[callbacks.index(self) + 1 :] if hasattr(c, "method")]
             if any(type(c).__name__ == "ApplyMethod" for c in later):
                 raise MisconfigurationException(
                     "SpectralImportance runs before ApplyMethod in the Trainer's callbacks, so the method's "

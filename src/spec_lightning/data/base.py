@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import datasets
 import lightning as L
 import torch
 from datasets.exceptions import DatasetGenerationError
-from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from spec_lightning._lightning import TypedHyperparameters
 from spec_lightning.io.pretrained import resolve_pretrained
 
 #: File suffix -> ``datasets`` builder for local files.
@@ -56,7 +56,7 @@ def load_local_file(path: Path, suffixes: tuple[str, ...], argument: str) -> dat
         raise ValueError(f"{path}: could not be read as {builder} ({argument}): {cause or err}") from err
 
 
-class TokenizedDataModule(L.LightningDataModule):
+class TokenizedDataModule(TypedHyperparameters, L.LightningDataModule):
     """Splits tokenised once in ``setup``, served by seeded loaders that shard the training set by rank.
 
     Subclasses fill ``self.splits`` in :meth:`build_splits` and say how to batch in :meth:`collator`.
@@ -71,12 +71,6 @@ class TokenizedDataModule(L.LightningDataModule):
 
     #: What the data is, in error messages.
     dataset_name = "the dataset"
-
-    @property
-    def hparams(self) -> AttributeDict:
-        """The saved constructor arguments, by attribute (``save_hyperparameters`` always stores an
-        ``AttributeDict``; Lightning's annotation also allows a plain mapping)."""
-        return cast(AttributeDict, super().hparams)
 
     def __init__(self, tokenizer: str, batch_size: int, num_workers: int, seed: int) -> None:
         super().__init__()

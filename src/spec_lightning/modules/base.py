@@ -9,16 +9,16 @@ import shutil
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
+from spec_lightning._lightning import TypedHyperparameters
 from spec_lightning.callbacks.strategy import is_fsdp1
 from spec_lightning.data.calibration import apply_arguments
 from spec_lightning.distributed import broadcast_from_rank0, gather_full, is_sharded, shard_fsdp2, shard_like
@@ -38,7 +38,7 @@ from spec_lightning.modules.resume import (
 from spec_lightning.rng import get_rng_states, set_rng_states
 
 
-class FineTuningModule(L.LightningModule, ABC):
+class FineTuningModule(TypedHyperparameters, L.LightningModule, ABC):
     """A pretrained transformers model fine-tuned by any :class:`FineTuningMethod`.
 
     The backbone is built in ``configure_model`` (so strategies can shard it at creation) and handed
@@ -63,12 +63,6 @@ class FineTuningModule(L.LightningModule, ABC):
         gradient_checkpointing: recompute each block's activations in the backward pass
             (transformers' ``gradient_checkpointing_enable``): less memory, about a third more compute.
     """
-
-    @property
-    def hparams(self) -> AttributeDict:
-        """The saved constructor arguments, by attribute (``save_hyperparameters`` always stores an
-        ``AttributeDict``; Lightning's annotation also allows a plain mapping)."""
-        return cast(AttributeDict, super().hparams)
 
     def __init__(
         self,
@@ -184,8 +178,7 @@ class FineTuningModule(L.LightningModule, ABC):
         return None if math.isinf(steps) else int(steps)
 
     def forward(self, **batch: torch.Tensor) -> Any:
-        assert self.model is not None, "call configure_model() first"
-        return self.model(**batch)
+        return self.adapted_model(**batch)
 
     # ---- training ----------------------------------------------------------------------------
     def task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,8 +209,7 @@ class FineTuningModule(L.LightningModule, ABC):
 
     # ---- optimisation ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        assert self.model is not None, "call configure_model() first"
-        return self.method.trainable_parameters(self.model)
+        return self.method.trainable_parameters(self.adapted_model)
 
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()
@@ -358,13 +350,13 @@ class FineTuningModule(L.LightningModule, ABC):
 
     def merged_model(self) -> PreTrainedModel:
         """A plain transformers model with the update folded into its weights (training model untouched)."""
-        assert self.model is not None, "call configure_model() first"
-        if is_sharded(self.model):
+        model = self.adapted_model
+        if is_sharded(model):
             raise RuntimeError(
                 "the model is sharded (FSDP2): merge after gathering, from the checkpoint in one process "
                 "(spec-lightning export --ckpt_path CKPT), whose adapter holds every rank's shards"
             )
-        merged = self.for_export(self.method.merge(copy.deepcopy(self.model)), owned=True)
+        merged = self.for_export(self.method.merge(copy.deepcopy(model)), owned=True)
         if not isinstance(merged, PreTrainedModel):
             raise TypeError(
                 f"{type(self.method).__name__}.merge returned a {type(merged).__name__}, not the "
@@ -389,9 +381,9 @@ class FineTuningModule(L.LightningModule, ABC):
         """
         directory = Path(directory)
         refuse_non_empty(directory, overwrite)
-        assert self.model is not None, "call configure_model() first"
+        trained = self.adapted_model
         if adapter_only:
-            check_finite(self.method.adapter_state_dict(self.model), "the adapter")
+            check_finite(self.method.adapter_state_dict(trained), "the adapter")
         else:
             merged = self.merged_model()
             check_finite(merged.state_dict(), "the merged model")
@@ -399,7 +391,7 @@ class FineTuningModule(L.LightningModule, ABC):
         shutil.rmtree(staging, ignore_errors=True)
         try:
             if adapter_only:
-                model = self.for_export(self.model, owned=False)
+                model = self.for_export(trained, owned=False)
                 self.method.export_adapter(
                     model, staging, self.hparams.head, portable_name(self.hparams.backbone)
                 )
