@@ -13,7 +13,10 @@ b. ``adapter_cost``: step time and peak memory of peft LoRA, DoRA, LoRSA and Spe
    its memory);
 c. ``pipeline``: ``spec-lightning fit`` against a bare peft loop on the same batches, per step, with a
    profile of the difference (:mod:`benchmarks.pipeline_overhead`; target at most 1.05x);
-d. ``grid``: the convergence grid's configs (configs/reproduce/converged.yaml) with the GPU trainer: MRPC
+d. ``neighbors``: DSCA's exact k-NN search (blocked torch matmuls) on the GPU at 10⁵ and 10⁶ blocks
+   (:mod:`benchmarks.neighbor_search` ``--exact-only``): where ``auto`` should leave it for the IVF index
+   there (``EXACT_NODES["cuda"]`` is an estimate until then);
+e. ``grid``: the convergence grid's configs (configs/reproduce/converged.yaml) with the GPU trainer: MRPC
    then SST-2, LoRA, full fine-tuning, LoRSA, SpecLoRA and graph-spectral, seed after seed while time is
    left, at the learning rates the CPU grid's sweep chose (the shipped rates where it has not finished);
    rows go to benchmarks/results/converged_gpu/ in the CPU grid's format, for the same report.
@@ -41,8 +44,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Each stage's time box in seconds on the GPU (480 in all).
-BUDGETS = {"tests": 90, "adapter_cost": 170, "pipeline": 70, "grid": 150}
-DRY_BUDGETS = {"tests": 60, "adapter_cost": 120, "pipeline": 120, "grid": 120}
+BUDGETS = {"tests": 90, "adapter_cost": 170, "pipeline": 70, "neighbors": 40, "grid": 110}
+DRY_BUDGETS = {"tests": 60, "adapter_cost": 120, "pipeline": 120, "neighbors": 60, "grid": 120}
 GRID_METHODS = ["lora", "full", "lorsa", "speclora", "graph_spectral"]
 
 
@@ -175,6 +178,12 @@ def markdown(suite: dict[str, object]) -> str:
     stages: dict[str, dict[str, object]] = suite["stages"]  # type: ignore[assignment]
     for name, stage in stages.items():
         lines.append(f"| {name} | {stage['status']} | {stage['seconds']} |")
+    neighbours = stages.get("neighbors", {}).get("result")
+    if neighbours:
+        rows = neighbours["rows"]  # type: ignore[index]
+        lines += ["", "## DSCA's exact k-NN search on the device", ""]
+        lines += ["| blocks m | k | seconds |", "|---|---|---|"]
+        lines += [f"| {r['blocks']:,} | {r['k']} | {r['blocked_exact_s']:.2f} |" for r in rows]
     for name in ("adapter_cost", "pipeline"):
         result = stages.get(name, {}).get("result")
         if name == "adapter_cost" and result:
@@ -282,6 +291,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             stages[name] = run_stage(
                 name, command + (["--dry-run"] if args.dry_run else []), budgets[name], log
             )
+            if out.with_suffix(".json").is_file():
+                stages[name]["result"] = json.loads(out.with_suffix(".json").read_text())
+        elif name == "neighbors":
+            out = work / "neighbor_search_gpu"
+            command = [python, "-m", "benchmarks.neighbor_search", "--exact-only", "--output", str(out)]
+            command += (
+                ["--device", "cpu", "--blocks", "2000", "--repeats", "1"]
+                if args.dry_run
+                else ["--device", "cuda", "--blocks", "100000", "1000000", "--repeats", "1"]
+            )
+            stages[name] = run_stage(name, command, budgets[name], log)
             if out.with_suffix(".json").is_file():
                 stages[name]["result"] = json.loads(out.with_suffix(".json").read_text())
         elif name == "grid":

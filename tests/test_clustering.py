@@ -302,11 +302,17 @@ def test_the_large_graph_path_agrees_with_the_exact_one(monkeypatch: pytest.Monk
     solvers = []
     for _ in range(3):
         sketches = directions[truth] + 0.6 * rng.standard_normal((960, 16))
-        exact.update(sketches, np.ones(960), np.ones(960))
-        solvers.append(large.update(sketches, np.ones(960), np.ones(960)).eigen_solver)
+        plain = exact.update(sketches, np.ones(960), np.ones(960))
+        approximate = large.update(sketches, np.ones(960), np.ones(960))
+        solvers.append(approximate.eigen_solver)
         assert adjusted_rand_score(exact.labels, large.labels) >= 0.95
         assert adjusted_rand_score(truth, large.labels) >= 0.95
+        # the update reports the search: exact (recall 1, no probes), or the calibrated recall reached
+        assert (plain.neighbor_recall, plain.neighbor_probes) == (1.0, 0)
+        assert approximate.neighbor_recall >= 0.99 and 1 <= approximate.neighbor_probes <= 16  # 16 cells
     assert solvers == ["lobpcg-multilevel", "lobpcg-warm", "lobpcg-warm"]
+    with pytest.raises(ValueError, match=r"neighbor_recall must lie in \(0, 1\], got 0"):
+        SpectralClusterer(neighbor_recall=0)
 
 
 def test_a_stalled_multilevel_start_is_reported_as_a_fallback(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,8 +28,11 @@ def test_the_dry_run_runs_every_stage_and_writes_its_results(tmp_path: Path) -> 
         "tests": "passed",
         "adapter_cost": "passed",
         "pipeline": "passed",
+        "neighbors": "passed",
         "grid": "seed 42: passed",
     }
+    (neighbours,) = suite["stages"]["neighbors"]["result"]["rows"]
+    assert neighbours["blocks"] == 2000 and neighbours["blocked_exact_s"] > 0
     rows = suite["stages"]["adapter_cost"]["result"]["rows"]
     assert {(r["shape"], r["method"]) for r in rows} >= {
         ("bert-base", "peft LoRA r=8"),
@@ -46,4 +49,5 @@ def test_the_dry_run_runs_every_stage_and_writes_its_results(tmp_path: Path) -> 
         (tmp_path / "suite" / "converged_gpu" / "curves" / "lora-mrpc-seed42.json").read_text()
     )["val/accuracy"]
     text = (tmp_path / "suite" / "suite.md").read_text()
+    assert "## DSCA's exact k-NN search on the device" in text
     assert "dry run" in text and "| llama-1b | full fine-tuning |" in text and "ratio" in text

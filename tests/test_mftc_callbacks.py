@@ -222,6 +222,7 @@ def test_clustering_updates_log_and_write_the_library(tmp_path: Path) -> None:
     assert callback.clusterer.updates == 3 and callback.labels is not None and len(callback.labels) == 24
     metrics = fitted.callback_metrics
     assert 2 <= metrics["clustering/modules"] <= 4 and 0 <= metrics["clustering/nmi"] <= 1
+    assert metrics["clustering/neighbor_recall"] == 1.0  # 24 blocks: the exact search
     run = Path(fitted.log_dir)
     library = json.loads((run / "modules.json").read_text())
     assert sum(len(m["blocks"]) for m in library["modules"]) == 24
@@ -336,6 +337,8 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         load_slices(ProbedStack(), tmp_path / "x.safetensors")
     with pytest.raises(MisconfigurationException, match="neighbor_search must be one of .*got 'hnsw'"):
         DynamicSpectralClustering(neighbor_search="hnsw")  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match=r"neighbor_recall must lie in \(0, 1\], got 1.5"):
+        DynamicSpectralClustering(neighbor_recall=1.5)
     with pytest.raises(MisconfigurationException, match="plot_every_n_updates=-1"):
         DynamicSpectralClustering(RULES, plot_every_n_updates=-1)
     with pytest.raises(MisconfigurationException, match="predictor_samples must be 0 or >= 2"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -99,8 +102,29 @@ def test_auto_is_exact_up_to_the_threshold(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(neighbors, "CELL_SIZE", 50)
     exact = nearest_neighbours(points, 6, "exact")[1]
     np.testing.assert_array_equal(nearest_neighbours(points, 6, "auto")[1], exact)
-    monkeypatch.setattr(neighbors, "EXACT_NODES", 500)
+    monkeypatch.setitem(neighbors.EXACT_NODES, "cpu", 500)
     assert neighbour_recall(nearest_neighbours(points, 6, "auto", probes=1)[1], exact) < 1.0
+    assert neighbors.exact_nodes("cpu") == 500 and neighbors.exact_nodes("meta") == 500  # others: the CPU's
+    assert neighbors.exact_nodes("cuda") == neighbors.EXACT_NODES["cuda"] > 500
+
+
+@pytest.mark.parametrize("target", [0.9, 0.99])
+def test_calibrated_probes_reach_the_target_recall(monkeypatch: pytest.MonkeyPatch, target: float) -> None:
+    """Weakly clustered points (noise as wide as the groups) in 80 cells: the calibrated search finds at
+    least the target fraction of the brute-force neighbours over every point (not only the 500
+    sampled), its estimate is within 0.02 of that, and a higher target takes more probes."""
+    monkeypatch.setattr(neighbors, "CELL_SIZE", 50)
+    rng = np.random.default_rng(5)
+    points = rng.standard_normal((4, 16))[rng.integers(0, 4, 4000)] + rng.standard_normal((4000, 16))
+    exact = brute_force(points, 10)[1]
+    found = neighbors.search_neighbours(points, 10, "ivf", recall=target)
+    true_recall = neighbour_recall(found.indices, exact)
+    assert true_recall >= target - 0.01 and abs(found.recall - true_recall) < 0.02
+    fixed = neighbors.search_neighbours(points, 10, "ivf", probes=neighbors.FIRST_PROBES)
+    assert fixed.probes == neighbors.FIRST_PROBES and neighbour_recall(fixed.indices, exact) < 0.9
+    assert found.probes > neighbors.FIRST_PROBES
+    exact_search = neighbors.search_neighbours(points, 10, "exact")
+    assert (exact_search.recall, exact_search.probes) == (1.0, 0)
 
 
 def test_neighbour_recall_by_hand() -> None:
@@ -116,3 +140,28 @@ def test_errors_name_the_problem() -> None:
         nearest_neighbours(np.ones((4, 2)), 2, "hnsw")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cannot find 4 neighbours among 4 points; use 1 to 3"):
         nearest_neighbours(np.ones((4, 2)), 4)
+    with pytest.raises(ValueError, match=r"the target recall must lie in \(0, 1\], got 1.5"):
+        nearest_neighbours(np.ones((4, 2)), 2, recall=1.5)
+    with pytest.raises(ValueError, match="probes must be at least 1"):
+        nearest_neighbours(np.ones((4, 2)), 2, "ivf", probes=0)
+
+
+def test_the_neighbour_benchmark_runs_and_its_calibrated_search_reaches_its_target(tmp_path: Path) -> None:
+    """``benchmarks/neighbor_search.py`` at tiny sizes: its rows hold the recall the calibrated search
+    reached against scikit-learn's exact neighbours (at least the target less the sample's error), and
+    the fixed-probe sweep and the exact-only mode write their tables."""
+    from benchmarks import neighbor_search
+
+    output = tmp_path / "search"
+    neighbor_search.main(
+        ["--blocks", "3000", "--repeats", "1", "--recall", "0.95", "--sweep-blocks", "3000",
+         "--sweep-probes", "1", "11", "--output", str(output)]
+    )  # fmt: skip
+    rows = json.loads(output.with_suffix(".json").read_text())["rows"]
+    (row, *sweep) = rows
+    assert row["recall_over"] == 3000 and row["ivf_recall"] >= 0.93 and row["ivf_recall_estimate"] >= 0.95
+    assert [r["probes"] for r in sweep] == [1, 11] and sweep[1]["ivf_recall"] > 0.999  # all 11 cells
+    assert "| 3,000 |" in output.with_suffix(".md").read_text()
+    neighbor_search.main(["--exact-only", "--blocks", "1500", "--repeats", "1", "--output", str(output)])
+    (exact,) = json.loads(output.with_suffix(".json").read_text())["rows"]
+    assert exact["blocks"] == 1500 and exact["device"] == "cpu" and exact["blocked_exact_s"] > 0

@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from spec_lightning import DynamicSpectralClustering
-from spec_lightning.spectral import optional
+from spec_lightning.spectral import neighbors, optional
 from spec_lightning.spectral.clustering import SpectralClusterer
 from spec_lightning.spectral.neighbors import nearest_neighbours
 from tests.test_mftc_callbacks import RULES, ProbedStack, trainer
@@ -71,7 +71,7 @@ def test_the_callback_refuses_the_large_path_at_fit_start(tmp_path: Path, withou
 def test_above_the_exact_size_both_packages_are_named(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, without_large_path: None
 ) -> None:
-    monkeypatch.setattr("spec_lightning.callbacks.dynamic_spectral_clustering.EXACT_NODES", 20)
+    monkeypatch.setitem(neighbors.EXACT_NODES, "cpu", 20)
     callback = DynamicSpectralClustering(
         RULES, sketch_dim=8, eigenvectors=6, clusters=(2, 4), min_module_size=2
     )

@@ -28,7 +28,7 @@ from spec_lightning.distributed import all_reduce_sum, local_rows
 from spec_lightning.spectral.blocks import BlockMap, BlockRule, GradientSketcher, default_blocks
 from spec_lightning.spectral.clustering import Kernel, Module, SpectralClusterer
 from spec_lightning.spectral.eigensolve import DENSE_NODES
-from spec_lightning.spectral.neighbors import EXACT_NODES, NeighborSearch
+from spec_lightning.spectral.neighbors import TARGET_RECALL, NeighborSearch, exact_nodes
 from spec_lightning.spectral.optional import EXTRA, available, check_available
 
 
@@ -80,8 +80,11 @@ class DynamicSpectralClustering(KeyedCallback):
         plot_every_n_updates: also draw the module map every n-th update (0: at fit end only).
         seed: projection, neighbour index, eigensolver and k-means seed.
         neighbor_search: how each block's nearest sketches are found: ``exact`` (brute force,
-            O(m²)), ``ivf`` (faiss' inverted file index, linear in m) or ``auto`` (exact up to 20,000
-            blocks, IVF beyond).
+            O(m²)), ``ivf`` (faiss' inverted file index, linear in m) or ``auto`` (exact up to 50,000
+            blocks on the CPU and 10⁶ on a GPU, IVF beyond).
+        neighbor_recall: the fraction of the exact neighbours the IVF search must find: its probes
+            are calibrated on 500 sampled blocks each update to reach it (logged as
+            ``clustering/neighbor_recall``); higher costs more probes.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class DynamicSpectralClustering(KeyedCallback):
         plot_every_n_updates: int = 0,
         seed: int = 0,
         neighbor_search: NeighborSearch = "auto",
+        neighbor_recall: float = TARGET_RECALL,
     ) -> None:
         if blocks is not None and not blocks:
             raise MisconfigurationException("DynamicSpectralClustering: blocks must name at least one rule")
@@ -124,6 +128,10 @@ class DynamicSpectralClustering(KeyedCallback):
                 f"DynamicSpectralClustering: max_module_size ({max_module_size}) must be at least twice "
                 f"min_module_size ({min_module_size})"
             )
+        if not 0.0 < neighbor_recall <= 1.0:
+            raise MisconfigurationException(
+                f"DynamicSpectralClustering: neighbor_recall must lie in (0, 1], got {neighbor_recall}"
+            )
         if neighbor_search not in get_args(NeighborSearch):
             raise MisconfigurationException(
                 f"DynamicSpectralClustering: neighbor_search must be one of {get_args(NeighborSearch)}, "
@@ -136,7 +144,7 @@ class DynamicSpectralClustering(KeyedCallback):
         self.seed = seed
         self.clusterer = SpectralClusterer(
             kernel, alpha, neighbors, eigenvectors, (clusters[0], clusters[1]), min_module_size,
-            max_module_size, full_recompute_every, seed, neighbor_search,
+            max_module_size, full_recompute_every, seed, neighbor_search, neighbor_recall,
         )  # fmt: skip
         self.steps = 0
         self.block_map: BlockMap | None = None
@@ -229,12 +237,13 @@ class DynamicSpectralClustering(KeyedCallback):
     def _check_packages(self, m: int) -> None:
         """Refuse the large path at fit start when its packages are missing (not at the first update,
         steps into the run); below it, say once that the eigensolver starts without pyamg's help."""
-        search = self.clusterer.neighbor_search
-        if search == "ivf" or (search == "auto" and m > EXACT_NODES):
+        search, exact = self.clusterer.neighbor_search, exact_nodes(self.clusterer.device)
+        if search == "ivf" or (search == "auto" and m > exact):
             check_available(
-                ["faiss", "pyamg"] if m > EXACT_NODES else ["faiss"],
+                ["faiss", "pyamg"] if m > exact else ["faiss"],
                 f"DynamicSpectralClustering at {m:,} blocks (the approximate neighbour search, used "
-                f"above {EXACT_NODES:,} blocks or with neighbor_search='ivf')",
+                f"above {exact:,} blocks on {torch.device(self.clusterer.device).type} or with "
+                "neighbor_search='ivf')",
             )
         if m > DENSE_NODES and not available("pyamg"):
             rank_zero_warn(
@@ -265,7 +274,7 @@ class DynamicSpectralClustering(KeyedCallback):
         self._sketches.zero_()
         self._energy.zero_()
         self._pending = 0
-        for key in ("modules", "nmi", "ari", "eigen_residual", "seconds"):
+        for key in ("modules", "nmi", "ari", "eigen_residual", "seconds", "neighbor_recall"):
             pl_module.log(f"clustering/{key}", float(getattr(result, key)))
         pl_module.log("clustering/eigen_fallback", float(bool(result.eigen_fallback)))
         if result.eigen_fallback:

@@ -5,7 +5,8 @@ One update, from the gradient sketches g_i(t) of m blocks:
 1. S(t): the similarity of every block to its k nearest neighbours (cosine, negatives as 0, or the
    Gaussian kernel exp(−||g_i − g_j||² / 2σ²), σ = median neighbour distance), symmetrised; a block
    whose sketch is zero (no gradient since the last update) gets no edges in S(t); the neighbours
-   are searched exactly up to 20,000 blocks, through an IVF index beyond
+   are searched exactly up to 50,000 blocks (10⁶ on a GPU), beyond through an IVF index whose probes
+   are calibrated to find a target fraction of the exact neighbours (0.99 by default)
    (:mod:`~spec_lightning.spectral.neighbors`);
 2. W(t) = α W(t−1) + (1 − α) S(t), pruned again to the k strongest edges per node: O(m k) edges, k of
    order log m;
@@ -43,7 +44,7 @@ from spec_lightning.spectral.eigensolve import (
     normalized_laplacian,
     smallest_eigenvectors,
 )
-from spec_lightning.spectral.neighbors import NeighborSearch, nearest_neighbours
+from spec_lightning.spectral.neighbors import TARGET_RECALL, NeighborSearch, Neighbours, search_neighbours
 from spec_lightning.spectral.optional import available
 
 Kernel = Literal["cosine", "gaussian"]
@@ -66,26 +67,41 @@ def knn_similarity(
     search: NeighborSearch = "auto",
     seed: int = 0,
     device: torch.device | str = "cpu",
+    recall: float = TARGET_RECALL,
 ) -> scipy.sparse.csr_matrix:
     """S: symmetric sparse similarities of every row of ``points`` (m, s) to its ``neighbors`` nearest
-    rows (:func:`~spec_lightning.spectral.neighbors.nearest_neighbours` by ``search``); no self loops,
-    entries in [0, 1].
+    rows (:func:`~spec_lightning.spectral.neighbors.search_neighbours` by ``search``, an approximate
+    search finding ``recall`` of them); no self loops, entries in [0, 1].
 
     A row that is all zeros (a block that got no gradient) has no direction: it gets no edges and is
     nobody's neighbour, as in :func:`~spec_lightning.spectral.graph.cosine_weights`.
     """
+    return _knn_similarity(points, neighbors, kernel, search, seed, device, recall)[0]
+
+
+def _knn_similarity(
+    points: np.ndarray,
+    neighbors: int,
+    kernel: Kernel,
+    search: NeighborSearch,
+    seed: int,
+    device: torch.device | str,
+    recall: float,
+) -> tuple[scipy.sparse.csr_matrix, Neighbours | None]:
+    """:func:`knn_similarity` and the search's result (None: fewer than two active rows)."""
     m = points.shape[0]
     if kernel not in ("cosine", "gaussian"):
         raise ValueError(f"kernel must be cosine or gaussian, got {kernel!r}")
     norms = np.sqrt(np.einsum("ij,ij->i", points, points))
     active = np.flatnonzero(norms > 0)
     if len(active) < 2:
-        return scipy.sparse.csr_matrix((m, m))
+        return scipy.sparse.csr_matrix((m, m)), None
     points = points[active]
     if kernel == "cosine":  # on unit rows ||a − b||² = 2 − 2 cos: euclidean k-NN
         points = points / norms[active, None]
     reach = min(neighbors, len(active) - 1)
-    distances, found = nearest_neighbours(points, reach, search, seed=seed, device=device)
+    searched = search_neighbours(points, reach, search, seed=seed, device=device, recall=recall)
+    distances, found = searched.distances, searched.indices
     ascending, order = torch.from_numpy(found).sort(dim=1)  # columns ascending: W's rows stay sorted
     found, distances = ascending.numpy(), np.take_along_axis(distances, order.numpy(), axis=1)
     if kernel == "cosine":
@@ -98,7 +114,7 @@ def knn_similarity(
     counts[active] = hit.sum(axis=1)
     columns = found[hit] if len(active) == m else active[found[hit]]
     full = scipy.sparse.csr_matrix((values[hit], columns, np.concatenate([[0], np.cumsum(counts)])), (m, m))
-    return _symmetrised(full)  # no self loop: the search leaves each point out
+    return _symmetrised(full), searched  # no self loop: the search leaves each point out
 
 
 def keep_strongest(weights: scipy.sparse.csr_matrix, neighbors: int) -> scipy.sparse.csr_matrix:
@@ -280,6 +296,8 @@ class ClusteringUpdate:
     eigen_residual: float
     eigen_fallback: str
     neighbor_seconds: float
+    neighbor_recall: float
+    neighbor_probes: int
     eigen_seconds: float
     seconds: float
 
@@ -297,8 +315,10 @@ class SpectralClusterer:
         max_size: blocks above which a module is split (None: no bound).
         full_recompute_every: every n-th update solves from scratch instead of warm-starting.
         seed: k-means, neighbour index and eigensolver seed.
-        neighbor_search: ``exact``, ``ivf`` (approximate, linear in m) or ``auto`` (exact up to 20,000
-            blocks).
+        neighbor_search: ``exact``, ``ivf`` (approximate, linear in m) or ``auto`` (exact up to
+            :func:`~spec_lightning.spectral.neighbors.exact_nodes` blocks on the clusterer's device).
+        neighbor_recall: the fraction of the exact neighbours the approximate search must find (its
+            probes are calibrated on a sample to reach it; each update reports the recall reached).
     """
 
     def __init__(
@@ -313,9 +333,13 @@ class SpectralClusterer:
         full_recompute_every: int = 5,
         seed: int = 0,
         neighbor_search: NeighborSearch = "auto",
+        neighbor_recall: float = TARGET_RECALL,
     ) -> None:
+        if not 0.0 < neighbor_recall <= 1.0:
+            raise ValueError(f"neighbor_recall must lie in (0, 1], got {neighbor_recall}")
         self.kernel = kernel
         self.neighbor_search = neighbor_search
+        self.neighbor_recall = neighbor_recall
         self.alpha = alpha
         self.neighbors = neighbors
         self.eigenvectors = eigenvectors
@@ -343,9 +367,10 @@ class SpectralClusterer:
         start = time.perf_counter()
         m = sketches.shape[0]
         neighbors = self.neighbors or default_neighbors(m)
-        similarity = knn_similarity(
-            sketches, neighbors, self.kernel, self.neighbor_search, self.seed, self.device
-        )
+        similarity, searched = _knn_similarity(
+            sketches, neighbors, self.kernel, self.neighbor_search, self.seed, self.device,
+            self.neighbor_recall,
+        )  # fmt: skip
         neighbor_seconds = time.perf_counter() - start
         self.weights = ema_weights(self.weights, similarity, self.alpha, neighbors)
         lap = normalized_laplacian(self.weights)
@@ -381,6 +406,8 @@ class SpectralClusterer:
             eigen_residual=eigen.residual,
             eigen_fallback="; ".join([*reasons, f"solved by {eigen.solver}"]) if reasons else "",
             neighbor_seconds=neighbor_seconds,
+            neighbor_recall=1.0 if searched is None else searched.recall,
+            neighbor_probes=0 if searched is None else searched.probes,
             eigen_seconds=eigen_seconds,
             seconds=time.perf_counter() - start,
         )

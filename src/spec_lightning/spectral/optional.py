@@ -1,6 +1,6 @@
 """The optional packages of DSCA's large path (the ``scale`` extra): faiss for the approximate neighbour
 search and pyamg for the multilevel eigensolver start. Neither is imported by ``import spec_lightning``;
-below :data:`~spec_lightning.spectral.neighbors.EXACT_NODES` blocks every method and callback works
+below :func:`~spec_lightning.spectral.neighbors.exact_nodes` blocks every method and callback works
 without them, and the large path refuses to start without them, naming the extra to install."""
 
 from __future__ import annotations
