@@ -34,6 +34,7 @@ SOURCE = ROOT / "src" / "spec_lightning"
 #: Target file (under src/spec_lightning) -> the pytest arguments that cover it.
 TARGETS: dict[str, list[str]] = {
     "spectral/clustering.py": ["tests/test_clustering.py"],
+    "spectral/similarity.py": ["tests/test_clustering.py"],
     "spectral/eigensolve.py": ["tests/test_eigensolve.py", "tests/test_clustering.py"],
     "spectral/neighbors.py": ["tests/test_neighbors.py", "tests/test_clustering.py"],
     "spectral/graph.py": ["tests/test_spectral_graph.py", "tests/test_graph_spectral.py"],
@@ -96,7 +97,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "only reached for m > 2048 nodes, where num + 4 < m − 1 always"
     ),
     (
-        "spectral/clustering.py",
+        "spectral/similarity.py",
         "rows = np.flatnonzero((lengths == power) & (counts > neighbors))",
         "Gt -> GtE",
     ): ("a row of exactly `neighbors` edges keeps all of them whether or not topk ranks them"),

