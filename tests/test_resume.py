@@ -87,8 +87,10 @@ def test_ckpt_path_last_resumes_the_newest_run_of_the_name(
 
 
 def test_runs_without_a_logger_get_folders_of_their_own(
-    tiny_bert: str, sst2_dir: str, tmp_path: Path
+    tiny_bert: str, sst2_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two runs of one process in the same second (the clock frozen) still get two folders."""
+    monkeypatch.setattr("spec_lightning.io.runs.time.strftime", lambda _: "20260101-000000")
     args = [*cli_args(tiny_bert, sst2_dir, tmp_path, epochs=1), "--trainer.logger=false"]
     args += [f"--trainer.default_root_dir={tmp_path / 'root'}"]
     first, second = build_cli(["fit", *args]), build_cli(["fit", *args])

@@ -9,6 +9,7 @@ concurrent runs never write into each other's checkpoints and config.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 #: Folder of a run without a logger, under default_root_dir.
 RUN_PREFIX = "run_"
+#: Runs without a logger this process has started (see :func:`resolve_fit_folders`).
+_RUNS_STARTED = itertools.count()
 
 
 def root_logs(config: Namespace) -> None:
@@ -68,9 +71,11 @@ def resolve_fit_folders(config: Namespace) -> None:
             trainer["default_root_dir"] = str(found.parent.parent)
             config["ckpt_path"] = str(found)
         else:
-            trainer["default_root_dir"] = str(
-                root / f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            )
+            # the second and the process name a run; a count tells apart the runs one process starts
+            # within a second (two in a row used to get the same folder and the second was refused)
+            started = next(_RUNS_STARTED)
+            name = f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            trainer["default_root_dir"] = str(root / (f"{name}-{started}" if started else name))
         return
     if resume:  # the default logger: resume the newest run, log into a new version
         folder = root / "lightning_logs"
