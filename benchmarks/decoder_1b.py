@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         need, have = estimated_gib(parameters, trainable), available_gib()
         if need > have:
             rows.append(
-                {"method": name, "skipped": f"does not fit: about {need:.0f} GiB, {have:.0f} GiB free"}
+                {"method": name, "skipped": f"does not fit: about {need:.1f} GiB needed, {have:.1f} GiB free"}
             )
         else:
             rows.append(run(name, args, work))
@@ -261,11 +261,19 @@ def main(argv: list[str] | None = None) -> None:
         staging = args.output.with_suffix(".json.tmp")
         staging.write_text(json.dumps({"setting": setting, "rows": rows}, indent=1))
         staging.replace(args.output.with_suffix(".json"))
-    text = (
-        f"# A 1B decoder through every method and callback on CPU\n\n{json.dumps(setting)}\n\n{table(rows)}\n"
-    )
+    text = markdown(setting, rows)
     args.output.with_suffix(".md").write_text(text)
     print(text)
+
+
+def markdown(setting: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The setting in a sentence and the table (no title: docs pages include it)."""
+    sentence = (
+        f"`python -m benchmarks.decoder_1b`: {setting['model']}, batch {setting['batch']}, "
+        f"{setting['steps']} steps (median), {setting['threads']} CPU threads, each run `spec-lightning fit` "
+        "in its own process (peak: its resident memory); ratios to peft LoRA."
+    )
+    return f"{sentence}\n\n{table(rows)}\n"
 
 
 if __name__ == "__main__":
