@@ -186,7 +186,7 @@ def llama_7b_overhead(scaling: list[dict[str, float | int | str]], intervals: tu
 SECTIONS = ("update", "overhead", "real")
 
 
-def update_text(section: dict, threads: int) -> list[str]:
+def update_text(section: dict) -> list[str]:
     scaling = [r for r in section["rows"] if "edges" in r]
     llama = [r for r in section["rows"] if "block_map" in r]
     intervals = sorted(int(k.rsplit("_", 1)[1]) for k in llama[0] if k.startswith("overhead_every_"))
@@ -367,7 +367,7 @@ def main() -> None:
         sections["real"] = {"setting": setting, "rows": rows}
     lines = []
     if "update" in sections:
-        lines += update_text(sections["update"], args.threads) + [""]
+        lines += update_text(sections["update"]) + [""]
     if "overhead" in sections:
         lines += overhead_text(sections["overhead"]) + [""]
     if "real" in sections:
