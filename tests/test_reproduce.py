@@ -654,3 +654,39 @@ def test_a_config_file_among_the_arguments_counts_by_its_contents(tmp_path: Path
     budget.write_text("trainer:\n  max_epochs: 2\n")
     assert tuning.fingerprint(grid) != before
     assert reported.fingerprint(grid, "0.001") == before_reported  # the reported runs do not read it
+
+
+def test_a_value_the_command_line_sets_does_not_count_in_the_digest(tmp_path: Path) -> None:
+    """A method config's learning rate is overridden by the sweep's argument in every tuning and tuned
+    run: changing the shipped default must not make finished rows run again, while any other key must."""
+    from spec_lightning.experiments.grid import without_keys
+
+    method = tmp_path / "lora.yaml"
+    method.write_text("model:\n  init_args:\n    learning_rate: 0.001\n    weight_decay: 0.0\n")
+    raw = {
+        "name": "g",
+        "tasks": ["sst2"],
+        "methods": {"lora": str(method)},
+        "sweep": {
+            "argument": "model.init_args.learning_rate",
+            "values": {"lora": [0.001, 0.003]},
+            "overrides": ["--data.init_args.validate_on=tuning"],
+        },
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
+    grid = Grid.load(tmp_path / "grid.yaml")
+    tuning = [r for r in grid.runs() if r.candidate is not None][0]
+    (reported,) = [r for r in grid.runs() if r.candidate is None]
+    before = tuning.fingerprint(grid), reported.fingerprint(grid, "0.003")
+    method.write_text("model:\n  init_args:\n    learning_rate: 0.003\n    weight_decay: 0.0\n")
+    assert (tuning.fingerprint(grid), reported.fingerprint(grid, "0.003")) == before
+    method.write_text("model:\n  init_args:\n    learning_rate: 0.003\n    weight_decay: 0.01\n")
+    after = tuning.fingerprint(grid), reported.fingerprint(grid, "0.003")
+    assert after[0] != before[0] and after[1] != before[1]
+    assert reported.fingerprint(grid, "0.01") != after[1]  # the tuned value itself still counts
+    config = {"model": {"init_args": {"learning_rate": 1, "r": 8}}, "seed_everything": 3, "data": [1]}
+    assert without_keys(config, {"model.init_args.learning_rate", "seed_everything", "data.x"}) == {
+        "model": {"init_args": {"r": 8}},
+        "data": [1],
+    }
+    assert config["model"]["init_args"]["learning_rate"] == 1  # the parsed file is left as it was

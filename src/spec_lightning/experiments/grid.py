@@ -170,9 +170,13 @@ class Run:
     def fingerprint(self, grid: Grid, tuned: str | None = None) -> str:
         """A digest of what the run trains: the contents of its config files, parsed (so comments and
         layout do not count), and its :meth:`arguments` (with the contents of any ``--config=FILE``
-        among them)."""
-        configs = [yaml.safe_load(c.read_text()) for c in self.configs]
+        among them). A value the arguments set on the command line, as the sweep's argument of every
+        tuning and tuned run, does not count where a config file also holds it: the command line wins,
+        so a shipped default changed in a method's config (its learning rate) does not make finished
+        runs run again."""
         arguments = self.arguments(grid, tuned)
+        overridden = {a[2:].split("=", 1)[0] for a in arguments if a.startswith("--") and "=" in a}
+        configs = [without_keys(yaml.safe_load(c.read_text()), overridden) for c in self.configs]
         payload: dict[str, object] = {"configs": configs, "arguments": arguments}
         named = [a.split("=", 1)[1] for a in arguments if a.startswith("--config=")]
         if named:  # a config file among the arguments (a sweep's budget overlay) counts by its contents too
@@ -203,6 +207,20 @@ class Run:
         elif grid.sweep is not None and tuned is not None:
             args.append(f"--{grid.sweep.argument}={tuned}")
         return args
+
+
+def without_keys(config: object, dotted: set[str]) -> object:
+    """``config`` (a parsed YAML file) without the entries at the ``dotted`` paths
+    (``model.init_args.learning_rate``); the file's own value is left untouched."""
+    if not isinstance(config, dict):
+        return config
+    kept = {}
+    for key, value in config.items():
+        below = {d.split(".", 1)[1] for d in dotted if "." in d and d.split(".", 1)[0] == str(key)}
+        if str(key) in dotted:
+            continue
+        kept[key] = without_keys(value, below) if below else value
+    return kept
 
 
 def row_key(row: Mapping[str, object]) -> tuple[str, str, str, int]:
