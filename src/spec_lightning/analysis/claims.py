@@ -59,14 +59,16 @@ def verdict(
     return "not shown: the interval contains 0"
 
 
-def claims_table(claims: list[Claim], differences: Mapping[str, pd.DataFrame], stats: pd.DataFrame) -> str:
-    """One row per claim, task, variant and baseline: the paired difference [95 % interval] (x100 except
-    perplexity), the seed pairs and the verdict. ``differences``: per baseline, the report's paired
-    differences to it; ``stats``: the report's summary (whether each cell learned)."""
+def claim_verdicts(
+    claims: list[Claim], differences: Mapping[str, pd.DataFrame], stats: pd.DataFrame
+) -> list[dict[str, str]]:
+    """One record per claim, task, variant and baseline: ``claim``, ``where`` (task[/variant]),
+    ``against``, ``value`` (the paired difference [95 % interval] x100 except perplexity, and the seed
+    pairs) and ``verdict``. ``differences``: per baseline, the report's paired differences to it;
+    ``stats``: the report's summary (whether each cell learned)."""
     learned = {(r.task, r.method, r.variant): bool(r.learned) for r in stats.itertuples(index=False)}
-    lines = ["| claim | task | against | difference [95 % CI], pairs | verdict |", "|---|---|---|---|---|"]
+    records = []
     for claim in claims:
-        rows = []
         for baseline in claim.against:
             table = differences.get(baseline, pd.DataFrame())
             if table.empty:
@@ -75,15 +77,34 @@ def claims_table(claims: list[Claim], differences: Mapping[str, pd.DataFrame], s
             for r in mine.to_dict("records"):
                 lower = lower_is_better(r["metric"])
                 scale = display_scale(r["metric"])
-                where = r["task"] if not r["variant"] else f"{r['task']}/{r['variant']}"
                 ok = learned.get((r["task"], claim.method, r["variant"]), True)
                 theirs = learned.get((r["task"], baseline, r["variant"]), True)
                 interval = (
                     "" if np.isnan(r["low"]) else f" [{scale * r['low']:+.1f}, {scale * r['high']:+.1f}]"
                 )
-                text = verdict(r["low"], r["high"], r["pairs"], lower, ok, theirs, baseline)
-                value = f"{scale * r['difference']:+.1f}{interval}, {r['pairs']}"
-                rows.append(f"| {where} | {baseline} | {value} | {text} |")
+                records.append(
+                    {
+                        "claim": claim.claim,
+                        "where": r["task"] if not r["variant"] else f"{r['task']}/{r['variant']}",
+                        "against": baseline,
+                        "value": f"{scale * r['difference']:+.1f}{interval}, {r['pairs']}",
+                        "verdict": verdict(r["low"], r["high"], r["pairs"], lower, ok, theirs, baseline),
+                    }
+                )
+    return records
+
+
+def claims_table(claims: list[Claim], differences: Mapping[str, pd.DataFrame], stats: pd.DataFrame) -> str:
+    """One row per claim, task, variant and baseline (:func:`claim_verdicts`): the paired difference
+    [95 % interval], the seed pairs and the verdict; a claim without paired runs yet says so."""
+    records = claim_verdicts(claims, differences, stats)
+    lines = ["| claim | task | against | difference [95 % CI], pairs | verdict |", "|---|---|---|---|---|"]
+    for claim in claims:
+        rows = [
+            f"| {r['where']} | {r['against']} | {r['value']} | {r['verdict']} |"
+            for r in records
+            if r["claim"] == claim.claim
+        ]
         if not rows:
             rows = [f"| – | {', '.join(claim.against)} | – | pending: no paired runs yet |"]
         lines += [f"| {claim.claim} {row}" for row in rows]

@@ -8,8 +8,12 @@
   variant, each method's metric minus the baseline's on the same seed, the mean difference and its
   95 % interval: a bootstrap over dev examples and seeds where every pair's predictions are in
   ``predictions/`` beside the CSV (accuracy), else Student's t over the seed pairs;
+- convergence, where the grid committed learning curves (``curves/``): per method and task the last
+  evaluation's mean ± sd over seeds, its change since the one before and whether the curve is still
+  rising (:mod:`spec_lightning.analysis.convergence`);
 - the claims: per paper claim (:class:`~spec_lightning.analysis.claims.Claim`), the paired difference
-  of its method to each baseline it names, with the interval and the verdict read off it;
+  of its method to each baseline it names, with the interval and the verdict read off it, and beside
+  them, with ``compare_with``, the verdicts in another grid's runs (a shorter budget's);
 - the tuning: the value a sweep chose per method and task, and every candidate's tuning score
   (``sweep.csv`` beside the CSV);
 - the cost table: wall and CPU seconds of the whole run (CPU seconds stand in for energy: no power
@@ -19,7 +23,8 @@
 - figures: ``comparison.png`` (bars with the seed sd), ``fewshot.png`` (variants named
   ``fewshot<percent>``, with the main run as 100 %), ``ablation_<task>.png`` (the task-loss curves of
   the graph-spectral variants ``task_only``/``spectral_only`` against the joint objective) and
-  ``mftc_predictor_<task>.png`` (MFTC's predicted against measured gains, first seed).
+  ``mftc_predictor_<task>.png`` (MFTC's predicted against measured gains, first seed) and
+  ``curves_<task>.png`` (the dev metric per method over the run, mean over seeds with a ± sd band).
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spec_lightning.analysis.claims import MIN_PAIRS, Claim, claims_table
+from spec_lightning.analysis.claims import MIN_PAIRS, Claim, claim_verdicts, claims_table
+from spec_lightning.analysis.convergence import (
+    convergence_table,
+    curves_figures,
+    read_curves,
+    verdicts_beside,
+)
 from spec_lightning.analysis.paired import paired_differences
 from spec_lightning.analysis.report_figures import (
     ablation_figures,
@@ -251,9 +262,11 @@ def findings(
     out: Path,
     baselines: Sequence[str] = ("lora",),
     claims: Sequence[Claim] = (),
+    compare_with: Path | None = None,
 ) -> list[tuple[str, str, str]]:
-    """(heading, legend, table) of the comparison, the claims' verdicts, the paired differences to each
-    baseline, the tuning and the variants: what ``report.md`` and the README show."""
+    """(heading, legend, table) of the comparison, the convergence of the committed learning curves, the
+    claims' verdicts (beside those of the grid whose ``results.csv`` is ``compare_with``), the paired
+    differences to each baseline, the tuning and the variants: what ``report.md`` and the README show."""
     sections = [
         (
             "Method comparison",
@@ -266,8 +279,32 @@ def findings(
             comparison_table(stats),
         )
     ]
+    curves = read_curves(out, runs)
+    if curves:
+        sections.append(
+            (
+                "Convergence",
+                "The dev metric at the last evaluation, mean ± sd over seeds, and its change since the "
+                "evaluation before; **still rising** where that change is larger than the seeds' sd (the "
+                "curve had not flattened: a longer budget may change the cell), settled where it is not. "
+                "`curves_<task>.png` draws every evaluation.",
+                convergence_table(curves),
+            )
+        )
     wanted = dict.fromkeys([*baselines, *(b for claim in claims for b in claim.against)])
     paired = {b: paired_differences(runs, b, predictions=out / "predictions") for b in wanted}
+    if claims and compare_with is not None:
+        beside = claims_beside(list(claims), paired, stats, compare_with)
+        if beside:
+            sections.append(
+                (
+                    f"Verdicts beside {compare_with.parent.name}",
+                    f"Each claim's verdict in {compare_with.parent.name}'s runs (its shorter budget) and "
+                    "here, on the same task and baseline; changed: the verdict's kind (holds, does not "
+                    "hold, not shown, no evidence, pending) differs.",
+                    beside,
+                )
+            )
     if claims:
         sections.append(
             (
@@ -309,6 +346,22 @@ def findings(
     return sections
 
 
+def claims_beside(
+    claims: list[Claim], paired: dict[str, pd.DataFrame], stats: pd.DataFrame, other: Path
+) -> str:
+    """The claims' verdicts here beside those in the grid whose ``results.csv`` is ``other``."""
+    if not other.is_file():
+        raise FileNotFoundError(f"{other} does not exist: compare_with names another grid's results.csv")
+    theirs = pd.read_csv(other, keep_default_na=False, na_values=[""])
+    theirs["variant"] = theirs["variant"].astype(object).fillna("").astype(str)
+    baselines = dict.fromkeys(b for claim in claims for b in claim.against)
+    their_paired = {
+        b: paired_differences(theirs, b, predictions=other.parent / "predictions") for b in baselines
+    }
+    there = claim_verdicts(claims, their_paired, summary(theirs))
+    return verdicts_beside(claim_verdicts(claims, paired, stats), there, other.parent.name)
+
+
 def update_readme(readme: Path, name: str, text: str) -> None:
     """Replace what lies between the README's ``<!-- report:<name> -->`` and ``<!-- /report:<name> -->``
     lines with ``text``."""
@@ -329,6 +382,7 @@ def write_report(
     readme: Path | None = None,
     baselines: Sequence[str] = ("lora",),
     claims: Sequence[Claim] = (),
+    compare_with: Path | None = None,
 ) -> Path:
     """``report.md`` and the figures beside ``table``, with the ``claims``' verdicts and paired
     differences to each of ``baselines``; with ``readme``, its ``report:<title>`` block gets the
@@ -346,8 +400,9 @@ def write_report(
     if fewshot_figure(stats, out / "fewshot.png"):
         figures.append("fewshot.png")
     figures += [p.name for p in ablation_figures(runs, out) + predictor_figures(runs, out)]
+    figures += [p.name for p in curves_figures(read_curves(out, runs), out)]
     logs_here = sum(Path(d).is_dir() for d in runs["run_dir"])
-    found = findings(runs, stats, out, baselines, claims)
+    found = findings(runs, stats, out, baselines, claims, compare_with)
     sections = [
         f"# {title}",
         f"{len(runs)} runs from `{table.name}`; metrics are the last validation, x100 except perplexity.",

@@ -53,6 +53,7 @@ class Grid:
     keep_checkpoints: bool = True
     baselines: list[str] = field(default_factory=lambda: ["lora"])
     claims: list[Claim] = field(default_factory=list)
+    compare_with: str | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:

@@ -5,7 +5,9 @@ A grid file names the configs of every run (``base_configs``) and, per method, t
 after them (``{task}`` is filled in with the task), the tasks, the seeds, the arguments added to
 every run (``overrides``, e.g. a smaller training set) or to one method's runs
 (``method_overrides``), the ``baselines`` the report pairs every method with (``[lora]`` by default),
-the papers' ``claims`` it tests (method, baselines it should beat, in which variants),
+the papers' ``claims`` it tests (method, baselines it should beat, in which variants), optionally
+``compare_with``: another grid's ``results.csv`` whose verdicts on the same claims the report sets beside
+this grid's (a shorter budget's, say),
 and optional ``variants``: extra runs of some methods on some tasks with
 overlay configs (few-shot subsets, ablations), and an optional ``sweep``: candidate values of one
 argument per method (e.g. the learning rate), each run on a tuning split held out of the training
@@ -155,4 +157,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.report_only:
         table = run_grid(grid, dry_run=args.dry_run)
     if not args.dry_run:
-        print(f"wrote {write_report(table, grid.name, args.readme, grid.baselines, grid.claims)}")
+        other = Path(grid.compare_with) if grid.compare_with else None
+        report = write_report(table, grid.name, args.readme, grid.baselines, grid.claims, other)
+        print(f"wrote {report}")
