@@ -23,4 +23,13 @@ def test_the_dry_run_measures_lora_and_mftc(tmp_path: Path) -> None:
         mftc["callbacks"]["clustering/modules"] >= 2
         and "module_search/trainable_parameters" in mftc["callbacks"]
     )
-    assert "| peft LoRA r=8 |" in output.with_suffix(".md").read_text()
+    # the callbacks' own work, timed in the run's process: DSCA's sketches every step and its update, the
+    # search and each of its probes; the cost table turns them into the amortised share and probe cost
+    assert len(mftc["spent"]["dsca_sketch"]) == 3 and len(mftc["spent"]["dsca_update"]) >= 1
+    assert len(mftc["spent"]["search"]) == 1 and len(mftc["spent"]["search_probe"]) >= 2
+    assert mftc["dsca_blocks"] > 0 and lora["spent"] == {} and lora["precision"] == "32-true"
+    assert sum(mftc["spent"]["search_probe"]) <= mftc["spent"]["search"][0]
+    text = output.with_suffix(".md").read_text()
+    assert "| peft LoRA r=8 | 32-true |" in text
+    assert f"| DynamicSpectralClustering | {mftc['dsca_blocks']:,} blocks;" in text and "%** of a" in text
+    assert f"| ModuleSearch | {len(mftc['spent']['search_probe'])} probes" in text
