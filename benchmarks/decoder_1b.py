@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -65,6 +66,9 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
     "peft LoRA r=8, bf16-true": (["configs/reproduce/cpu_lm/lora.yaml"], ["--trainer.precision=bf16-true"]),
     "full fine-tuning": (["configs/method/full.yaml"], []),
     "graph-spectral around full fine-tuning": (["configs/method/graph_spectral.yaml"], []),
+    "full fine-tuning + DynamicSpectralClustering": (["configs/method/full.yaml"], [
+        "--trainer.callbacks+=spec_lightning.DynamicSpectralClustering",
+        "--trainer.callbacks.update_every_n_steps=2"]),
     "MFTC (DynamicSpectralClustering + ModuleSearch)": (["configs/method/full.yaml"], [
         "--trainer.callbacks+=spec_lightning.DynamicSpectralClustering",
         "--trainer.callbacks.update_every_n_steps=2",
@@ -242,6 +246,10 @@ def run(name: str, args: argparse.Namespace, work: Path, precision: str | None =
         (a.split("=", 1)[1] for a in extra if a.startswith("--trainer.precision=")), "32-true"
     )
     row["peak_rss_gib"] = round(usage.ru_maxrss / 2**20, 2)
+    if os.WIFSIGNALED(status):  # the log's last line would be whatever the run printed before
+        signal = os.WTERMSIG(status)
+        killed = " (the kernel's out-of-memory killer)" if signal == 9 else ""
+        return row | {"error": f"killed by signal {signal}{killed} at {row['peak_rss_gib']:.1f} GiB"}
     if status != 0 or not times.is_file():
         tail = (work / f"{times.stem}.log").read_text().strip().splitlines()[-1:]
         return row | {"error": (tail[0] if tail else f"exit status {status}")[:160]}
@@ -303,15 +311,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def dsca_amortised(row: dict[str, Any], step_s: float) -> float:
-    """DSCA's share of a step at the shipped cadence: the sketch every step plus an update every
-    ``SHIPPED_UPDATE_EVERY`` steps, a full one (the run's first) every ``SHIPPED_FULL_EVERY`` updates and
-    warm ones (the run's later ones; the first where there are none) between, over ``step_s``."""
+def dsca_amortised(row: dict[str, Any], step_s: float, sketch_every: int = 1) -> float:
+    """DSCA's share of a step at the shipped cadence: a sketch every ``sketch_every`` steps plus an update
+    every ``SHIPPED_UPDATE_EVERY`` steps, a full one (the run's first) every ``SHIPPED_FULL_EVERY``
+    updates and warm ones (the run's later ones; the first where there are none) between, over
+    ``step_s``."""
     sketch = statistics.mean(row["spent"]["dsca_sketch"])
     updates = row["spent"]["dsca_update"]
     full, warm = updates[0], statistics.mean(updates[1:]) if len(updates) > 1 else updates[0]
     update = (full + (SHIPPED_FULL_EVERY - 1) * warm) / SHIPPED_FULL_EVERY
-    return (sketch + update / SHIPPED_UPDATE_EVERY) / step_s
+    return (sketch / sketch_every + update / SHIPPED_UPDATE_EVERY) / step_s
 
 
 def cost_table(rows: list[dict[str, Any]]) -> str:
@@ -335,7 +344,9 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
                 "s; "
                 f"at the shipped cadence (every {SHIPPED_UPDATE_EVERY} steps, full every "
                 f"{SHIPPED_FULL_EVERY}th) **{100 * dsca_amortised(r, step):.1f} %** of a "
-                f"{'full fine-tuning' if full else 'bare'} step ({step:.2f} s) | "
+                f"{'full fine-tuning' if full else 'bare'} step ({step:.2f} s) with a sketch every step, "
+                f"**{100 * dsca_amortised(r, step, SHIPPED_UPDATE_EVERY):.1f} %** with "
+                f"sketch_every_n_steps={SHIPPED_UPDATE_EVERY} (the update step's gradient alone) | "
                 f"{sum(spent['dsca_sketch']) + sum(spent['dsca_update']):.1f} |"
             )
         if "search" in spent:
@@ -361,7 +372,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true", help="a 2-layer toy of the same family")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/decoder_1b")
+    parser.add_argument("--redraw", action="store_true", help="rewrite the table from the JSON, run nothing")
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if args.redraw:
+        saved = json.loads(args.output.with_suffix(".json").read_text())
+        args.output.with_suffix(".md").write_text(markdown(saved["setting"], saved["rows"]))
+        return
     if args.dry_run:
         args.model_dir = args.output.parent / "toy-llama"
         args.steps, args.warmup, args.block_size = 2, 1, 32
@@ -390,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch": f"{args.batch_size} x {args.block_size} tokens",
             "steps": f"{args.warmup} warm-up + {args.steps} timed",
             "threads": args.threads,
+            "command": f"python -m benchmarks.decoder_1b {shlex.join(given)}",
         }  # fmt: skip
         staging = args.output.with_suffix(".json.tmp")
         staging.write_text(json.dumps({"setting": setting, "rows": rows}, indent=1))
@@ -402,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
 def markdown(setting: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The setting in a sentence and the table (no title: docs pages include it)."""
     sentence = (
-        f"`python -m benchmarks.decoder_1b`: {setting['model']}, batch {setting['batch']}, "
+        f"`{setting.get('command', 'python -m benchmarks.decoder_1b')}`: {setting['model']}, "
+        f"batch {setting['batch']}, "
         f"{setting['steps']} steps (median), {setting['threads']} CPU threads, each run `spec-lightning fit` "
         "in its own process (peak: its resident memory); ratios to peft LoRA."
     )

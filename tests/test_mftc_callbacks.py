@@ -95,18 +95,24 @@ def test_block_map_slices_and_masks() -> None:
         BlockMap(shapes, [BlockRule("attn.weight", 0, 2)])
 
 
-@pytest.mark.parametrize("cuts", [(5,), (2,), (3, 6), (0, 9)])
-def test_sketches_of_row_parts_add_up_to_the_whole_gradients(cuts: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cuts", [(5,), (2,), (3, 6), (0, 9), ()])
+def test_sketches_of_row_parts_add_up_to_the_whole_gradients(
+    cuts: tuple[int, ...], dtype: torch.dtype
+) -> None:
     """An FSDP2 rank holds rows [a, b) of each gradient: the sketches and squared norms of the parts
     (rows lying across a row block, column blocks cut in every part, an empty part) sum to the whole
-    gradient's, computed here block by block from the projection."""
+    gradient's, computed here block by block from the projection; a bf16 gradient sketches as its
+    float32 values (no cut: the whole gradient at once)."""
     rules = [BlockRule("fc1.weight", 0, 3), BlockRule("fc2.weight", 1, 3)]
     block_map = BlockMap({"fc1.weight": (9, 6), "fc2.weight": (9, 6)}, rules)
     sketcher = GradientSketcher(block_map, dim=5, seed=3)
     generator = torch.Generator().manual_seed(0)
-    grads = {n: torch.randn(9, 6, generator=generator) for n in block_map.names}
-    rows_of_block = grads["fc1.weight"].reshape(3, 18)  # row block b: rows 3b..3b+2, row-major
-    columns_of_block = grads["fc2.weight"].reshape(9, 2, 3).permute(1, 2, 0).reshape(2, 27)  # (j, row)
+    grads = {n: torch.randn(9, 6, generator=generator).to(dtype) for n in block_map.names}
+    rows_of_block = grads["fc1.weight"].float().reshape(3, 18)  # row block b: rows 3b..3b+2, row-major
+    columns_of_block = (
+        grads["fc2.weight"].float().reshape(9, 2, 3).permute(1, 2, 0).reshape(2, 27)
+    )  # (j, row)
     expected = torch.cat(
         [
             rows_of_block @ sketcher._projection(18, torch.device("cpu")),
@@ -513,3 +519,37 @@ def test_held_back_tokenizer_batches_are_saved_as_plain_dicts() -> None:
     first, second = restored._held_back
     assert type(first) is dict and torch.equal(first["input_ids"], batch["input_ids"])
     assert torch.equal(second[0], torch.ones(2)) and torch.equal(second[1][0], torch.zeros(1))
+
+
+def test_sketching_every_nth_step_sums_those_steps_only(tmp_path: Path) -> None:
+    """sketch_every_n_steps=3: of 6 steps, the 3rd and 6th gradients are sketched (the step of each
+    update among them); the others cost nothing."""
+    callback = clustering(update_every_n_steps=6, sketch_every_n_steps=3)
+    recorder = Snapshots()
+
+    class Grads(L.Callback):
+        def on_before_optimizer_step(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any
+        ) -> None:
+            recorder.weights.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+    sketched: list[int] = []
+    original = callback._sketch
+
+    def spy(grads: Any) -> Any:
+        sketched.append(callback.steps + 1)
+        return original(grads)
+
+    callback._sketch = spy  # type: ignore[method-assign]
+    updates: list[tuple[int, float]] = []
+    callback.update = lambda trainer, module: updates.append(  # type: ignore[method-assign]
+        (callback.steps, float(callback._energy.sum()) / callback._pending)  # type: ignore[union-attr]
+    )
+    trainer(tmp_path, [Grads(), callback], 6).fit(ProbedStack())
+    assert sketched == [3, 6] and callback.steps == 6 and callback._pending == 2
+    assert callback.block_map is not None
+    names = callback.block_map.names
+    energy = [sum(float(step[n].pow(2).sum()) for n in names) for step in recorder.weights]
+    assert updates == [(6, pytest.approx((energy[2] + energy[5]) / 2, rel=1e-5))]
+    with pytest.raises(MisconfigurationException, match="must be a divisor of update_every_n_steps"):
+        clustering(update_every_n_steps=10, sketch_every_n_steps=4)

@@ -264,9 +264,9 @@ class GradientSketcher:
             norm = torch.zeros(p.count, device=device)
             if grad is not None:
                 start = 0 if starts is None else starts[p.name]
-                first, blocks, projection = self._part(p, grad.float(), start)
+                first, blocks, projection = self._part(p, grad, start)
                 sketch[first : first + len(blocks)] = blocks @ projection
-                norm[first : first + len(blocks)] = blocks.pow(2).sum(dim=1)
+                norm[first : first + len(blocks)] = torch.linalg.vector_norm(blocks, dim=1).square()
             sketches.append(sketch)
             norms.append(norm)
         return torch.cat(sketches), torch.cat(norms)
@@ -275,16 +275,23 @@ class GradientSketcher:
         self, p: ParameterBlocks, rows: torch.Tensor, start: int
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """For the rows [start, start + n) of parameter ``p``: the first block they touch, their entries
-        of each touched block flattened as :meth:`ParameterBlocks.as_blocks` orders a whole block (zeros
-        elsewhere, for row blocks), and the projection rows that those entries meet."""
+        of each touched block in float32, flattened as :meth:`ParameterBlocks.as_blocks` orders a whole
+        block (zeros elsewhere, for row blocks), and the projection rows that those entries meet. The
+        copies are the cost (at 1B parameters they, not the projection, were most of a sketch's time):
+        row blocks are a view of the float32 gradient (padded only where the part is not whole blocks),
+        column blocks one transpose, made before the float32 cast."""
         projection = self._projection(p.block_numel, rows.device)
         n = rows.shape[0]
-        if p.axis == 0:  # row blocks: pad the part to whole blocks
+        if p.axis == 0:  # row blocks: pad the part to whole blocks (a view where it is whole blocks)
             first, end = start // p.width, -(-(start + n) // p.width)
-            padded = torch.nn.functional.pad(rows, (0, 0, start - first * p.width, end * p.width - start - n))
-            return first, padded.reshape(end - first, p.block_numel), projection  # none for an empty part
-        # column blocks: every block has n of its rows here; block entry (j, r) sits at j * rows + r
-        blocks = rows.reshape(n, p.count, p.width).permute(1, 2, 0).reshape(p.count, p.width * n)
+            before, after = start - first * p.width, end * p.width - start - n
+            rows = rows.float()  # no copy when it is float32 already
+            if before or after:
+                rows = torch.nn.functional.pad(rows, (0, 0, before, after))
+            return first, rows.reshape(end - first, p.block_numel), projection  # none for an empty part
+        # column blocks: every block has n of its rows here; block entry (c, r) sits at c * n + r, so the
+        # blocks are the rows of the transpose, w at a time
+        blocks = rows.t().contiguous().float().view(p.count, p.width * n)  # transposed in the narrower dtype
         projection = projection.view(p.width, p.shape[0], self.dim)[:, start : start + n]
         return 0, blocks, projection.reshape(p.width * n, self.dim)
 
