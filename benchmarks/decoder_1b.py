@@ -12,13 +12,19 @@ spectral callback logged (its own seconds). Methods: peft LoRA, DoRA and PiSSA, 
 q_proj/v_proj at configs/reproduce/cpu_lm/'s matched sizes, graph-spectral coordination (around LoRA;
 around full fine-tuning where it fits), full fine-tuning and MFTC (DynamicSpectralClustering +
 ModuleSearch); callbacks: SpectralImportance (LoRSA), SpectralGradientFilter and SpectrumMonitor (with
-LoRA). A run whose estimated peak (weights 4 B per parameter, gradients and AdamW 12 B per trainable
-one, plus a margin) exceeds the memory available is recorded as not fitting, not started.
+LoRA), DynamicSpectralClustering alone around full fine-tuning. The spectral callbacks' own work is
+timed by wrapping their methods in the run's process (:data:`TIMED`): SpectralImportance's SVD and
+Fisher pass, DSCA's sketches and updates (with its amortised share at the shipped cadence), the
+search and each probe. A run whose estimated peak (weights 4 B per parameter, gradients and AdamW 12 B
+per trainable one, plus a margin) exceeds the memory available runs in bf16-true where that fits
+(against peft LoRA in bf16-true), else is recorded as not fitting, not started; a run the kernel kills
+is recorded with its signal.
 
 Example::
 
-    python -m benchmarks.decoder_1b                       # about 40 minutes on 2 quiet cores
+    python -m benchmarks.decoder_1b                       # about an hour on 2 quiet cores
     python -m benchmarks.decoder_1b --dry-run --output /tmp/d1b   # a 2-layer toy, a minute
+    python -m benchmarks.decoder_1b --redraw              # the table again from the JSON
 """
 
 from __future__ import annotations
