@@ -553,3 +553,10 @@ def test_sketching_every_nth_step_sums_those_steps_only(tmp_path: Path) -> None:
     assert updates == [(6, pytest.approx((energy[2] + energy[5]) / 2, rel=1e-5))]
     with pytest.raises(MisconfigurationException, match="must be a divisor of update_every_n_steps"):
         clustering(update_every_n_steps=10, sketch_every_n_steps=4)
+
+
+def test_block_layers_by_hand() -> None:
+    """Each block's layer index from its parameter's name, −1 outside a layer stack."""
+    shapes = {"layers.0.fc.weight": (4, 2), "layers.3.fc.weight": (4, 2), "head.weight": (2, 2)}
+    rules = [BlockRule("fc.weight", 0, 2), BlockRule("head.weight", 0, 1)]
+    assert BlockMap(shapes, rules).block_layers().tolist() == [0, 0, 3, 3, -1, -1]
