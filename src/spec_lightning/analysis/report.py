@@ -346,14 +346,20 @@ def findings(
     return sections
 
 
+def read_runs(table: Path) -> pd.DataFrame:
+    """A grid's ``results.csv``, empty cells as NaN and ``variant`` as text ("" for the main runs)."""
+    runs = pd.read_csv(table, keep_default_na=False, na_values=[""])
+    runs["variant"] = runs["variant"].astype(object).fillna("").astype(str)  # all-empty: read as NaN
+    return runs
+
+
 def claims_beside(
     claims: list[Claim], paired: dict[str, pd.DataFrame], stats: pd.DataFrame, other: Path
 ) -> str:
     """The claims' verdicts here beside those in the grid whose ``results.csv`` is ``other``."""
     if not other.is_file():
         raise FileNotFoundError(f"{other} does not exist: compare_with names another grid's results.csv")
-    theirs = pd.read_csv(other, keep_default_na=False, na_values=[""])
-    theirs["variant"] = theirs["variant"].astype(object).fillna("").astype(str)
+    theirs = read_runs(other)
     baselines = dict.fromkeys(b for claim in claims for b in claim.against)
     their_paired = {
         b: paired_differences(theirs, b, predictions=other.parent / "predictions") for b in baselines
@@ -389,10 +395,9 @@ def write_report(
     comparison, claims, paired-difference, tuning and variant tables. Returns the report's path."""
     if not table.is_file():
         raise FileNotFoundError(f"{table} does not exist: no reported run has finished; run the grid first")
-    runs = pd.read_csv(table, keep_default_na=False, na_values=[""])
+    runs = read_runs(table)
     if runs.empty:
         raise ValueError(f"{table} has no runs; run the grid first")
-    runs["variant"] = runs["variant"].astype(object).fillna("").astype(str)  # all-empty: read as float NaN
     out = table.parent
     stats = summary(runs)
     comparison_figure(stats, out / "comparison.png")
