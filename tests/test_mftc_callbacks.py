@@ -61,6 +61,16 @@ class Snapshots(L.Callback):
         self.weights.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
 
+class GradientSnapshots(L.Callback):
+    """The gradients of every step, as the optimiser is about to use them."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any) -> None:
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+
 def clustering(**kwargs: Any) -> DynamicSpectralClustering:
     options = {"eigenvectors": 6, "clusters": (2, 4), "min_module_size": 2, "update_every_n_steps": 2}
     return DynamicSpectralClustering(RULES, sketch_dim=8, **{**options, **kwargs})
@@ -143,20 +153,14 @@ def test_projection_preserves_squared_norms_in_expectation() -> None:
 def test_sketches_are_random_projections_of_the_block_gradients(tmp_path: Path) -> None:
     callback = clustering(update_every_n_steps=100)
     module = ProbedStack()
-    recorder = Snapshots()
+    recorder = GradientSnapshots()
 
-    class Grads(L.Callback):
-        def on_before_optimizer_step(
-            self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any
-        ) -> None:
-            recorder.weights.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
-
-    trainer(tmp_path, [Grads(), callback], 3).fit(module)
+    trainer(tmp_path, [recorder, callback], 3).fit(module)
     assert callback._sketcher is not None
     projection = callback._sketcher._projection(12, torch.device("cpu"))
     expected = torch.zeros(24, 8)
     energy = torch.zeros(24)
-    for grads in recorder.weights:
+    for grads in recorder.grads:
         for i in range(4):
             fc1 = grads[f"blocks.{i}.fc1.weight"].reshape(3, 12)
             fc2 = grads[f"blocks.{i}.fc2.weight"].T.reshape(3, 12)
@@ -182,14 +186,9 @@ def test_library_statistics_match_a_hand_computation_over_several_pending_steps(
     is the mean of its squared gradient norm over the 3 steps since the first update (not their sum,
     not the mean since the start), a module's the mean over its blocks, its stability the Jaccard
     overlap with the module of the same id after the first update."""
-    grads: list[dict[str, torch.Tensor]] = []
+    recorder = GradientSnapshots()
+    grads = recorder.grads
     first_labels: list[np.ndarray] = []
-
-    class Grads(L.Callback):
-        def on_before_optimizer_step(
-            self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any
-        ) -> None:
-            grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
 
     class FirstLabels(L.Callback):
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -198,7 +197,7 @@ def test_library_statistics_match_a_hand_computation_over_several_pending_steps(
                 first_labels.append(callback.labels.copy())
 
     callback = clustering(update_every_n_steps=3)
-    trainer(tmp_path, [Grads(), callback, FirstLabels()], 6).fit(ProbedStack())
+    trainer(tmp_path, [recorder, callback, FirstLabels()], 6).fit(ProbedStack())
     assert callback.clusterer.updates == 2 and len(grads) == 6 and callback.labels is not None
     energy = np.zeros(24)  # blocks: per layer i, fc1's row pairs 6i..6i+2, fc2's column pairs 6i+3..6i+5
     for step in grads[3:]:
@@ -525,13 +524,7 @@ def test_sketching_every_nth_step_sums_those_steps_only(tmp_path: Path) -> None:
     """sketch_every_n_steps=3: of 6 steps, the 3rd and 6th gradients are sketched (the step of each
     update among them); the others cost nothing."""
     callback = clustering(update_every_n_steps=6, sketch_every_n_steps=3)
-    recorder = Snapshots()
-
-    class Grads(L.Callback):
-        def on_before_optimizer_step(
-            self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any
-        ) -> None:
-            recorder.weights.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+    recorder = GradientSnapshots()
 
     sketched: list[int] = []
     original = callback._sketch
@@ -545,11 +538,11 @@ def test_sketching_every_nth_step_sums_those_steps_only(tmp_path: Path) -> None:
     callback.update = lambda trainer, module: updates.append(  # type: ignore[method-assign]
         (callback.steps, float(callback._energy.sum()) / callback._pending)  # type: ignore[union-attr]
     )
-    trainer(tmp_path, [Grads(), callback], 6).fit(ProbedStack())
+    trainer(tmp_path, [recorder, callback], 6).fit(ProbedStack())
     assert sketched == [3, 6] and callback.steps == 6 and callback._pending == 2
     assert callback.block_map is not None
     names = callback.block_map.names
-    energy = [sum(float(step[n].pow(2).sum()) for n in names) for step in recorder.weights]
+    energy = [sum(float(step[n].pow(2).sum()) for n in names) for step in recorder.grads]
     assert updates == [(6, pytest.approx((energy[2] + energy[5]) / 2, rel=1e-5))]
     with pytest.raises(MisconfigurationException, match="must be a divisor of update_every_n_steps"):
         clustering(update_every_n_steps=10, sketch_every_n_steps=4)
